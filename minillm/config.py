@@ -1,0 +1,403 @@
+"""The configuration tree: dataclasses mirrored one-to-one by YAML.
+
+Precedence is dataclass defaults < YAML file < ``key.sub=value`` overrides. Unknown keys and values of
+the wrong type fail with a :class:`ConfigError` that names the key and the file. Values derived from
+others (gradient accumulation, rollouts per rank, ...) are computed and checked in one place,
+:meth:`RunConfig.resolve`, before any model is loaded; the resolved tree is what gets written to
+``output_dir/config.yaml``.
+
+Every field is documented where it is defined (the ``doc`` metadata); ``minillm-train --explain``
+prints them all. This module imports only the standard library and PyYAML so that ``--help`` and
+``--dry-run`` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the file it came from in the message."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (shown by ``--explain``)."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+Method = Literal["sft", "kd", "seqkd", "minillm"]
+DType = Literal["fp32", "bf16", "fp16"]
+Divergence = Literal["fkl", "rkl", "jsd", "tvd", "sfkl", "srkl"]
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    """A causal LM: the student (trained) or the teacher (frozen). Used by ``minillm.models``."""
+
+    path: str = _f("", "HF hub id or local folder of the model (a save_pretrained folder).")
+    tokenizer: Optional[str] = _f(None, "Tokenizer hub id or folder; defaults to `path`.")
+    dtype: DType = _f(
+        "fp32",
+        "Precision. Student: the training precision (local backend: fp32 weights + autocast; "
+        "deepspeed: its bf16/fp16 mode with fp32 master weights). Teacher: the dtype weights are loaded in.",
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (student only).")
+    trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data and the pre-training corpus. Used by ``minillm.data``."""
+
+    train: str = _f("dolly", "Training set: a named set (dolly, dolly-15k, self_inst, vicuna, sinst, uinst), "
+                    "a local .json/.jsonl file, or an HF dataset id.")
+    dev: Optional[str] = _f(None, "Dev set (same forms as `train`). None: the first `dev_num` records of "
+                            "`train` become dev, as the reference does for Dolly.")
+    dev_num: int = _f(1000, "Records split off `train` as dev when `dev` is None (0: no dev set).")
+    max_train_records: int = _f(-1, "Use at most this many training records (-1: all).")
+    max_dev_records: int = _f(-1, "Use at most this many dev records (-1: all).")
+    template: Literal["auto", "reference", "chat", "raw"] = _f(
+        "auto",
+        "Prompt format. auto: records with a `prompt` field are used verbatim, instruction records get "
+        "the reference template. reference: always the reference (Alpaca/Dolly) template. chat: the "
+        "tokenizer's chat template. raw: `prompt`/`instruction` verbatim.",
+    )
+    response_field: str = _f("output", "Field holding the reference response(s) in {prompt, ...} records.")
+    max_prompt_length: int = _f(256, "Prompts with more tokens are dropped (and counted).")
+    max_length: int = _f(512, "Prompt+response sequences are truncated to this many tokens.")
+    pretrain: Optional[str] = _f(None, "Pre-training corpus for the PT loss: a packed chunk folder made by "
+                                 "minillm.data (or minillm-data), or a text/.jsonl file, glob or folder to pack.")
+    pretrain_seq_length: int = _f(512, "Tokens per packed pre-training chunk.")
+    pretrain_text_field: str = _f("text", "Field holding the document text in .jsonl pre-training files.")
+    cache_dir: str = _f(".cache/minillm", "Where packed corpora and converted sets are cached.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The training loop. Used by the trainers."""
+
+    max_steps: int = _f(-1, "Optimizer steps to run (-1: `epochs` decides).")
+    epochs: int = _f(10, "Passes over the training data (the run stops at whichever limit comes first).")
+    micro_batch_size: int = _f(2, "Sequences per forward/backward on one rank.")
+    global_batch_size: int = _f(32, "Sequences per optimizer step over all ranks.")
+    gradient_accumulation_steps: int = _f(
+        -1, "Derived: global_batch_size / (micro_batch_size x world size). Leave at -1.")
+    eval_interval: int = _f(-1, "Evaluate every N optimizer steps (-1: once per epoch, 0: never).")
+    save_interval: int = _f(-1, "Checkpoint every N optimizer steps (-1: once per epoch, 0: only final).")
+    keep_checkpoints: int = _f(2, "Keep the newest N step checkpoints (-1: keep all).")
+    select_best_by: Literal["rougeL", "loss", "none"] = _f(
+        "rougeL", "Dev metric that picks best/: rougeL (higher is better) or loss (lower is better).")
+    max_nan_skips: int = _f(10, "Optimizer steps with a non-finite loss are skipped; abort after this many.")
+    eval_at_start: bool = _f(False, "Evaluate before the first step.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule. Used by ``minillm.optim``."""
+
+    lr: float = _f(5e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights).")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    scheduler: Literal["constant", "cosine", "linear", "noam"] = _f(
+        "cosine", "LR schedule after warm-up: constant, cosine (to min_lr over the run), linear, noam.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    min_lr: float = _f(1e-7, "Floor of the cosine schedule.")
+    clip_grad: float = _f(1.0, "Clip the global gradient norm to this (0: off).")
+
+
+@dataclass
+class StrategyConfig:
+    """How the work is placed on devices. Used by ``minillm.strategy``."""
+
+    backend: Literal["local", "deepspeed"] = _f("local", "local: plain torch, one process. deepspeed: ZeRO.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage of the student (0-3).")
+    teacher_zero_stage: Optional[int] = _f(
+        None, "ZeRO stage of the teacher inference engine (0 or 3). None: 3 when the student uses 3, else 0.")
+    offload_optimizer: bool = _f(False, "ZeRO: keep optimizer states in CPU memory.")
+    offload_params: bool = _f(False, "ZeRO-3: keep parameters in CPU memory.")
+    deepspeed_config: Optional[str] = _f(
+        None, "A preset name (zero1, zero2, zero3, zero3_offload) or a JSON path merged over the generated "
+              "DeepSpeed config; batch sizes, clipping and precision always come from this config.")
+    dist_timeout_minutes: int = _f(30, "Timeout of collective operations.")
+
+
+@dataclass
+class KDConfig:
+    """Word-level distillation (methods kd and seqkd, and the KD half of the PT loss)."""
+
+    kd_ratio: float = _f(0.5, "Loss = (1 - kd_ratio) * CE + kd_ratio * divergence.")
+    divergence: Divergence = _f("fkl", "fkl (reference KD), rkl, jsd, tvd, sfkl, srkl (see losses.divergence).")
+    beta: float = _f(0.5, "JSD interpolation weight.")
+    skew: float = _f(0.1, "Skew of the skew KL divergences.")
+    temperature: float = _f(1.0, "Both models' logits are divided by this in the KD term.")
+
+
+@dataclass
+class EvalConfig:
+    """Dev evaluation during training: loss and Rouge-L of sampled answers."""
+
+    batch_size: int = _f(8, "Prompts per generation batch.")
+    max_new_tokens: int = _f(256, "Tokens generated per dev prompt.")
+    num_prompts: int = _f(-1, "Dev prompts used for Rouge-L (-1: all).")
+    rouge: bool = _f(True, "Generate and compute Rouge-L (False: dev loss only).")
+    do_sample: bool = _f(True, "Sample (True) or decode greedily.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_k: int = _f(0, "Top-k filter (0: off).")
+    top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
+    seed: int = _f(10, "Generation seed, so dev Rouge-L is comparable across evaluations.")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = _f(10, "Write metrics every N optimizer steps.")
+    progress_bar: bool = _f(True, "tqdm bar on rank 0.")
+    tensorboard: bool = _f(False, "Also log to TensorBoard under output_dir/tensorboard.")
+    wandb: bool = _f(False, "Also log to Weights & Biases (key from WANDB_API_KEY).")
+    wandb_project: str = _f("minillm", "W&B project.")
+    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: the output_dir name).")
+
+
+@dataclass
+class RunConfig:
+    """The whole run. One YAML file mirrors it; see configs/ for examples."""
+
+    method: Method = _f("sft", "sft | kd | seqkd | minillm.")
+    output_dir: str = _f("runs/x", "Where config.yaml, metrics.jsonl, checkpoints/ and best/final go.")
+    seed: int = _f(10, "Global seed (each rank adds its rank).")
+    student: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The model being trained."})
+    teacher: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The frozen teacher (unused by sft)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig, metadata={"doc": "Training loop."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})
+    strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"doc": "Devices and DeepSpeed."})
+    kd: KDConfig = field(default_factory=KDConfig, metadata={"doc": "Word-level KD."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Dev evaluation."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "Metrics and trackers."})
+
+    # ------------------------------------------------------------------ derived values and checks
+    def resolve(self, world_size: int = 1, source: str = "<config>") -> "RunConfig":
+        """Check cross-field constraints and fill derived values, before any model is loaded."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"{source}: `{key}`: {msg}")
+
+        if world_size < 1:
+            fail("world size", f"must be >= 1, got {world_size}")
+        if not self.student.path:
+            fail("student.path", "is required (a hub id or a local model folder)")
+        if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path:
+            fail("teacher.path", f"is required for method `{self.method}`")
+        d, t, o = self.data, self.train, self.optim
+        if d.max_prompt_length <= 0 or d.max_length <= d.max_prompt_length:
+            fail("data.max_length", f"must exceed data.max_prompt_length ({d.max_length} <= {d.max_prompt_length})")
+        if t.micro_batch_size <= 0:
+            fail("train.micro_batch_size", "must be positive")
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            fail("train.global_batch_size", f"{t.global_batch_size} is not a multiple of micro_batch_size x world "
+                 f"size = {t.micro_batch_size} x {world_size}")
+        accumulation = t.global_batch_size // per_step
+        if t.gradient_accumulation_steps not in (-1, accumulation):
+            fail("train.gradient_accumulation_steps", f"is derived ({accumulation} here); leave it at -1")
+        t.gradient_accumulation_steps = accumulation
+        if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+            fail("train.max_steps", "set max_steps > 0 or epochs > 0")
+        if not 0.0 <= self.kd.kd_ratio <= 1.0:
+            fail("kd.kd_ratio", f"must be in [0, 1], got {self.kd.kd_ratio}")
+        if len(o.betas) != 2:
+            fail("optim.betas", f"needs two values, got {o.betas}")
+        if o.lr <= 0:
+            fail("optim.lr", "must be positive")
+        s = self.strategy
+        if s.zero_stage not in (0, 1, 2, 3):
+            fail("strategy.zero_stage", f"must be 0, 1, 2 or 3, got {s.zero_stage}")
+        if s.teacher_zero_stage not in (None, 0, 3):
+            fail("strategy.teacher_zero_stage", "must be 0, 3 or null")
+        if s.backend == "local" and world_size > 1:
+            fail("strategy.backend", f"`local` runs one process but WORLD_SIZE={world_size}; use deepspeed")
+        if s.backend == "local" and self.student.dtype == "fp16":
+            fail("student.dtype", "fp16 training needs loss scaling: use bf16, or strategy.backend=deepspeed")
+        if self.eval.batch_size <= 0:
+            fail("eval.batch_size", "must be positive")
+        return self
+
+
+# ------------------------------------------------------------------------------ generic machinery
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and gently convert) one value against a field type; fail naming the key and file."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: `{key}` must be one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: `{key}` is a section; expected a mapping, got {value!r}")
+        return from_dict(tp, value, source, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-6` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return [float(v) if isinstance(v, str) else v for v in value]
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config field type {tp!r} for {key}")
+    raise ConfigError(f"{source}: `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML (``true``, ``3``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override `{text}`: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override `{text}`: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{text}`: `{part}` is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def shipped_config_dir() -> Path:
+    """The folder of shipped recipes: $MINILLM_CONFIG_DIR, else the repository's configs/."""
+    env = os.environ.get("MINILLM_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(name: str) -> Path:
+    """A path, or the name of a shipped config: ``opt-1.3b.yaml`` or ``sft/opt-1.3b.yaml``.
+
+    A bare name is looked up in configs/minillm/ first (the main method), then in every other
+    folder; a bare name found in several non-minillm folders is ambiguous and fails.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    root = shipped_config_dir()
+    if (root / name).is_file():
+        return root / name
+    candidates = [root / "minillm" / name] if (root / "minillm" / name).is_file() else sorted(root.rglob(name))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ConfigError(f"config `{name}`: no such file, and no shipped config of that name under {root}")
+    listed = ", ".join(str(c.relative_to(root)) for c in candidates)
+    raise ConfigError(f"config `{name}` is ambiguous: {listed}; give the folder, e.g. `{candidates[0].relative_to(root)}`")
+
+
+def load_config(name: str | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None, resolve: bool = True) -> RunConfig:
+    """Load a YAML file (path or shipped name), apply overrides, check types and derived values."""
+    data: dict = {}
+    source = "<overrides>"
+    if name is not None:
+        path = find_config(name)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: invalid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    cfg = from_dict(RunConfig, data, source)
+    if resolve:
+        ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.resolve(ws, source)
+    return cfg
+
+
+def explain(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default and its documentation."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hints = typing.get_type_hints(cls)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"[{key}] {f.metadata.get('doc', '')}")
+            lines.extend(explain(hints[f.name], key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {key} = {default!r}: {f.metadata.get('doc', '')}")
+    return lines
