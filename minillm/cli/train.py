@@ -1,0 +1,104 @@
+"""minillm-train: train with SFT, word-level KD, SeqKD or MiniLLM from a YAML config.
+
+    minillm-train --config configs/tiny/kd.yaml
+    minillm-train --config opt-1.3b.yaml train.max_steps=100 optim.lr=1e-5
+    minillm-train --config configs/tiny/sft.yaml --dry-run          # validate, print resolved YAML, exit
+    minillm-train --config configs/tiny/sft.yaml --resume            # continue the newest checkpoint
+    deepspeed --num_gpus 8 -m minillm.cli.train --config configs/minillm/opt-1.3b.yaml
+    torchrun --nproc_per_node 8 -m minillm.cli.train --config ... strategy.backend=deepspeed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minillm-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="YAML file, or the name of a shipped config (opt-1.3b.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, exit")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue exactly from the newest checkpoint of output_dir, or from DIR")
+    p.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from ..config import ConfigError, explain, load_config, to_yaml
+
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    if not args.config:
+        print("minillm-train: --config is required (see --help)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"minillm-train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    return run(cfg, resume=args.resume)
+
+
+def run(cfg, resume: str | None = None) -> int:
+    """Build everything from a resolved config and train. Importable for notebooks and tests."""
+    from ..checkpoint import resolve_resume_dir, seed_everything
+    from ..config import to_yaml
+    from ..strategy import build_strategy
+    from ..tracking import setup_logging
+
+    strategy = build_strategy(cfg).setup()
+    log = setup_logging(cfg.output_dir, strategy.is_main, strategy.rank)
+    try:
+        cfg.resolve(strategy.world_size)
+        out = Path(cfg.output_dir)
+        if strategy.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        resume_dir = resolve_resume_dir(resume, out) if resume else None
+        seed_everything(cfg.seed + strategy.rank)
+        trainer = build_trainer(cfg, strategy)
+        result = trainer.train(resume_from=resume_dir)
+        log.info("done: %s", result)
+    finally:
+        strategy.cleanup()
+    return 0
+
+
+def build_trainer(cfg, strategy):
+    """Load tokenizer, models and data for ``cfg.method`` and construct its trainer."""
+    from ..data import build_instruction_data
+    from ..models import check_compatibility, load_model, load_tokenizer
+    from ..tracking import get_logger
+
+    log = get_logger()
+    tokenizer = load_tokenizer(cfg.student)
+    data = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed)
+    log.info("data: %s", data.stats)
+    student = load_model(cfg.student, trainable=True)
+    teacher, alignment = None, None
+    if cfg.method != "sft":
+        teacher = load_model(cfg.teacher, trainable=False)
+        teacher_tok = load_tokenizer(cfg.teacher) if (cfg.teacher.tokenizer or cfg.teacher.path) != (
+            cfg.student.tokenizer or cfg.student.path) else None
+        alignment = check_compatibility(student, teacher, tokenizer, teacher_tok)
+    if cfg.method == "minillm":
+        from ..trainers.minillm import MiniLLMTrainer
+
+        return MiniLLMTrainer(cfg, student, tokenizer, data, strategy, teacher=teacher, alignment=alignment)
+    from ..trainers.sft import SFTTrainer
+
+    return SFTTrainer(cfg, student, tokenizer, data, strategy, teacher=teacher, alignment=alignment)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Loading students, teachers and tokenizers; teacher/student vocabulary checks; tiny test models.
+
+Everything loads through stock ``transformers`` with ``trust_remote_code`` off unless the config turns it on,
+and weights come from safetensors when the folder has them (``use_safetensors`` is left to transformers, which
+prefers them; ``.bin`` files are loaded with ``weights_only`` by transformers itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelCompatibilityError(ValueError):
+    """Student and teacher cannot be distilled into each other as configured."""
+
+
+def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
+    """The tokenizer of ``cfg`` (``cfg.tokenizer`` or ``cfg.path``), with a pad token.
+
+    Causal LMs often ship without a pad token; like the reference code we pad with EOS. Padding is always
+    masked out (attention mask, label -100), so the choice only matters for what padded slots contain.
+    """
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load the tokenizer `{name}`: {e}. Pass a local folder or set HF_HUB_OFFLINE=0 "
+                      "with network access.") from e
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelCompatibilityError(f"tokenizer `{name}` has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str | None = None) -> "PreTrainedModel":
+    """Load a causal LM.
+
+    A trainable student is loaded in fp32: its precision (``cfg.dtype``) is applied by the strategy
+    (autocast locally, DeepSpeed's bf16/fp16 mode with fp32 master weights otherwise). A frozen model
+    (the teacher) is loaded directly in ``cfg.dtype``, put in eval mode and has ``requires_grad`` off.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if trainable else TORCH_DTYPES[cfg.dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load the model `{cfg.path}`: {e}. Pass a local folder (a save_pretrained "
+                      "output) or allow hub access.") from e
+    if trainable:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+@dataclass(frozen=True)
+class VocabAlignment:
+    """How student and teacher logits line up.
+
+    Models often pad their embedding matrix beyond the tokenizer (Qwen2.5: 151,936 rows for 1.5B and
+    152,064 for 7B over a 151,665-token tokenizer). Rows past ``vocab_size`` are never real tokens, so both
+    models' logits are cut to the first ``vocab_size`` columns before any softmax: that is the same as
+    masking the padded rows out of both distributions.
+    """
+
+    vocab_size: int
+    student_rows: int
+    teacher_rows: int
+
+    def trim(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., : self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
+
+
+def _output_rows(model: "PreTrainedModel") -> int:
+    emb = model.get_output_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.dim() == 2 and emb.weight.numel():
+        return emb.weight.shape[0]
+    return int(model.config.get_text_config().vocab_size)
+
+
+def check_compatibility(student: "PreTrainedModel", teacher: "PreTrainedModel",
+                        student_tok: "PreTrainedTokenizerBase",
+                        teacher_tok: "PreTrainedTokenizerBase | None" = None) -> VocabAlignment:
+    """Check that teacher and student speak the same vocabulary; return how to align their logits.
+
+    Fails with a clear message on a real mismatch (different tokens at the same id, different EOS, a model
+    smaller than the tokenizer).
+    """
+    vocab = len(student_tok)
+    if teacher_tok is not None and teacher_tok is not student_tok:
+        if len(teacher_tok) != vocab:
+            raise ModelCompatibilityError(
+                f"teacher tokenizer has {len(teacher_tok)} tokens, student tokenizer {vocab}: distillation needs "
+                "one shared vocabulary")
+        s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+        if s_vocab != t_vocab:
+            diff = sorted(set(s_vocab.items()) ^ set(t_vocab.items()))[:3]
+            raise ModelCompatibilityError(f"teacher and student tokenizers map tokens differently, e.g. {diff}")
+        if student_tok.eos_token_id != teacher_tok.eos_token_id:
+            raise ModelCompatibilityError(
+                f"EOS differs: student {student_tok.eos_token_id}, teacher {teacher_tok.eos_token_id}")
+    s_rows, t_rows = _output_rows(student), _output_rows(teacher)
+    for who, rows in (("student", s_rows), ("teacher", t_rows)):
+        if rows < vocab:
+            raise ModelCompatibilityError(
+                f"the {who} has {rows} output rows but the tokenizer has {vocab} tokens")
+    return VocabAlignment(vocab_size=vocab, student_rows=s_rows, teacher_rows=t_rows)
+
+
+def tiny_llama(vocab_size: int = 256, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
+               intermediate_size: int = 64, seed: int = 0, **overrides) -> "PreTrainedModel":
+    """A random tiny LlamaForCausalLM for tests and CPU smoke runs (2 layers, hidden 32 by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         intermediate_size=intermediate_size, max_position_embeddings=512, **overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

@@ -1,0 +1,142 @@
+"""The trainers' shared toolbox: functions and small classes, not a base class.
+
+Both trainers use the same NaN guard, phase timer, checkpoint/resume helpers and dev evaluation; each
+trainer keeps its own explicit loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..checkpoint import (AtomicDir, load_trainer_state, prune_checkpoints, rng_state, save_trainer_state,
+                          set_rng_state)
+from ..tracking import get_logger
+
+log = get_logger()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps had a non-finite loss or gradient."""
+
+
+class NanGuard:
+    """Skip and count micro-batches whose loss is not finite on any rank; abort past a limit.
+
+    The flag is all-reduced so every rank skips the same micro-batch (under ZeRO a rank that skipped
+    backward while another ran it would deadlock in the gradient reduction).
+    """
+
+    def __init__(self, strategy, limit: int) -> None:
+        self.strategy = strategy
+        self.limit = limit
+        self.skipped = 0
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+        return float(self.strategy.all_reduce(bad, "max")) == 0.0
+
+    def record_skip(self, what: str, step: int) -> None:
+        self.skipped += 1
+        log.warning("step %d: non-finite %s, skipped (%d/%d)", step, what, self.skipped, self.limit)
+        if self.skipped > self.limit:
+            raise NonFiniteLossError(f"{self.skipped} non-finite {what}s exceed train.max_nan_skips={self.limit}; "
+                                     "lower the learning rate or check the data")
+
+
+class PhaseTimer:
+    """Wall time per named phase since the last ``pop``; synchronises CUDA so GPU time is attributed."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.totals[name] += time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def mean_over_ranks(strategy, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over data-parallel ranks (one all-reduce for the whole dict)."""
+    if strategy.world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    strategy.all_reduce(t, "sum")
+    return {k: float(v) / strategy.world_size for k, v in zip(keys, t.tolist())}
+
+
+class BestTracker:
+    """Remembers the best dev metric; ``rougeL`` is maximised, ``loss`` minimised."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        if self.metric == "none":
+            return False
+        key = {"rougeL": "dev/rougeL", "loss": "dev/loss"}[self.metric]
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            return False
+        better = self.best is None or (value > self.best if self.metric == "rougeL" else value < self.best)
+        if better:
+            self.best, self.best_step = value, step
+        return better
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+
+
+def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int, output_dir: Path) -> None:
+    """Atomic step checkpoint: HF folder + optimizer/engine state + trainer state + per-rank RNG."""
+    with AtomicDir(directory, strategy) as tmp:
+        strategy.save_checkpoint(tmp, tokenizer)
+        save_trainer_state(tmp, state, strategy.is_main)
+        torch.save(rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+    prune_checkpoints(output_dir, keep, strategy.is_main)
+    log.info("saved checkpoint %s", directory)
+
+
+def load_checkpoint(directory: Path, strategy) -> dict:
+    """Restore engine/optimizer state and this rank's RNG; return the trainer state."""
+    strategy.load_checkpoint(directory)
+    state = load_trainer_state(directory)
+    rng_file = directory / f"rng-rank{strategy.rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file}: missing; was the checkpoint written with a different world size?")
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def export_model(directory: Path, strategy, model, tokenizer) -> None:
+    """An HF folder (best/ or final/), written atomically."""
+    with AtomicDir(directory, strategy) as tmp:
+        strategy.save_hf(model, tokenizer, tmp)

@@ -1,0 +1,266 @@
+"""SFTTrainer: supervised fine-tuning and the word-level baselines.
+
+``method: sft``   loss = CE on the response (and its EOS).
+``method: kd``    loss = (1 - r)·CE + r·D(p_teacher, q_student) per token, r = ``kd.kd_ratio`` (0.5), D chosen by
+                  ``kd.divergence``. With ``fkl`` the term is the reference's cross-entropy form −Σ_v p_v log q_v
+                  (same gradient as KL(p‖q); the value differs by the teacher's entropy).
+``method: seqkd`` the same losses on teacher-generated responses (``data.train`` = a minillm-generate JSONL).
+
+The loop is explicit: micro-batch → forward → loss → NaN guard → backward → (optimizer step at accumulation
+boundaries) → log / evaluate / checkpoint at optimizer-step intervals. Everything that decides what happens
+next (step, data cursor, RNG, optimizer, scheduler, best metric) is checkpointed, so a resumed run reproduces an
+uninterrupted one exactly (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import losses
+from ..config import RunConfig, to_dict
+from ..data import ResumableSampler
+from ..evaluation import rouge_l
+from ..evaluation.generation import generate_texts
+from ..tracking import MetricsLogger, get_logger
+from .common import (BestTracker, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
+                     save_checkpoint, to_device)
+
+log = get_logger()
+
+
+class SFTTrainer:
+    """Trains ``student`` with SFT, KD or SeqKD. ``teacher`` is required for kd/seqkd.
+
+    ``data`` is a :class:`minillm.data.InstructionData` (train/dev SFT datasets and dev prompts).
+    """
+
+    def __init__(self, config: RunConfig, student, tokenizer, data, strategy, teacher=None, alignment=None):
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.data = data
+        self.strategy = strategy
+        self.alignment = alignment
+        self.output_dir = Path(config.output_dir)
+        if config.method in ("kd", "seqkd") and teacher is None:
+            raise ValueError(f"method `{config.method}` needs a teacher")
+        self.use_teacher = config.method in ("kd", "seqkd") and config.kd.kd_ratio > 0
+
+        t = config.train
+        self.sampler = ResumableSampler(len(data.train), seed=config.seed, rank=strategy.rank,
+                                        world_size=strategy.world_size, shuffle=True, drop_last=True)
+        micro_per_epoch = len(self.sampler) // t.micro_batch_size
+        self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(data.train)} training examples are fewer than one optimizer step needs "
+                             f"(train.global_batch_size={t.global_batch_size}); lower the batch size")
+        by_epochs = t.epochs * self.steps_per_epoch if t.epochs > 0 else None
+        self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
+
+        from ..optim import build_optimizer, build_scheduler
+
+        optimizer = build_optimizer(student, config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
+        self.student = strategy.prepare_student(student, optimizer, scheduler)
+        self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher else None
+
+        self.step = 0
+        self.nan_guard = NanGuard(strategy, t.max_nan_skips)
+        self.best = BestTracker(t.select_best_by)
+        self.timer = PhaseTimer()
+        self.metrics = MetricsLogger(self.output_dir, config.logging, strategy.is_main,
+                                     run_name=self.output_dir.name, config=to_dict(config))
+
+    # ------------------------------------------------------------------------------ batches
+    def _micro_batches(self):
+        """Endless micro-batches in sampler order; the sampler's state is the data cursor."""
+        collate = self.data.sft_collator
+        while True:
+            loader = DataLoader(self.data.train, batch_size=self.cfg.train.micro_batch_size, sampler=self.sampler,
+                                collate_fn=collate, drop_last=True, num_workers=0)
+            for batch in loader:
+                yield batch
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    # ------------------------------------------------------------------------------ losses
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch and its named parts (python floats, for logging)."""
+        with self.strategy.autocast():
+            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits.float()
+        if self.alignment is not None:
+            logits = self.alignment.trim(logits)
+        labels = batch["labels"]
+        ce = losses.pt_loss(logits, labels)
+        if not self.use_teacher:
+            return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if self.alignment is not None:
+            t_logits = self.alignment.trim(t_logits)
+        kd = self.cfg.kd
+        mask = labels != -100
+        if kd.divergence == "fkl":
+            # Reference KD: -sum_v p_v log q_v at temperature T (pt_loss with kd_ratio=1 is exactly that term).
+            kd_term = losses.pt_loss(logits / kd.temperature, labels, t_logits / kd.temperature, kd_ratio=1.0)
+        else:
+            kd_term = losses.divergence(logits / kd.temperature, t_logits / kd.temperature, mask, kd.divergence,
+                                        beta=kd.beta, skew=kd.skew)
+        loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term
+        return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kd": float(kd_term.detach())}
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        cfg, strategy = self.cfg, self.strategy
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        elif cfg.train.eval_at_start:
+            self._evaluate_and_select()
+        eval_every = cfg.train.eval_interval if cfg.train.eval_interval >= 0 else self.steps_per_epoch
+        save_every = cfg.train.save_interval if cfg.train.save_interval >= 0 else self.steps_per_epoch
+        window: dict[str, float] = {}
+        window_n, tokens = 0, 0
+        bar = None
+        if strategy.is_main and cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True)
+        batches = self._micro_batches()
+        self.student.train()
+        while self.step < self.total_steps:
+            with self.timer("data"):
+                batch = to_device(next(batches), strategy.device)
+            with self.timer("forward"):
+                loss, parts = self.compute_loss(batch)
+            if self.nan_guard.all_finite(loss):
+                with self.timer("backward"):
+                    strategy.backward(loss)
+                for k, v in parts.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                tokens += int((batch["labels"] != -100).sum())
+            else:
+                strategy.skip_micro_step()
+                self.nan_guard.record_skip("loss", self.step)
+            with self.timer("optimizer"):
+                result = strategy.step()
+            if not result.stepped:
+                continue
+            if result.skipped:
+                self.nan_guard.record_skip("gradient", self.step)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                if window_n:
+                    bar.set_postfix(loss=f"{window['loss'] / window_n:.4f}")
+            if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
+                values = {f"train/{k}": v / max(1, window_n) for k, v in window.items()}
+                values = mean_over_ranks(strategy, values, strategy.device)
+                timing = self.timer.pop()
+                elapsed = sum(timing.values())
+                values.update(timing)
+                values.update({"train/lr": strategy.current_lr(), "train/grad_norm": result.grad_norm,
+                               "train/tokens_per_s": tokens * strategy.world_size / elapsed if elapsed else 0.0,
+                               "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
+                self.metrics.log(self.step, values)
+                window, window_n, tokens = {}, 0, 0
+            if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
+                self._evaluate_and_select()
+            if save_every and self.step % save_every == 0 and self.step < self.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.save()
+        export_model(self.output_dir / "final", strategy, self.student, self.tokenizer)
+        self.metrics.close()
+        return {"step": self.step, "best": self.best.best, "best_step": self.best.best_step,
+                "nan_skips": self.nan_guard.skipped}
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev loss (token-mean CE over the whole dev set) and dev Rouge-L of sampled answers."""
+        if self.data.dev is None or len(self.data.dev) == 0:
+            return {}
+        strategy, e = self.strategy, self.cfg.eval
+        model = self.student
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=strategy.device)
+        indices = list(range(strategy.rank, len(self.data.dev), strategy.world_size))
+        loader = DataLoader(torch.utils.data.Subset(self.data.dev, indices), batch_size=e.batch_size,
+                            collate_fn=self.data.sft_collator)
+        for batch in loader:
+            batch = to_device(batch, strategy.device)
+            with strategy.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if self.alignment is not None:
+                logits = self.alignment.trim(logits)
+            n = (batch["labels"] != -100).sum()
+            total[0] += losses.pt_loss(logits, batch["labels"]).double() * n
+            total[1] += n
+        strategy.all_reduce(total, "sum")
+        metrics = {"dev/loss": float(total[0] / total[1].clamp(min=1))}
+        if e.rouge:
+            metrics["dev/rougeL"] = self._dev_rouge()
+        model.train(was_training)
+        return metrics
+
+    def _dev_rouge(self) -> float:
+        strategy, e = self.strategy, self.cfg.eval
+        prompts = self.data.dev_prompts
+        count = len(prompts) if e.num_prompts < 0 else min(e.num_prompts, len(prompts))
+        # Every rank runs the same number of generate calls (ZeRO-3 gathers are collective).
+        per_rank = math.ceil(count / strategy.world_size)
+        mine = [min(strategy.rank * per_rank + i, count - 1) for i in range(per_rank)]
+        loader = DataLoader(torch.utils.data.Subset(prompts, mine), batch_size=e.batch_size,
+                            collate_fn=self.data.prompt_collator)
+        references = [prompts[i]["references"] for i in mine]
+        with strategy.gathered(self.student) as module:
+            texts = generate_texts(module, self.tokenizer, loader, max_new_tokens=e.max_new_tokens,
+                                   do_sample=e.do_sample, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                                   seed=e.seed, rank=strategy.rank, device=strategy.device)
+        pairs = [(i, t, r) for i, t, r in zip(mine, texts, references)]
+        gathered = [p for part in strategy.all_gather_object(pairs) for p in part]
+        unique = {i: (t, r) for i, t, r in gathered}  # drop the padding duplicates of the last rank
+        preds = [unique[i][0] for i in sorted(unique)]
+        refs = [unique[i][1] for i in sorted(unique)]
+        return rouge_l(preds, refs)
+
+    def _evaluate_and_select(self) -> None:
+        with self.timer("eval"):
+            metrics = self.evaluate()
+        if not metrics:
+            return
+        self.metrics.log(self.step, metrics)
+        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.best.update(metrics, self.step):
+            with self.timer("save"):
+                export_model(self.output_dir / "best", self.strategy, self.student, self.tokenizer)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best.state_dict(),
+                "nan_skips": self.nan_guard.skipped, "method": self.cfg.method,
+                "world_size": self.strategy.world_size}
+
+    def save(self) -> None:
+        with self.timer("save"):
+            save_checkpoint(self.output_dir / "checkpoints" / f"step-{self.step}", self.strategy, self.tokenizer,
+                            self.state_dict(), self.cfg.train.keep_checkpoints, self.output_dir)
+
+    def _resume(self, directory: Path) -> None:
+        state = load_checkpoint(directory, self.strategy)
+        if state["world_size"] != self.strategy.world_size:
+            raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
+                             f"{self.strategy.world_size}; exact resume needs the same world size")
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.best.load_state_dict(state["best"])
+        self.nan_guard.skipped = int(state["nan_skips"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", directory, self.step)

@@ -1,0 +1,130 @@
+"""Config tree: precedence, strictness, derived values, shipped configs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minillm.config import ConfigError, RunConfig, find_config, load_config, shipped_config_dir, to_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    p = write(tmp_path, "student: {path: s}\noptim: {lr: 5e-6, warmup_steps: 7}\ntrain: {micro_batch_size: 4}\n")
+    cfg = load_config(str(p), ["optim.lr=1e-5", "train.global_batch_size=16"], world_size=1)
+    assert cfg.optim.lr == 1e-5  # override beats YAML
+    assert cfg.optim.warmup_steps == 7  # YAML beats default
+    assert cfg.optim.weight_decay == RunConfig().optim.weight_decay  # default kept
+    assert isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 5e-6 as a string; it is coerced
+    assert cfg.train.gradient_accumulation_steps == 4  # 16 / (4 x 1)
+
+
+def test_gradient_accumulation_derived_from_world_size(tmp_path):
+    p = write(tmp_path, "student: {path: s}\nstrategy: {backend: deepspeed}\ntrain: {micro_batch_size: 2, global_batch_size: 32}\n")
+    assert load_config(str(p), world_size=4).train.gradient_accumulation_steps == 4
+    with pytest.raises(ConfigError, match=r"global_batch_size.*not a multiple"):
+        load_config(str(p), world_size=3)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "student: {path: s}\noptim: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "optim.learning_rate" in str(e.value) and str(p) in str(e.value)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = write(tmp_path, "student: {path: s}\ntrain: {max_steps: ten}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "train.max_steps" in str(e.value) and "int" in str(e.value) and str(p) in str(e.value)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(str(p), ["train.max_steps=5", "train.epochs=true"])  # a bool is not an int
+
+
+def test_literal_choices_and_sections(tmp_path):
+    p = write(tmp_path, "student: {path: s}\nmethod: ppo\n")
+    with pytest.raises(ConfigError, match=r"`method` must be one of"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(None, ["student=abc"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="teacher.path"):
+        load_config(None, ["student.path=s", "method=kd"])
+    with pytest.raises(ConfigError, match="student.path"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="max_length"):
+        load_config(None, ["student.path=s", "data.max_length=100", "data.max_prompt_length=200"])
+    with pytest.raises(ConfigError, match="kd_ratio"):
+        load_config(None, ["student.path=s", "kd.kd_ratio=1.5"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        load_config(None, ["student.path=s", "train.gradient_accumulation_steps=3"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    p = write(tmp_path, "student: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="no shipped config"):
+        load_config("does-not-exist.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["student.path=s", "method=kd", "teacher.path=t", "optim.betas=[0.9, 0.95]"])
+    again = load_config(str(write(tmp_path, to_yaml(cfg))))
+    assert again == cfg
+
+
+def test_shipped_config_lookup_by_name():
+    root = shipped_config_dir()
+    assert find_config("tiny/sft.yaml") == root / "tiny" / "sft.yaml"
+    assert find_config("sft.yaml") == root / "tiny" / "sft.yaml"  # unique bare name
+
+
+def all_shipped_configs():
+    return sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", all_shipped_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_validates(path):
+    text = path.read_text()
+    assert text.lstrip().startswith("#"), f"{path}: configs are headed by the command that runs them"
+    load_config(str(path), world_size=1)
+
+
+def test_cli_dry_run_prints_resolved_yaml_without_loading_a_model():
+    out = subprocess.run([sys.executable, "-m", "minillm.cli.train", "--config", "configs/tiny/kd.yaml",
+                          "--dry-run", "train.max_steps=3", "student.path=/nonexistent/model"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["max_steps"] == 3
+    assert resolved["train"]["gradient_accumulation_steps"] == 2
+    assert resolved["student"]["path"] == "/nonexistent/model"  # never loaded
+    assert "torch" not in out.stderr.lower() or "error" not in out.stderr.lower()
+
+
+def test_cli_config_error_exit_code():
+    out = subprocess.run([sys.executable, "-m", "minillm.cli.train", "--config", "configs/tiny/kd.yaml",
+                          "--dry-run", "optim.nope=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "optim.nope" in out.stderr and "configs/tiny/kd.yaml" in out.stderr
+
+
+def test_import_minillm_does_not_import_deepspeed():
+    code = ("import sys, minillm, minillm.config, minillm.trainers, minillm.strategy, minillm.losses; "
+            "print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
