@@ -163,6 +163,42 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Sampling of responses during MiniLLM training. Used by ``minillm.rollout``."""
+
+    num_rollouts: int = _f(256, "Responses sampled per rollout phase, over all ranks.")
+    chunk_size: int = _f(16, "Prompts per generation batch on one rank.")
+    max_new_tokens: int = _f(256, "Response length limit (reference: max_length - max_prompt_length).")
+    teacher_mix_alpha: float = _f(0.2, "alpha of the teacher-mixed sampling distribution (1-a)*q + a*p (0: pure student).")
+    temperature: float = _f(1.0, "Sampling temperature (applied to both models, as the reference).")
+    top_k: int = _f(0, "Top-k filter (0: off).")
+    top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
+
+
+@dataclass
+class MiniLLMConfig:
+    """The reverse-KL policy-gradient objective. Defaults reproduce the official implementation;
+    the switches give the paper's equations and the ablations. Used by ``minillm.trainers.minillm``."""
+
+    ppo_epochs: int = _f(4, "Passes over each rollout buffer.")
+    clip_ratio: float = _f(0.2, "PPO clip epsilon on the ratio q_theta/q_old * w.")
+    reward_scale: float = _f(0.5, "r_t = (log p - log q_old) / reward_scale.")
+    reward_clip: float = _f(100.0, "Rewards are clipped to +-reward_clip.")
+    gamma: float = _f(0.95, "Discount of the long-range return (paper: 1).")
+    length_norm: bool = _f(True, "Divide returns by the number of tokens summed (paper ablation: off).")
+    include_current: bool = _f(True, "Return includes r_t (reference) or starts at t+1 (paper).")
+    whiten: Literal["global", "masked", "none"] = _f(
+        "global", "Advantage whitening: global = over every entry incl. padding, all ranks (reference); "
+        "masked = valid tokens only; none.")
+    single_step: bool = _f(True, "Add the exact single-step KL term (paper ablation: off).")
+    single_step_weighted: bool = _f(False, "Multiply the single-step term by the importance weight w_t (paper eq. 7).")
+    ptx_coef: float = _f(1.0, "Weight of the pre-training loss (needs data.pretrain; 0: off).")
+    pt_kd_ratio: float = _f(0.5, "PT loss = (1 - r)*CE + r*word-level KD from the teacher on the corpus.")
+    pt_micro_batch_size: int = _f(-1, "Pre-training sequences per micro-step (-1: train.micro_batch_size).")
+    dev_reverse_kl: bool = _f(True, "Log the length-normalised k3 reverse-KL estimate on dev samples.")
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = _f(10, "Write metrics every N optimizer steps.")
     progress_bar: bool = _f(True, "tqdm bar on rank 0.")
@@ -186,6 +222,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})
     strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"doc": "Devices and DeepSpeed."})
     kd: KDConfig = field(default_factory=KDConfig, metadata={"doc": "Word-level KD."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "MiniLLM sampling."})
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig, metadata={"doc": "MiniLLM objective."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Dev evaluation."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "Metrics and trackers."})
 
@@ -232,6 +270,26 @@ class RunConfig:
             fail("strategy.backend", f"`local` runs one process but WORLD_SIZE={world_size}; use deepspeed")
         if s.backend == "local" and self.student.dtype == "fp16":
             fail("student.dtype", "fp16 training needs loss scaling: use bf16, or strategy.backend=deepspeed")
+        if self.method == "minillm":
+            r, m = self.rollout, self.minillm
+            if r.num_rollouts % world_size:
+                fail("rollout.num_rollouts", f"{r.num_rollouts} does not split evenly over {world_size} ranks")
+            per_rank = r.num_rollouts // world_size
+            if per_rank % t.micro_batch_size:
+                fail("rollout.num_rollouts", f"{per_rank} rollouts per rank are not a multiple of "
+                     f"train.micro_batch_size={t.micro_batch_size}")
+            if (per_rank // t.micro_batch_size) % accumulation:
+                fail("train.global_batch_size", f"one rollout phase gives {per_rank // t.micro_batch_size} "
+                     f"micro-batches per rank, not a multiple of the {accumulation} accumulation steps")
+            if not 0.0 <= r.teacher_mix_alpha <= 1.0:
+                fail("rollout.teacher_mix_alpha", "must be in [0, 1]")
+            if d.max_prompt_length + r.max_new_tokens > d.max_length:
+                fail("rollout.max_new_tokens", f"max_prompt_length + max_new_tokens = "
+                     f"{d.max_prompt_length + r.max_new_tokens} exceeds data.max_length={d.max_length}")
+            if m.ppo_epochs < 1:
+                fail("minillm.ppo_epochs", "must be >= 1")
+            if m.reward_scale <= 0:
+                fail("minillm.reward_scale", "must be positive")
         if self.eval.batch_size <= 0:
             fail("eval.batch_size", "must be positive")
         return self
