@@ -102,6 +102,8 @@ class TrainLoopConfig:
         "rougeL", "Dev metric that picks best/: rougeL (higher is better) or loss (lower is better).")
     max_nan_skips: int = _f(10, "Optimizer steps with a non-finite loss are skipped; abort after this many.")
     eval_at_start: bool = _f(False, "Evaluate before the first step.")
+    stop_at_step: int = _f(-1, "Save and stop at this step as if interrupted, without changing the schedule "
+                           "(time-boxed jobs; continue later with --resume). -1: off.")
 
 
 @dataclass

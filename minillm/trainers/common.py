@@ -115,12 +115,18 @@ class BestTracker:
         self.best, self.best_step = state["best"], state["best_step"]
 
 
-def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int, output_dir: Path) -> None:
-    """Atomic step checkpoint: HF folder + optimizer/engine state + trainer state + per-rank RNG."""
+def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int, output_dir: Path,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Atomic step checkpoint: HF folder + optimizer/engine state + trainer state + per-rank RNG.
+
+    ``extra`` maps file names to objects this rank saves too (e.g. its share of the rollout buffer).
+    """
     with AtomicDir(directory, strategy) as tmp:
         strategy.save_checkpoint(tmp, tokenizer)
         save_trainer_state(tmp, state, strategy.is_main)
         torch.save(rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
     prune_checkpoints(output_dir, keep, strategy.is_main)
     log.info("saved checkpoint %s", directory)
 
@@ -140,3 +146,14 @@ def export_model(directory: Path, strategy, model, tokenizer) -> None:
     """An HF folder (best/ or final/), written atomically."""
     with AtomicDir(directory, strategy) as tmp:
         strategy.save_hf(model, tokenizer, tmp)
+
+
+def stop_early(trainer, bar) -> dict[str, Any]:
+    """``train.stop_at_step``: checkpoint (unless this step was just saved) and return as if interrupted."""
+    if bar is not None:
+        bar.close()
+    if not (trainer.output_dir / "checkpoints" / f"step-{trainer.step}").is_dir():
+        trainer.save()
+    trainer.metrics.close()
+    log.info("stopped at step %d (train.stop_at_step); continue with --resume", trainer.step)
+    return {"step": trainer.step, "stopped_early": True}

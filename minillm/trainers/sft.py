@@ -28,7 +28,7 @@ from ..evaluation import rouge_l
 from ..evaluation.generation import generate_texts
 from ..tracking import MetricsLogger, get_logger
 from .common import (BestTracker, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
-                     save_checkpoint, to_device)
+                     save_checkpoint, stop_early, to_device)
 
 log = get_logger()
 
@@ -172,6 +172,8 @@ class SFTTrainer:
                 self._evaluate_and_select()
             if save_every and self.step % save_every == 0 and self.step < self.total_steps:
                 self.save()
+            if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
+                return stop_early(self, bar)
         if bar is not None:
             bar.close()
         self.save()
