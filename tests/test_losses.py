@@ -1,0 +1,465 @@
+"""minillm.losses against hand-computed values, invariants, and chunked = plain.
+
+Hand values use distributions whose logs are exact: logits = log(probs), so softmax(logits) = probs.
+Expected numbers are written out (or built from math.log on those probabilities), never from the function
+under test.
+"""
+
+import math
+
+import pytest
+import torch
+
+from minillm import losses as L
+
+LN2 = math.log(2.0)
+Q = [0.25, 0.25, 0.5]  # a student distribution over 3 tokens
+P = [0.125, 0.375, 0.5]  # a teacher distribution over 3 tokens
+
+
+def logits_of(*rows, dtype=torch.float64):
+    """[1, len(rows), V] logits whose softmax rows are exactly the given probability rows."""
+    return torch.tensor(rows, dtype=dtype).log().unsqueeze(0)
+
+
+def kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+
+def mix(a, b, w):
+    return [w * x + (1 - w) * y for x, y in zip(a, b)]
+
+
+# ------------------------------------------------------------------------------------------------ basics
+def test_token_logprobs_hand_values_and_temperature():
+    logits = logits_of(Q, P)
+    tokens = torch.tensor([[2, 1]])
+    out = L.token_logprobs(logits, tokens)
+    assert torch.allclose(out, torch.tensor([[math.log(0.5), math.log(0.375)]], dtype=torch.float64))
+    # logits [0, 0, 2 ln 2] at T = 2 are [0, 0, ln 2]: softmax [1/4, 1/4, 1/2]
+    hot = torch.tensor([[[0.0, 0.0, 2 * LN2]]])
+    assert torch.allclose(L.token_logprobs(hot, torch.tensor([[0]]), temperature=2.0), torch.tensor([[-2 * LN2]]))
+
+
+def test_token_logprobs_upcasts_half_precision_and_keeps_fp64():
+    logits = torch.randn(2, 3, 7)
+    out = L.token_logprobs(logits.bfloat16(), torch.zeros(2, 3, dtype=torch.long))
+    assert out.dtype == torch.float32
+    assert L.token_logprobs(logits.double(), torch.zeros(2, 3, dtype=torch.long)).dtype == torch.float64
+    with pytest.raises(ValueError, match="tokens"):
+        L.token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_response_mask_includes_first_eos_only():
+    response = torch.tensor([[5, 2, 7, 2], [1, 1, 1, 1], [2, 3, 3, 3], [4, 4, 4, 2]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    assert torch.equal(L.response_mask(response, 2), expected)
+    # several stop ids: the 7 at position 1 ends the first row
+    multi = L.response_mask(torch.tensor([[5, 7, 2, 2], [3, 3, 3, 3]]), [2, 7])
+    assert torch.equal(multi, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32))
+
+
+def test_mix_probs_hand_values():
+    out = L.mix_probs(logits_of(Q), logits_of(P), alpha=0.2)
+    expected = [0.8 * 0.25 + 0.2 * 0.125, 0.8 * 0.25 + 0.2 * 0.375, 0.5]  # [0.225, 0.275, 0.5]
+    assert torch.allclose(out, torch.tensor([[expected]], dtype=torch.float64))
+    assert torch.allclose(out.sum(-1), torch.ones(1, 1, dtype=torch.float64))
+
+
+def test_importance_weights_hand_values_alpha_zero_and_mask():
+    lq = torch.tensor([[math.log(0.5), math.log(0.5), -3.0]])
+    lp = torch.tensor([[math.log(0.25), math.log(0.25), 5.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])
+    w = L.importance_weights(lq, lp, mask, alpha=0.2)
+    # q / (0.8 q + 0.2 p) = 0.5 / (0.4 + 0.05) = 10/9; masked -> 1; third: 1/(0.8 + 0.2 e^8)
+    assert torch.allclose(w, torch.tensor([[10 / 9, 1.0, 1 / (0.8 + 0.2 * math.exp(8.0))]]))
+    assert torch.equal(L.importance_weights(lq, lp, mask, alpha=0.0), torch.ones(1, 3))
+    # extreme log-ratios stay finite (the probability-space formula would give 0/0)
+    extreme = L.importance_weights(torch.tensor([[-200.0]]), torch.tensor([[-300.0]]), torch.ones(1, 1), 0.2)
+    assert torch.allclose(extreme, torch.tensor([[1.25]]))
+
+
+def test_token_rewards_scale_clip_and_mask():
+    lp = torch.tensor([[math.log(0.25), math.log(0.25), math.log(0.5)]])
+    lq = torch.tensor([[math.log(0.5), math.log(0.5), math.log(0.25)]])
+    mask = torch.tensor([[1, 0, 1]])
+    r = L.token_rewards(lp, lq, mask)  # scale 0.5: 2·(log p − log q)
+    assert torch.allclose(r, torch.tensor([[-2 * LN2, 0.0, 2 * LN2]]))
+    r = L.token_rewards(lp, lq, mask, scale=0.5, clip=1.0)
+    assert torch.allclose(r, torch.tensor([[-1.0, 0.0, 1.0]]))
+    r = L.token_rewards(lp, lq, mask, scale=1.0, clip=None)
+    assert torch.allclose(r, torch.tensor([[-LN2, 0.0, LN2]]))
+
+
+# the 1×4 example: three valid tokens, EOS at t = 2, a stray reward of 100 at the masked position 3
+REWARDS = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+EOS_MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize("gamma, include_current, length_norm, expected", [
+    # γ = 0.5: R_0 = 1 + 0.5·2 + 0.25·3 = 2.75, R_1 = 2 + 0.5·3 = 3.5, R_2 = 3
+    (0.5, True, False, [2.75, 3.5, 3.0, 0.0]),
+    (0.5, True, True, [2.75 / 3, 3.5 / 2, 3.0, 0.0]),  # counts 3, 2, 1, 0
+    (0.5, False, False, [3.5, 3.0, 0.0, 0.0]),  # R_{t+1}
+    (0.5, False, True, [3.5 / 2, 3.0, 0.0, 0.0]),  # counts 2, 1, 0, 0
+    (1.0, True, False, [6.0, 5.0, 3.0, 0.0]),
+    (1.0, True, True, [2.0, 2.5, 3.0, 0.0]),
+    (1.0, False, False, [5.0, 3.0, 0.0, 0.0]),
+    (1.0, False, True, [2.5, 3.0, 0.0, 0.0]),
+    (0.0, True, False, [1.0, 2.0, 3.0, 0.0]),
+    (0.0, False, False, [2.0, 3.0, 0.0, 0.0]),
+])
+def test_long_range_advantages_hand_values(gamma, include_current, length_norm, expected):
+    out = L.long_range_advantages(REWARDS, EOS_MASK, gamma=gamma, length_norm=length_norm,
+                                  include_current=include_current)
+    assert torch.allclose(out, torch.tensor([expected]), atol=1e-6), out
+
+
+def test_long_range_advantages_reference_default_is_discounted_including_current():
+    out = L.long_range_advantages(REWARDS, EOS_MASK)  # γ = 0.95, length_norm, include_current
+    r0 = 1 + 0.95 * 2 + 0.95 ** 2 * 3
+    assert torch.allclose(out, torch.tensor([[r0 / 3, (2 + 0.95 * 3) / 2, 3.0, 0.0]]))
+
+
+def test_whiten_hand_values_masked_and_unmasked():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # μ = 2.5, population σ² = (2.25 + 0.25 + 0.25 + 2.25)/4 = 1.25
+    assert torch.allclose(L.whiten(x), (x - 2.5) / math.sqrt(1.25 + 1e-8))
+    y = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    out = L.whiten(y, torch.tensor([[1, 1, 1, 0]]))  # μ = 2, σ² = 2/3 over the valid three
+    assert torch.allclose(out[:, :3], torch.tensor([[-1.0, 0.0, 1.0]]) / math.sqrt(2 / 3 + 1e-8))
+    # the reference (mask=None) statistics include padding entries
+    padded = torch.tensor([[2.0, 0.0], [4.0, 0.0]])
+    assert torch.allclose(L.whiten(padded), (padded - 1.5) / math.sqrt(2.75 + 1e-8))
+    # nothing valid: zeros, not NaN
+    assert torch.equal(L.whiten(x, torch.zeros(1, 4)), torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_whiten_two_simulated_ranks_equal_whiten_of_the_whole(use_mask):
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.rand(6, 5, generator=g) > 0.4).float()
+    halves = [(full[:3], mask[:3]), (full[3:], mask[3:])]
+
+    def local_stats(values, m):  # what this rank would hand to the all-reduce
+        seen = []
+        L.whiten(values, m if use_mask else None, all_reduce=lambda t: seen.append(t.clone()) or t)
+        assert len(seen) == 1
+        return seen[0]
+
+    stats = [local_stats(v, m) for v, m in halves]
+    parts = [L.whiten(v, m if use_mask else None, all_reduce=lambda t, other=stats[1 - i]: t + other)
+             for i, (v, m) in enumerate(halves)]
+    expected = L.whiten(full, mask if use_mask else None)
+    assert torch.allclose(torch.cat(parts), expected, atol=1e-6)
+    # and not trivially: local statistics alone differ
+    assert not torch.allclose(L.whiten(full[:3], mask[:3] if use_mask else None), expected[:3], atol=1e-3)
+
+
+def test_masked_mean_and_k3():
+    x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, float("inf"), 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert L.masked_mean(x, mask).item() == pytest.approx(7 / 3)
+    assert L.masked_mean(x, torch.zeros(2, 3)).item() == 0.0
+    # fractional mask: Σ x m / Σ m
+    assert L.masked_mean(torch.tensor([2.0, 4.0]), torch.tensor([0.5, 1.5])).item() == pytest.approx(3.5)
+    lq = torch.tensor([[math.log(0.25), math.log(0.5)], [0.0, 0.0]])
+    lp = torch.tensor([[math.log(0.5), math.log(0.5)], [-1.0, -1.0]])
+    k3 = L.k3_reverse_kl(lq, lp, torch.tensor([[1, 1], [0, 0]]))
+    # d = ln 2 → e^d − 1 − d = 1 − ln 2; d = 0 → 0; mean over 2 tokens; empty row → 0
+    assert torch.allclose(k3, torch.tensor([(1 - LN2) / 2, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_ppo_clip_loss_clipping_positive_and_negative_advantages():
+    ratios = [0.5, 1.1, 1.5]
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logprobs = torch.tensor([ratios, ratios], dtype=torch.float64).log().requires_grad_(True)
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
+    mask = torch.ones(2, 3)
+    loss = L.ppo_clip_loss(logprobs, old, adv, mask, clip_ratio=0.2)
+    # A=+1: max(−ρ, −clip ρ) = −0.5, −1.1, −1.2 (clipped); A=−1: max(ρ, clip ρ) = 0.8 (clipped), 1.1, 1.5
+    per_token = [-0.5, -1.1, -1.2, 0.8, 1.1, 1.5]
+    assert loss.item() == pytest.approx(sum(per_token) / 6)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    # d(−Aρ)/d log q = −Aρ where unclipped, 0 where the clipped branch is active
+    expected = torch.tensor([[-0.5, -1.1, 0.0], [0.0, 1.1, 1.5]], dtype=torch.float64) / 6
+    assert torch.allclose(grad, expected)
+
+
+def test_ppo_clip_loss_weights_clipped_with_ratio_and_masking():
+    zero = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    weights = torch.tensor([[1.5, 0.9, 1.0]])
+    loss = L.ppo_clip_loss(zero, zero, adv, mask, weights=weights, clip_ratio=0.2)
+    # ρ·w = 1.5 → clipped to 1.2 → −1.2; 0.9 → −0.9; third masked
+    assert loss.item() == pytest.approx((-1.2 - 0.9) / 2)
+    no_clip = L.ppo_clip_loss(zero, zero, adv, mask, weights=weights, clip_ratio=None)
+    assert no_clip.item() == pytest.approx((-1.5 - 0.9) / 2)
+    # −inf log-probs at masked positions do not leak
+    lp = torch.tensor([[0.0, 0.0, -float("inf")]])
+    assert torch.isfinite(L.ppo_clip_loss(lp, zero, adv, mask))
+
+
+def test_single_step_kl_hand_value_gradient_and_weights():
+    s = logits_of(Q, Q).requires_grad_(True)
+    t = logits_of(P, Q)
+    mask = torch.ones(1, 2)
+    loss = L.single_step_kl(s, t, mask)
+    kl0 = kl(Q, P)  # 1/4 ln 2 + 1/4 ln(2/3) + 0
+    assert loss.item() == pytest.approx(kl0 / 2)
+    assert kl0 == pytest.approx(0.25 * LN2 + 0.25 * math.log(2 / 3))
+    (grad,) = torch.autograd.grad(loss, s)
+    # ∂KL/∂s_j = q_j[(log q_j − log p_j) − KL], divided by the 2 tokens of the mean
+    row0 = [q * (math.log(q / p) - kl0) / 2 for q, p in zip(Q, P)]
+    assert torch.allclose(grad, torch.tensor([[row0, [0.0] * 3]], dtype=torch.float64))
+    weighted = L.single_step_kl(s, t, mask, weights=torch.tensor([[3.0, 7.0]]))
+    assert weighted.item() == pytest.approx(3 * kl0 / 2)
+    # temperature divides both logits: logits·T at temperature T give the same KL
+    hot = L.single_step_kl(s * 2.0, t * 2.0, mask, temperature=2.0)
+    assert hot.item() == pytest.approx(kl0 / 2)
+
+
+def test_pt_loss_hand_values():
+    s = logits_of(Q, Q, Q)
+    t = logits_of(P, P, P)
+    labels = torch.tensor([[2, 0, -100]])
+    ce = (LN2 + 2 * LN2) / 2  # −ln(1/2), −ln(1/4)
+    kd = -sum(p * math.log(q) for p, q in zip(P, Q))  # −Σ p log q per position
+    assert L.pt_loss(s, labels).item() == pytest.approx(ce)
+    assert L.pt_loss(s, labels, t, kd_ratio=0.5).item() == pytest.approx(0.5 * ce + 0.5 * kd)
+    assert L.pt_loss(s, labels, t, kd_ratio=1.0).item() == pytest.approx(kd)
+    assert L.pt_loss(s, labels, t, kd_ratio=0.0).item() == pytest.approx(ce)
+    assert kd == pytest.approx(0.125 * 2 * LN2 + 0.375 * 2 * LN2 + 0.5 * LN2)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("fkl", kl(P, Q)),
+    ("rkl", kl(Q, P)),
+    ("jsd", 0.5 * kl(P, mix(P, Q, 0.5)) + 0.5 * kl(Q, mix(P, Q, 0.5))),
+    ("tvd", 0.5 * (0.125 + 0.125 + 0.0)),
+    ("sfkl", kl(P, mix(P, Q, 0.1))),
+    ("srkl", kl(Q, mix(Q, P, 0.1))),
+])
+def test_divergence_hand_values(kind, expected):
+    s, t = logits_of(Q, Q), logits_of(P, P)
+    out = L.divergence(s, t, torch.tensor([[1, 0]]), kind)
+    assert out.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_divergence_hand_values_written_out():
+    # the formula helpers above, checked once against numbers worked by hand
+    assert kl(P, Q) == pytest.approx(0.125 * math.log(0.5) + 0.375 * math.log(1.5))
+    assert kl(Q, P) == pytest.approx(0.25 * LN2 + 0.25 * math.log(2 / 3))
+    assert mix(P, Q, 0.5) == [0.1875, 0.3125, 0.5]
+
+
+# ------------------------------------------------------------------------------------------------ invariants
+def test_teacher_equals_student_gives_zero():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 4)
+    tokens = torch.randint(0, 9, (2, 4), generator=g)
+    for kind in L.DIVERGENCES:
+        assert L.divergence(logits, logits, mask, kind).item() == pytest.approx(0.0, abs=1e-12), kind
+    assert L.single_step_kl(logits, logits, mask).item() == pytest.approx(0.0, abs=1e-12)
+    lp = L.token_logprobs(logits, tokens)
+    assert torch.equal(L.token_rewards(lp, lp, mask), torch.zeros(2, 4, dtype=torch.float64))
+    assert torch.equal(L.k3_reverse_kl(lp, lp, mask), torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(L.importance_weights(lp, lp, mask, 0.2), torch.ones(2, 4, dtype=torch.float64))
+
+
+def test_fully_masked_gives_exact_zero_and_finite_gradients():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    t = torch.randn(2, 3, 5)
+    none = torch.zeros(2, 3)
+    zero = torch.zeros(2, 3)
+    results = [L.single_step_kl(logits, t, none), L.pt_loss(logits, torch.full((2, 3), -100)),
+               L.pt_loss(logits, torch.full((2, 3), -100), t),
+               L.ppo_clip_loss(L.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)), zero, zero + 1, none)]
+    results += [L.divergence(logits, t, none, kind) for kind in L.DIVERGENCES]
+    for value in results:
+        assert value.item() == 0.0
+        (grad,) = torch.autograd.grad(value, logits)
+        assert torch.equal(grad, torch.zeros_like(grad))
+    assert torch.equal(L.long_range_advantages(torch.ones(2, 3), none), zero)
+
+
+def test_divergence_endpoints_and_tvd_bounds():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 4, 6, generator=g, dtype=torch.float64) * 2
+    mask = torch.ones(3, 4)
+    for beta in (0.0, 1.0, 1e-9, 1 - 1e-9):
+        assert L.divergence(s, t, mask, "jsd", beta=beta).item() == pytest.approx(0.0, abs=1e-7), beta
+    assert L.divergence(s, t, mask, "jsd").item() > 1e-3
+    assert L.divergence(s, t, mask, "sfkl", skew=0.0).item() == pytest.approx(
+        L.divergence(s, t, mask, "fkl").item(), rel=1e-12)
+    assert L.divergence(s, t, mask, "srkl", skew=0.0).item() == pytest.approx(
+        L.divergence(s, t, mask, "rkl").item(), rel=1e-12)
+    tvd = L.divergence(s, t, mask, "tvd")
+    assert tvd.item() == pytest.approx(L.divergence(t, s, mask, "tvd").item(), rel=1e-12)
+    assert 0 < tvd.item() <= 1
+    # nearly disjoint distributions: tvd → 1, never above
+    far = torch.tensor([[[60.0, 0.0]]]), torch.tensor([[[0.0, 60.0]]])
+    assert L.divergence(*far, torch.ones(1, 1), "tvd").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown kind"):
+        L.divergence(s, t, mask, "kl")
+
+
+def test_minus_inf_student_logits_do_not_give_nan():
+    s = torch.tensor([[[0.0, -float("inf"), 0.0]]], requires_grad=True)
+    t = torch.tensor([[[0.0, 0.0, LN2]]])
+    out = L.single_step_kl(s, t, torch.ones(1, 1))
+    # q = [1/2, 0, 1/2], p = [1/4, 1/4, 1/2]: KL = 1/2 ln 2
+    assert out.item() == pytest.approx(0.5 * LN2)
+    (grad,) = torch.autograd.grad(out, s)
+    assert torch.isfinite(grad).all()
+
+
+# ------------------------------------------------------------------------------------------------ chunked
+B, T, H, HT, V = 3, 5, 8, 6, 11
+
+
+class CountingHead(torch.nn.Module):
+    """A linear LM head that counts its calls (the number of ZeRO-3 gathers a rank would make)."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, vocab)
+        self.calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return self.linear(h)
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(B, T, HT, generator=g, dtype=torch.float64)
+    student, teacher = CountingHead(H, V).double(), CountingHead(HT, V).double()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float64)  # 10 valid
+    return hidden, t_hidden, student, teacher, mask
+
+
+def grads(value, hidden, head):
+    return torch.autograd.grad(value, [hidden, head.linear.weight, head.linear.bias])
+
+
+def assert_same(plain, chunked, hidden, head, atol=1e-12):
+    assert chunked.item() == pytest.approx(plain.item(), abs=atol, rel=1e-12)
+    for a, b in zip(grads(plain, hidden, head), grads(chunked, hidden, head)):
+        assert torch.allclose(a, b, atol=atol, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size, num_chunks, expected_calls", [(4, None, 3), (4, 6, 6), (100, None, 1),
+                                                                      (3, 2, 4)])
+def test_chunked_single_step_kl_equals_plain(setup, chunk_size, num_chunks, expected_calls):
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    weights = torch.rand(B, T, dtype=torch.float64) + 0.5
+    for w in (None, weights):
+        plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask, temperature=1.5, weights=w)
+        student.calls = teacher.calls = 0
+        chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+                                           temperature=1.5, weights=w, chunk_size=chunk_size, num_chunks=num_chunks)
+        assert student.calls == teacher.calls == expected_calls  # 10 valid tokens: uneven last chunk
+        assert_same(plain, chunked, hidden, student)
+        assert student.calls == teacher.calls == 2 * expected_calls  # recomputed once each in backward
+
+
+def test_chunked_single_step_kl_with_cached_bf16_teacher_logprobs(setup):
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    with torch.no_grad():
+        cached = torch.log_softmax(teacher(t_hidden), -1).bfloat16()  # as cached at scoring time
+    plain = L.single_step_kl(student(hidden), cached, mask)
+    chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, chunk_size=4)
+    assert_same(plain, chunked, hidden, student)
+    with pytest.raises(ValueError, match="either"):
+        L.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, teacher_hidden=t_hidden,
+                                 teacher_head=teacher)
+    with pytest.raises(ValueError, match="either"):
+        L.chunked_single_step_kl(hidden, student, mask)
+
+
+@pytest.mark.parametrize("kind", L.DIVERGENCES)
+def test_chunked_divergence_equals_plain(setup, kind):
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    plain = L.divergence(student(hidden) / 2.0, teacher(t_hidden) / 2.0, mask, kind, beta=0.3, skew=0.2)
+    chunked = L.chunked_divergence(hidden, student, mask, kind, teacher_hidden=t_hidden, teacher_head=teacher,
+                                   beta=0.3, skew=0.2, temperature=2.0, chunk_size=4, num_chunks=5)
+    assert_same(plain, chunked, hidden, student)
+
+
+@pytest.mark.parametrize("kd_ratio, with_teacher", [(0.5, True), (1.0, True), (0.5, False)])
+def test_chunked_pt_loss_equals_plain(setup, kd_ratio, with_teacher):
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
+    labels[mask == 0] = -100
+    t_kwargs = dict(teacher_hidden=t_hidden, teacher_head=teacher) if with_teacher else {}
+    plain = L.pt_loss(student(hidden), labels, teacher(t_hidden) if with_teacher else None, kd_ratio=kd_ratio)
+    chunked = L.chunked_pt_loss(hidden, student, labels, kd_ratio=kd_ratio, chunk_size=3, num_chunks=5, **t_kwargs)
+    assert_same(plain, chunked, hidden, student)
+
+
+def test_chunked_token_logprobs_equals_plain(setup):
+    hidden, _, student, _, mask = setup
+    hidden.requires_grad_(True)
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(6))
+    plain = L.token_logprobs(student(hidden), tokens, temperature=0.7) * mask
+    chunked = L.chunked_token_logprobs(hidden, student, tokens, mask, temperature=0.7, chunk_size=4)
+    assert torch.allclose(chunked, plain, atol=1e-12)
+    probe = torch.randn(B, T, dtype=torch.float64)  # a generic downstream use of the log-probs
+    assert_same((plain * probe).sum(), (chunked * probe).sum(), hidden, student)
+    with torch.no_grad():  # scoring: no checkpointing, one call per chunk, all positions without a mask
+        student.calls = 0
+        full = L.chunked_token_logprobs(hidden, student, tokens, chunk_size=4, num_chunks=6)
+    assert student.calls == 6
+    assert torch.allclose(full, L.token_logprobs(student(hidden), tokens), atol=1e-12)
+
+
+def test_chunked_fully_masked_is_zero_and_backward_still_calls_the_head(setup):
+    hidden, t_hidden, student, teacher, _ = setup
+    hidden.requires_grad_(True)
+    none = torch.zeros(B, T)
+    student.calls = 0
+    out = L.chunked_single_step_kl(hidden, student, none, teacher_hidden=t_hidden, teacher_head=teacher,
+                                   num_chunks=2)
+    assert out.item() == 0.0
+    g_hidden, g_weight, _ = grads(out, hidden, student)
+    assert torch.equal(g_hidden, torch.zeros_like(g_hidden)) and torch.equal(g_weight, torch.zeros_like(g_weight))
+    assert student.calls == 4  # 2 empty chunks, forward and backward: ZeRO-3 ranks stay in step
+    assert L.chunk_count(none, 4) == 1 and L.chunk_count(torch.ones(B, T), 4) == 4
+
+
+def test_chunked_keeps_no_full_vocabulary_tensor_for_backward():
+    """Memory: nothing saved for backward outside the checkpointed chunks is as large as one chunk's logits."""
+    g = torch.Generator().manual_seed(7)
+    n_b, n_t, vocab, chunk = 4, 16, 257, 8
+    hidden = torch.randn(n_b, n_t, H, generator=g, requires_grad=True)
+    head, t_head = torch.nn.Linear(H, vocab), torch.nn.Linear(HT, vocab)
+    t_hidden = torch.randn(n_b, n_t, HT, generator=g)
+    mask = torch.ones(n_b, n_t)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        L.single_step_kl(head(hidden), t_head(t_hidden), mask)
+    assert max(sizes) >= n_b * n_t * vocab  # the plain loss keeps full [B, L, V] tensors
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = L.chunked_single_step_kl(hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
+                                       chunk_size=chunk)
+    assert max(sizes) < chunk * vocab
+    out.backward()
+    assert torch.isfinite(hidden.grad).all()
