@@ -433,8 +433,9 @@ def _run_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, student_h
         with torch.no_grad():
             if th is not None:
                 log_p = _log_softmax(teacher_head(th), temperature)
-            elif t_flat is not None:  # cached log-probs (maybe bf16): renormalised in fp32, no temperature
-                log_p = _log_softmax(t_flat.index_select(0, idx))
+            elif t_flat is not None:  # cached log-probs (maybe bf16, maybe in pinned CPU memory): renormalised
+                rows = t_flat.index_select(0, idx.to(t_flat.device))  # in fp32 on the student's device, no T
+                log_p = _log_softmax(rows.to(h.device, non_blocking=True))
         if log_p is not None and log_p.shape[-1] != log_q.shape[-1]:
             raise ValueError(f"minillm.losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
                              f"{log_p.shape[-1]}; slice the heads' outputs to the shared vocabulary")
@@ -489,8 +490,9 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
 
     Student: ``student_hidden`` [B, L, H] and ``student_head`` (e.g. the lm_head module). Teacher: either
     ``teacher_hidden`` [B, L, H_t] + ``teacher_head``, both logits divided by ``temperature``; or
-    ``teacher_logprobs`` [B, L, V] cached at scoring time (any float dtype, already at the temperature,
-    renormalised in fp32). Only positions with mask ≠ 0 are evaluated.
+    ``teacher_logprobs`` [B, L, V] cached at scoring time (any float dtype, on the student's device or in
+    pinned CPU memory, already at the temperature; renormalised in fp32). Only positions with mask ≠ 0 are
+    evaluated; each chunk's rows of the cache are moved to the device inside the chunk.
     """
     extras = []
     if weights is not None:
