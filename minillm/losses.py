@@ -31,7 +31,8 @@ With ``include_current=True`` (the reference) the long-range term already holds 
 current step's KL gradient and the single-step term adds its exact value again, so the update is *not* the
 gradient of the sequence-level reverse KL. With ``include_current=False``, γ = 1, no length normalisation, no
 whitening, α = 0 and no clipping, the expected update of Σ_t [−A_t·ρ_t + KL_t] (per-sequence *sums*) **is**
-∇KL(q_θ‖p) = (∇J)_Single + (∇J)_Long (paper §2.2). ``tests/test_exactness.py`` proves this by enumeration.
+∇KL(q_θ‖p) = (∇J)_Single + (∇J)_Long (the paper's gradient decomposition). ``tests/test_exactness.py``
+proves this by enumeration.
 
 Memory
 ------
@@ -172,7 +173,7 @@ def response_mask(response: Tensor, eos_token_id: int | Sequence[int] | Tensor) 
 
 
 def mix_probs(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
-    """Teacher-mixed distribution p̃ = (1−α)·softmax(student) + α·softmax(teacher) (paper eq. 5).
+    """Teacher-mixed distribution p̃ = (1−α)·softmax(student) + α·softmax(teacher) (paper: teacher-mixed sampling).
 
     Logits [..., V] (same shape) → probabilities [..., V].
     """
@@ -185,7 +186,8 @@ def mix_probs(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> T
 
 
 def importance_weights(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, alpha: float) -> Tensor:
-    """w_t = q(y_t)/p̃(y_t) = q/((1−α)q + αp) per token, [B, L] → [B, L]; 1 where mask = 0 (paper eq. 6).
+    """w_t = q(y_t)/p̃(y_t) = q/((1−α)q + αp) per token, [B, L] → [B, L]; 1 where mask = 0 (paper: the per-token
+    approximation of the importance weight of teacher-mixed sampling).
 
     Evaluated as 1/((1−α) + α·e^{log p − log q}) so that tiny probabilities neither underflow nor give 0/0.
     Exactly 1 everywhere when α = 0.
@@ -206,7 +208,7 @@ def token_rewards(teacher_logprobs: Tensor, student_logprobs: Tensor, mask: Tens
                   clip: float | None = 100.0) -> Tensor:
     """r_t = clip((log p(y_t) − log q(y_t))/scale, −clip, clip), 0 where mask = 0; [B, L] → [B, L].
 
-    The per-token reward of the reverse-KL policy gradient (paper eq. 3); ``clip=None`` disables clipping.
+    The per-token reward of the reverse-KL policy gradient (paper: r_t = log p/q_θ); ``clip=None`` disables clipping.
     """
     _check_shape("student_logprobs", student_logprobs, teacher_logprobs.shape, "token_rewards")
     _check_shape("mask", mask, teacher_logprobs.shape, "token_rewards")
@@ -218,7 +220,7 @@ def token_rewards(teacher_logprobs: Tensor, student_logprobs: Tensor, mask: Tens
 
 def long_range_advantages(rewards: Tensor, mask: Tensor, gamma: float = 0.95, length_norm: bool = True,
                           include_current: bool = True) -> Tensor:
-    """Long-range returns [B, L] → [B, L], 0 where mask = 0 (paper eq. 4 / lmops-notes §2.4).
+    """Long-range returns [B, L] → [B, L], 0 where mask = 0 (paper: R_{t+1}, R^Norm; lmops-notes §2.4).
 
     * ``include_current=True`` (reference): R_t = Σ_{t' ≥ t} γ^{t'−t} r_{t'}.
     * ``include_current=False`` (paper): the return of the *next* step, R_{t+1} = Σ_{t' > t} γ^{t'−t−1} r_{t'}.
