@@ -129,21 +129,16 @@ def _check_divergence_args(kind: str, beta: float, skew: float) -> None:
         raise ValueError(f"minillm.losses.divergence: skew={skew} must lie in [0, 1)")
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Token mean Σ(x·mask)/Σmask over every entry (x, mask: same shape) → scalar; exactly 0 when Σmask = 0."""
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Token mean Σ(x·mask)/Σmask (x, mask: same shape) → scalar, or per slice along ``dim``.
+
+    Exactly 0 where Σmask = 0; masked entries of x never leak in, even when they are inf/NaN.
+    """
     _check_shape("mask", mask, x.shape, "masked_mean (same shape as x)")
     x = _upcast(x)
     m = mask.to(x.dtype)
-    total = torch.where(mask != 0, x * m, torch.zeros_like(x)).sum()
-    count = m.sum()
-    return total / torch.where(count > 0, count, torch.ones_like(count))
-
-
-def _row_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Per-row token mean of [B, L] → [B], 0 for rows with no valid token."""
-    m = mask.to(x.dtype)
-    total = torch.where(mask != 0, x * m, torch.zeros_like(x)).sum(-1)
-    count = m.sum(-1)
+    masked = torch.where(mask != 0, x * m, torch.zeros_like(x))
+    total, count = (masked.sum(), m.sum()) if dim is None else (masked.sum(dim), m.sum(dim))
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
@@ -284,7 +279,7 @@ def k3_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tens
     _check_shape("mask", mask, student_logprobs.shape, "k3_reverse_kl")
     d = _upcast(teacher_logprobs) - _upcast(student_logprobs)
     d = torch.where(mask != 0, d, torch.zeros_like(d))
-    return _row_mean(torch.expm1(d) - d, mask)
+    return masked_mean(torch.expm1(d) - d, mask, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -456,13 +451,6 @@ def _run_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, student_h
     return torch.cat(outputs), index
 
 
-def _masked_sum_mean(values: Tensor, mask_values: Tensor) -> Tensor:
-    """Σ(values·mask)/Σmask for values already restricted to valid positions; the empty case gives 0."""
-    m = mask_values.to(values.dtype)
-    count = m.sum()
-    return (values * m).sum() / torch.where(count > 0, count, torch.ones_like(count))
-
-
 def chunked_token_logprobs(hidden: Tensor, head: Head, tokens: Tensor, mask: Tensor | None = None, *,
                            temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            num_chunks: int | None = None) -> Tensor:
@@ -509,7 +497,7 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
                                 teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=True,
                                 temperature=temperature, chunk_size=chunk_size, num_chunks=num_chunks,
                                 caller="chunked_single_step_kl")
-    return _masked_sum_mean(values, mask.reshape(-1).index_select(0, index))
+    return masked_mean(values, mask.reshape(-1).index_select(0, index))
 
 
 def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
@@ -550,4 +538,4 @@ def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor,
                                 teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=True,
                                 temperature=temperature, chunk_size=chunk_size, num_chunks=num_chunks,
                                 caller="chunked_divergence")
-    return _masked_sum_mean(values, mask.reshape(-1).index_select(0, index))
+    return masked_mean(values, mask.reshape(-1).index_select(0, index))
