@@ -1,0 +1,340 @@
+"""The pre-training corpus of the PT loss: packing text into fixed-length token chunks on disk.
+
+Documents are tokenised without special tokens, each followed by EOS, concatenated, and cut into chunks of
+``seq_length`` tokens (the tail that does not fill a chunk is dropped and counted), as the reference's
+``process_data_pretrain.py`` does. The chunks are one flat memory-mapped file (``tokens.bin``; uint16 when
+the vocabulary has fewer than 65,535 entries, else int32) plus ``meta.json``, so 20M chunks need no RAM.
+Both files are written under temporary names and renamed; ``meta.json`` comes last, so a folder with a
+``meta.json`` is a complete corpus.
+
+Text sources: text files (one document per line; the reference's OpenWebText dump marks newlines inside a
+document with ``<@x(x!>``, which is turned back into "\\n"), ``.jsonl`` files (``text_field``), a glob, a
+folder of such files, or an HF dataset id (streamed).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .records import DataError, hub_unreachable_error, looks_like_hub_id
+
+TOKENS_FILE = "tokens.bin"
+META_FILE = "meta.json"
+FORMAT = "minillm-packed-corpus"
+NEWLINE_MARKER = "<@x(x!>"  # the reference's in-document newline escape (get_openwebtext.py)
+TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
+_DOC_BATCH = 1000
+
+
+# ----------------------------------------------------------------------------------------- sources
+def resolve_sources(sources: str | Sequence[str]) -> list[str]:
+    """Expand globs and folders into a sorted list of files; hub ids are kept as they are."""
+    items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not items:
+        raise DataError("no pre-training sources given")
+    out: list[str] = []
+    for item in map(str, items):
+        path = Path(item).expanduser()
+        if path.is_file():
+            out.append(str(path.resolve()))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise DataError(f"pre-training folder `{item}` holds no {'/'.join(TEXT_SUFFIXES)} files")
+            out.extend(str(p.resolve()) for p in files)
+        elif any(c in item for c in "*?["):
+            files = sorted(p for p in globlib.glob(item, recursive=True) if Path(p).is_file())
+            if not files:
+                raise DataError(f"pre-training glob `{item}` matches no file")
+            out.extend(str(Path(p).resolve()) for p in files)
+        elif looks_like_hub_id(item):
+            out.append(item)
+        else:
+            raise DataError(f"pre-training source `{item}` does not exist (expected a text/.jsonl file, a folder, "
+                            "a glob or an HF dataset id owner/name)")
+    return out
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        if path.suffix in (".jsonl", ".json"):
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: malformed JSON ({e.msg}); pre-training .json/.jsonl files "
+                                    "hold one object per line") from None
+                if not isinstance(obj, dict) or text_field not in obj:
+                    raise DataError(f"{path}:{number}: missing field `{text_field}` "
+                                    "(set data.pretrain_text_field to the field holding the text)")
+                if not isinstance(obj[text_field], str):
+                    raise DataError(f"{path}:{number}: field `{text_field}` must be a string")
+                if obj[text_field]:
+                    yield obj[text_field]
+        else:
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line.replace(NEWLINE_MARKER, "\n")
+
+
+def _hub_documents(hub_id: str, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(hub_id, split="train", streaming=True)
+        rows = iter(stream)
+        first = next(rows, None)
+    except Exception as e:
+        raise hub_unreachable_error(hub_id, e, "corpus.jsonl") from e
+    if first is not None and text_field not in first:
+        raise DataError(f"hub dataset `{hub_id}` has no field `{text_field}` (fields: {', '.join(first)}); "
+                        "set data.pretrain_text_field")
+    for row in ([first] if first is not None else []):
+        if row[text_field]:
+            yield row[text_field]
+    for row in rows:
+        if row[text_field]:
+            yield row[text_field]
+
+
+def iter_documents(sources: str | Sequence[str], text_field: str = "text") -> Iterator[str]:
+    """Every non-empty document of the sources, in order."""
+    for source in resolve_sources(sources):
+        if Path(source).is_file():
+            yield from _file_documents(Path(source), text_field)
+        else:
+            yield from _hub_documents(source, text_field)
+
+
+# ----------------------------------------------------------------------------------------- identity
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits below 65,535, else int32 (as the reference's binary format)."""
+    return np.dtype(np.uint16) if vocab_size < 65535 else np.dtype(np.int32)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Name, vocabulary size and a hash of the vocabulary: two tokenizers that agree here encode alike."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+    return {"tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
+            "vocab_hash": digest, "eos_token_id": tokenizer.eos_token_id}
+
+
+def corpus_key(sources: str | Sequence[str], tokenizer, seq_length: int, text_field: str = "text") -> str:
+    """Cache key of a packed corpus: the resolved sources (with file sizes and modification times, so an
+    edited file is re-packed), the tokenizer's vocabulary and the chunk length."""
+    described = []
+    for source in resolve_sources(sources):
+        path = Path(source)
+        if path.is_file():
+            st = path.stat()
+            described.append([source, st.st_size, st.st_mtime_ns])
+        else:
+            described.append([source])
+    fp = tokenizer_fingerprint(tokenizer)
+    payload = {"sources": described, "vocab_size": fp["vocab_size"], "vocab_hash": fp["vocab_hash"],
+               "eos": fp["eos_token_id"], "seq_length": seq_length, "text_field": text_field, "format": FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- packing
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _token_batches(docs: Iterable[str], tokenizer) -> Iterator[list[list[int]]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == _DOC_BATCH:
+            yield tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            batch = []
+    if batch:
+        yield tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathLike, seq_length: int = 512,
+                text_field: str = "text", *, max_chunks: Optional[int] = None,
+                key: Optional[str] = None) -> "PackedCorpus":
+    """Tokenise the sources' documents, join them with EOS and write ``seq_length``-token chunks to ``out_dir``.
+
+    Writes ``out_dir/tokens.bin`` ([num_chunks, seq_length] tokens, row-major) and ``out_dir/meta.json``
+    (dtype, seq_length, num_chunks, tokenizer name / vocabulary size / vocabulary hash, sources, counts, the
+    SHA-256 of the token file, and the cache ``key``). ``max_chunks`` stops early. Returns the opened corpus.
+    """
+    if seq_length < 2:
+        raise DataError(f"seq_length must be at least 2 (input = chunk[:-1], labels = chunk[1:]), got {seq_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token, which joins the documents of a packed corpus")
+    files = resolve_sources(sources)
+    fp = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(fp["vocab_size"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path, tokens_path = out / META_FILE, out / TOKENS_FILE
+    if meta_path.exists():
+        meta_path.unlink()  # the old metadata must never describe the new token file
+    tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
+    digest = hashlib.sha256()
+    carry = np.zeros(0, dtype=np.int64)
+    num_chunks = num_docs = num_tokens = 0
+    stopped_early = False
+    try:
+        with open(tmp, "wb") as f:
+            for batch in _token_batches(iter_documents(files, text_field), tokenizer):
+                pieces = [carry]
+                for ids in batch:
+                    pieces.append(np.asarray(ids, dtype=np.int64))
+                    pieces.append(np.asarray([eos], dtype=np.int64))
+                num_docs += len(batch)
+                stream = np.concatenate(pieces)
+                num_tokens += len(stream) - len(carry)
+                full = len(stream) // seq_length
+                if max_chunks is not None:
+                    full = min(full, max_chunks - num_chunks)
+                data = stream[: full * seq_length].astype(dtype).tobytes()
+                f.write(data)
+                digest.update(data)
+                num_chunks += full
+                carry = stream[full * seq_length:]
+                if max_chunks is not None and num_chunks >= max_chunks:
+                    stopped_early = True
+                    break
+        if num_chunks == 0:
+            raise DataError(f"the pre-training sources ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
+                            f"hold {num_tokens} tokens, fewer than one chunk of {seq_length}")
+        os.replace(tmp, tokens_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    meta = {
+        "format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
+        "num_documents": num_docs, "num_tokens_read": num_tokens,
+        "dropped_tail_tokens": None if stopped_early else int(len(carry)),  # the tail shorter than a chunk
+        **fp, "sources": files, "text_field": text_field, "sha256": digest.hexdigest(), "key": key,
+    }
+    _atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    return PackedCorpus(out)
+
+
+# ----------------------------------------------------------------------------------------- reading
+class PackedCorpus(Dataset):
+    """A packed corpus folder, memory-mapped (no copy in RAM).
+
+    Items are ``{input_ids: chunk[:-1], labels: chunk[1:]}`` (torch.long, [seq_length − 1] each): every
+    position is scored, as in the reference's LM loader. The memory map is opened lazily in each process,
+    so the dataset pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path.parent if path.name == META_FILE else path
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise DataError(f"`{self.path}` is not a packed corpus (no {META_FILE}); pack it with "
+                            "minillm.data.pack_corpus or `minillm-data`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: not a {FORMAT} metadata file")
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.seq_length = int(self.meta["seq_length"])
+        self.num_chunks = int(self.meta["num_chunks"])
+        expected = self.num_chunks * self.seq_length * self.dtype.itemsize
+        actual = (self.path / TOKENS_FILE).stat().st_size if (self.path / TOKENS_FILE).exists() else -1
+        if actual != expected:
+            raise DataError(f"{self.path / TOKENS_FILE}: {actual} bytes, but {META_FILE} describes {expected} "
+                            f"({self.num_chunks} chunks x {self.seq_length} x {self.dtype.name}); re-pack the corpus")
+        self._tokens: Optional[np.memmap] = None
+
+    @property
+    def tokens(self) -> np.memmap:
+        """[num_chunks, seq_length] read-only memory map."""
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path / TOKENS_FILE, dtype=self.dtype, mode="r",
+                                     shape=(self.num_chunks, self.seq_length))
+        return self._tokens
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tokens"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        chunk = torch.from_numpy(np.asarray(self.tokens[i], dtype=np.int64))
+        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Fail when the corpus was packed with a different vocabulary than ``tokenizer``'s."""
+        fp = tokenizer_fingerprint(tokenizer)
+        if (self.meta.get("vocab_hash"), self.meta.get("vocab_size")) != (fp["vocab_hash"], fp["vocab_size"]):
+            raise DataError(f"packed corpus `{self.path}` was tokenised with `{self.meta.get('tokenizer')}` "
+                            f"(vocab {self.meta.get('vocab_size')}), not with `{fp['tokenizer']}` (vocab "
+                            f"{fp['vocab_size']}); re-pack it with this tokenizer")
+
+
+def _dist_info() -> tuple[bool, int]:
+    """(distributed, is the packing rank of this node)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return True, int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) == 0
+    return False, True
+
+
+def load_or_pack_corpus(cfg, tokenizer) -> PackedCorpus:
+    """The pre-training corpus of a ``DataConfig``.
+
+    ``cfg.pretrain`` names a folder that already holds a packed corpus (opened as it is, after checking its
+    chunk length and vocabulary), or text sources: then the corpus cached under
+    ``cfg.cache_dir/corpus/<key>/`` is reused when its key (sources, vocabulary, seq_length) matches, and
+    packed there otherwise. Under torch.distributed, local rank 0 packs and the other ranks wait.
+    """
+    if not cfg.pretrain:
+        raise DataError("data.pretrain is not set: give a packed corpus folder or text/.jsonl files to pack")
+    source = Path(cfg.pretrain).expanduser()
+    if source.is_dir() and (source / META_FILE).is_file():
+        corpus = PackedCorpus(source)
+    else:
+        key = corpus_key(cfg.pretrain, tokenizer, cfg.pretrain_seq_length, cfg.pretrain_text_field)
+        folder = Path(cfg.cache_dir) / "corpus" / key[:16]
+        distributed, packer = _dist_info()
+
+        def cached() -> Optional[PackedCorpus]:
+            if (folder / META_FILE).is_file():
+                corpus = PackedCorpus(folder)
+                if corpus.meta.get("key") == key:
+                    return corpus
+            return None
+
+        corpus = None
+        if packer:
+            corpus = cached() or pack_corpus(cfg.pretrain, tokenizer, folder, cfg.pretrain_seq_length,
+                                             cfg.pretrain_text_field, key=key)
+        if distributed:
+            torch.distributed.barrier()  # the other ranks read the corpus only once it is complete
+        corpus = corpus or cached()
+        if corpus is None:
+            raise DataError(f"packed corpus {folder} is missing after packing (is cache_dir shared by the ranks?)")
+    if corpus.seq_length != cfg.pretrain_seq_length:
+        raise DataError(f"packed corpus `{corpus.path}` has {corpus.seq_length}-token chunks, but "
+                        f"data.pretrain_seq_length={cfg.pretrain_seq_length}")
+    corpus.check_tokenizer(tokenizer)
+    return corpus
