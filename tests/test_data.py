@@ -333,6 +333,10 @@ def test_pack_jsonl_glob_and_folder_sources(tok, tmp_path):
         pack_corpus(str(tmp_path / "*.nothing"), tok, tmp_path / "x")
     with pytest.raises(DataError, match="fewer than one chunk"):
         pack_corpus(str(folder / "b.txt"), tok, tmp_path / "x", seq_length=64)
+    with pytest.raises(DataError, match=r"someone/corpus.*unreachable.*local file"):
+        pack_corpus("someone/corpus", tok, tmp_path / "x")
+    with pytest.raises(DataError, match="does not exist"):
+        pack_corpus(str(tmp_path / "no" / "such.txt"), tok, tmp_path / "x")
 
 
 def test_token_dtype_threshold():

@@ -230,9 +230,11 @@ def _pick_in_folder(folder: Path, split: Optional[str]) -> Path:
 
 
 def hub_unreachable_error(hub_id: str, err: Exception, hint_file: str = "FILE.jsonl") -> DataError:
+    """The error for a hub dataset that could not be fetched, saying how to pass a local copy instead."""
     return DataError(
         f"cannot get the dataset `{hub_id}` from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}). "
-        f"The hub is unreachable or offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Download it "
+        f"The hub is unreachable, offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) or the id is wrong. "
+        f"Download it "
         f"where there is network (`huggingface-cli download {hub_id} --repo-type dataset --local-dir DIR`) and "
         f"pass the local file or folder instead, e.g. data.train=DIR/{hint_file}")
 
