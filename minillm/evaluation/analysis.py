@@ -196,7 +196,8 @@ def _label_indices(labels: Sequence[int | str] | Tensor, options: Sequence[str])
     for n, label in enumerate(labels.tolist() if isinstance(labels, Tensor) else labels):
         if isinstance(label, str):
             if label not in options:
-                raise ValueError(f"calibration_report: label {n} ({label!r}) is not one of the options {list(options)!r}")
+                raise ValueError(f"calibration_report: label {n} ({label!r}) is not one of the options "
+                                 f"{list(options)!r}")
             out.append(list(options).index(label))
         else:
             if not 0 <= int(label) < len(options):
