@@ -294,6 +294,12 @@ class RunConfig:
                 fail("minillm.reward_scale", "must be positive")
         if self.eval.batch_size <= 0:
             fail("eval.batch_size", "must be positive")
+        if t.select_best_by == "rougeL" and not self.eval.rouge and t.eval_interval != 0:
+            fail("train.select_best_by", "is rougeL but eval.rouge is false, so no dev Rouge-L is computed; "
+                 "set train.select_best_by=loss (or none), or eval.rouge=true")
+        if t.select_best_by == "loss" and self.method == "minillm":
+            fail("train.select_best_by", "MiniLLM evaluation samples from the student and has no dev loss; "
+                 "use rougeL (the reference) or none")
         return self
 
 

@@ -88,6 +88,40 @@ def mean_over_ranks(strategy, values: dict[str, float], device: torch.device) ->
     return {k: float(v) / strategy.world_size for k, v in zip(keys, t.tolist())}
 
 
+class MetricWindow:
+    """Sums of per-micro-batch metrics since the last logged step.
+
+    The sums are part of the checkpoint, so that a resumed run logs the same averages as an uninterrupted
+    one even when a checkpoint falls between two logging steps.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.tokens = 0
+
+    def add(self, parts: dict[str, float], tokens: int = 0) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.tokens += tokens
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(1, self.count)
+
+    def pop(self, prefix: str = "train/") -> dict[str, float]:
+        """Averages (``prefix`` + name) and a fresh window."""
+        out = {prefix + k: v / max(1, self.count) for k, v in self.sums.items()}
+        self.sums, self.count, self.tokens = {}, 0, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count, self.tokens = dict(state["sums"]), int(state["count"]), int(state["tokens"])
+
+
 class BestTracker:
     """Remembers the best dev metric; ``rougeL`` is maximised, ``loss`` minimised."""
 

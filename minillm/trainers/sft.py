@@ -27,7 +27,7 @@ from ..data import ResumableSampler
 from ..evaluation import rouge_l
 from ..evaluation.generation import generate_texts
 from ..tracking import MetricsLogger, get_logger
-from .common import (BestTracker, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
+from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
                      save_checkpoint, stop_early, to_device)
 
 log = get_logger()
@@ -71,6 +71,7 @@ class SFTTrainer:
         self.step = 0
         self.nan_guard = NanGuard(strategy, t.max_nan_skips)
         self.best = BestTracker(t.select_best_by)
+        self.window = MetricWindow()
         self.timer = PhaseTimer()
         self.metrics = MetricsLogger(self.output_dir, config.logging, strategy.is_main,
                                      run_name=self.output_dir.name, config=to_dict(config))
@@ -122,8 +123,7 @@ class SFTTrainer:
             self._evaluate_and_select()
         eval_every = cfg.train.eval_interval if cfg.train.eval_interval >= 0 else self.steps_per_epoch
         save_every = cfg.train.save_interval if cfg.train.save_interval >= 0 else self.steps_per_epoch
-        window: dict[str, float] = {}
-        window_n, tokens = 0, 0
+        window = self.window
         bar = None
         if strategy.is_main and cfg.logging.progress_bar:
             from tqdm.auto import tqdm
@@ -139,10 +139,7 @@ class SFTTrainer:
             if self.nan_guard.all_finite(loss):
                 with self.timer("backward"):
                     strategy.backward(loss)
-                for k, v in parts.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_n += 1
-                tokens += int((batch["labels"] != -100).sum())
+                window.add(parts, tokens=int((batch["labels"] != -100).sum()))
             else:
                 strategy.skip_micro_step()
                 self.nan_guard.record_skip("loss", self.step)
@@ -155,11 +152,11 @@ class SFTTrainer:
             self.step += 1
             if bar is not None:
                 bar.update(1)
-                if window_n:
-                    bar.set_postfix(loss=f"{window['loss'] / window_n:.4f}")
+                if window.count:
+                    bar.set_postfix(loss=f"{window.mean('loss'):.4f}")
             if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
-                values = {f"train/{k}": v / max(1, window_n) for k, v in window.items()}
-                values = mean_over_ranks(strategy, values, strategy.device)
+                tokens = window.tokens
+                values = mean_over_ranks(strategy, window.pop(), strategy.device)
                 timing = self.timer.pop()
                 elapsed = sum(timing.values())
                 values.update(timing)
@@ -167,7 +164,6 @@ class SFTTrainer:
                                "train/tokens_per_s": tokens * strategy.world_size / elapsed if elapsed else 0.0,
                                "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
                 self.metrics.log(self.step, values)
-                window, window_n, tokens = {}, 0, 0
             if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
                 self._evaluate_and_select()
             if save_every and self.step % save_every == 0 and self.step < self.total_steps:
@@ -247,7 +243,7 @@ class SFTTrainer:
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best.state_dict(),
-                "nan_skips": self.nan_guard.skipped, "method": self.cfg.method,
+                "window": self.window.state_dict(), "nan_skips": self.nan_guard.skipped, "method": self.cfg.method,
                 "world_size": self.strategy.world_size}
 
     def save(self) -> None:
@@ -263,6 +259,7 @@ class SFTTrainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.best.load_state_dict(state["best"])
+        self.window.load_state_dict(state["window"])
         self.nan_guard.skipped = int(state["nan_skips"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", directory, self.step)

@@ -1,0 +1,126 @@
+"""The rollout record and the scoring phase of MiniLLM.
+
+A rollout phase samples responses y ~ p̃ = (1−α)·q_θ + α·p (``minillm.sampling``), then *scores* them once with
+the frozen teacher and the old student: per-token log-probs, importance weights w_t = q_old/p̃, rewards
+r_t = clip((log p − log q_old)/scale) and raw long-range returns. Everything is kept in a typed
+:class:`Rollout` whose fields all have the same batch dimension, so a shuffled micro-batch is one index away.
+Responses are padded to ``max_new_tokens`` columns, as the reference pads generation to max_length: whitening
+over "every entry including padding" (the reference behaviour) depends on that width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from . import losses
+
+
+@dataclass
+class Rollout:
+    """A buffer of scored samples. B rows; P prompt columns (left-padded); L response columns."""
+
+    prompt_ids: torch.Tensor  # [B, P] long, left-padded with pad id
+    prompt_mask: torch.Tensor  # [B, P] long, 1 on prompt tokens
+    response_ids: torch.Tensor  # [B, L] long, pad after the first EOS
+    response_mask: torch.Tensor  # [B, L] float, 1 up to and including the first EOS
+    old_logprobs: torch.Tensor  # [B, L] float, log q_old(y_t | y_<t, x) of the sampling student, 0 where masked
+    teacher_logprobs: torch.Tensor  # [B, L] float, log p(y_t | y_<t, x), 0 where masked
+    weights: torch.Tensor  # [B, L] float, importance weight q_old/p̃ per token, 1 where masked
+    rewards: torch.Tensor  # [B, L] float, clipped scaled log-ratio reward, 0 where masked
+    returns: torch.Tensor  # [B, L] float, long-range advantages before whitening
+    prompt_index: torch.Tensor  # [B] long, index of the prompt in the training prompt set
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Rollout":
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+    @classmethod
+    def cat(cls, parts: list["Rollout"]) -> "Rollout":
+        width = max(p.prompt_ids.shape[1] for p in parts)
+        padded = [p.left_pad_prompts(width) for p in parts]
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in padded]) for f in fields(cls)})
+
+    def left_pad_prompts(self, width: int, pad_id: int = 0) -> "Rollout":
+        extra = width - self.prompt_ids.shape[1]
+        if extra <= 0:
+            return self
+        pad = self.prompt_ids.new_full((len(self), extra), pad_id)
+        return Rollout(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                          "prompt_ids": torch.cat([pad, self.prompt_ids], 1),
+                          "prompt_mask": torch.cat([torch.zeros_like(pad), self.prompt_mask], 1)})
+
+
+def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                    ) -> dict[str, torch.Tensor]:
+    """Model inputs for [prompt; response]: attention mask and explicit position ids (left padding shifts them).
+
+    Response columns after EOS are attended to as ordinary tokens; they come after every valid position, so
+    causality keeps them out of every scored prediction.
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, autocast=None) -> torch.Tensor:
+    """[B, L, V] logits predicting each response token (row t predicts y_t), fp32."""
+    inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids)
+    ctx = autocast() if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model(**inputs).logits
+    p, length = prompt_ids.shape[1], response_ids.shape[1]
+    return logits[:, p - 1: p - 1 + length].float()
+
+
+@torch.no_grad()
+def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+                  alpha: float, temperature: float, reward_scale: float, reward_clip: float, gamma: float,
+                  length_norm: bool, include_current: bool,
+                  trim: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, autocast=None) -> Rollout:
+    """Score one batch of samples with teacher-forced forwards of both models (the reference's scoring).
+
+    The old student's log-probs come from a fresh forward in the learning-phase layout rather than from the
+    sampling loop's cache, so the PPO ratio of the first update is exactly 1.
+    """
+    mask = response_mask.float()
+    s_logits = trim(response_logits(student, prompt_ids, prompt_mask, response_ids, autocast))
+    old = losses.token_logprobs(s_logits, response_ids, temperature) * mask
+    del s_logits
+    t_logits = trim(response_logits(teacher, prompt_ids, prompt_mask, response_ids, autocast))
+    teacher_lp = losses.token_logprobs(t_logits, response_ids, temperature) * mask
+    del t_logits
+    weights = losses.importance_weights(old, teacher_lp, mask, alpha)
+    rewards = losses.token_rewards(teacher_lp, old, mask, scale=reward_scale, clip=reward_clip)
+    returns = losses.long_range_advantages(rewards, mask, gamma=gamma, length_norm=length_norm,
+                                           include_current=include_current)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=mask,
+                   old_logprobs=old, teacher_logprobs=teacher_lp, weights=weights, rewards=rewards,
+                   returns=returns, prompt_index=prompt_index)
+
+
+def pad_responses(response_ids: torch.Tensor, response_mask: torch.Tensor, width: int, pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad responses to ``width`` columns (the rollout buffer has one fixed response width)."""
+    extra = width - response_ids.shape[1]
+    if extra <= 0:
+        return response_ids[:, :width], response_mask[:, :width]
+    ids = torch.cat([response_ids, response_ids.new_full((response_ids.shape[0], extra), pad_id)], 1)
+    mask = torch.cat([response_mask, response_mask.new_zeros((response_mask.shape[0], extra))], 1)
+    return ids, mask

@@ -1,0 +1,418 @@
+"""MiniLLMTrainer: reverse-KL distillation optimised by policy gradient (Gu et al., ICLR 2024).
+
+One *phase* of training:
+
+1. **rollout**: sample ``rollout.num_rollouts`` responses (this rank's share) from the teacher-mixed
+   distribution p̃ = (1−α)·q_θ + α·p with the current student, in eval mode (no dropout);
+2. **score**: teacher and old-student log-probs, importance weights w = q_old/p̃, rewards
+   r_t = (log p − log q_old)/scale, long-range returns (``minillm.rollout.score_samples``);
+3. **learn**: ``minillm.ppo_epochs`` passes over the shuffled buffer in micro-batches; each micro-step adds
+   the PPO-clipped long-range term (advantages whitened per micro-batch, statistics all-reduced over ranks),
+   the exact single-step KL over the vocabulary, and ``ptx_coef`` × the pre-training loss on a corpus batch;
+4. **evaluate / save** at optimizer-step intervals.
+
+Total loss (reference): L = L_pg + L_single + ptx_coef·L_PT. Every ablation is a config switch (see
+``MiniLLMConfig``). Training stops at ``train.max_steps`` or after ``train.epochs`` passes over the prompts.
+
+Exact resume: the checkpoint holds the step, the phase number, the inner position (PPO epoch and micro-batch),
+the rollout buffer, both data cursors and every RNG; the shuffling permutation of a PPO epoch is a pure function
+of (seed, rank, phase, epoch), so nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import losses
+from ..config import RunConfig, to_dict
+from ..data import ResumableSampler
+from ..evaluation import rouge_l
+from ..rollout import Rollout, pad_responses, response_logits, score_samples
+from ..sampling import mixed_sample, teacher_forced_logprobs
+from ..tracking import MetricsLogger, get_logger
+from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
+                     save_checkpoint, stop_early, to_device)
+
+log = get_logger()
+
+
+class MiniLLMTrainer:
+    """Train ``student`` to minimise KL(q_θ‖p) against the frozen ``teacher``.
+
+    ``data`` is a :class:`minillm.data.InstructionData`; its training prompts are sampled, its dev prompts
+    evaluated. The pre-training corpus (``data.pretrain``) is loaded when ``minillm.ptx_coef > 0``.
+    """
+
+    def __init__(self, config: RunConfig, student, tokenizer, data, strategy, teacher, alignment=None):
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.data = data
+        self.strategy = strategy
+        self.alignment = alignment
+        self.output_dir = Path(config.output_dir)
+        t, r, m = config.train, config.rollout, config.minillm
+        self.rollouts_per_rank = r.num_rollouts // strategy.world_size
+        self.micro_per_epoch = self.rollouts_per_rank // t.micro_batch_size
+        self.steps_per_phase = m.ppo_epochs * self.micro_per_epoch // t.gradient_accumulation_steps
+
+        self.prompt_sampler = ResumableSampler(len(data.train_prompts), seed=config.seed, rank=strategy.rank,
+                                               world_size=strategy.world_size, shuffle=True, drop_last=True)
+        prompts_per_epoch = len(self.prompt_sampler)
+        if prompts_per_epoch < r.chunk_size:
+            raise ValueError(f"{len(data.train_prompts)} training prompts are fewer than one generation batch per "
+                             f"rank (rollout.chunk_size={r.chunk_size}); lower it")
+        # Stop at max_steps or after `epochs` passes over the prompts, whichever comes first (the reference).
+        phases_per_epoch = max(1, prompts_per_epoch // self.rollouts_per_rank)
+        by_epochs = t.epochs * phases_per_epoch * self.steps_per_phase if t.epochs > 0 else None
+        self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
+
+        self.use_pt = m.ptx_coef > 0 and config.data.pretrain is not None
+        if m.ptx_coef > 0 and config.data.pretrain is None:
+            log.warning("minillm.ptx_coef=%s but data.pretrain is not set: the PT loss is off", m.ptx_coef)
+        if self.use_pt:
+            from ..data import load_or_pack_corpus
+
+            self.corpus = load_or_pack_corpus(config.data, tokenizer)
+            self.pt_sampler = ResumableSampler(len(self.corpus), seed=config.seed + 1, rank=strategy.rank,
+                                               world_size=strategy.world_size, shuffle=True, drop_last=True)
+
+        from ..optim import build_optimizer, build_scheduler
+
+        optimizer = build_optimizer(student, config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
+        self.student = strategy.prepare_student(student, optimizer, scheduler)
+        self.teacher = strategy.prepare_teacher(teacher)
+        self._set_student_mode()
+
+        self.step = 0
+        self.phase = 0
+        self.ppo_epoch = 0
+        self.micro_index = 0
+        self.buffer: Rollout | None = None
+        self.nan_guard = NanGuard(strategy, t.max_nan_skips)
+        self.best = BestTracker(t.select_best_by)
+        self.window = MetricWindow()
+        self.timer = PhaseTimer()
+        self.metrics = MetricsLogger(self.output_dir, config.logging, strategy.is_main,
+                                     run_name=self.output_dir.name, config=to_dict(config))
+        self._prompt_iter = None
+        self._pt_iter = None
+        self._phase_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+    def _set_student_mode(self) -> None:
+        """No dropout during RL. HF only checkpoints activations in train mode, so with gradient checkpointing
+        the student stays in train mode with every dropout probability set to 0 instead of eval mode."""
+        module = self.strategy.unwrap(self.student)
+        if self.cfg.student.gradient_checkpointing:
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.Dropout):
+                    sub.p = 0.0
+                for name in ("attention_dropout", "dropout", "resid_dropout"):
+                    if isinstance(getattr(sub, name, None), float):
+                        setattr(sub, name, 0.0)
+            module.train()
+        else:
+            module.eval()
+
+    def _trim(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.alignment.trim(logits) if self.alignment is not None else logits
+
+    def _batches(self, dataset, sampler, batch_size, collate):
+        while True:
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                drop_last=True, num_workers=0)
+            for batch in loader:
+                yield batch
+            sampler.set_epoch(sampler.epoch + 1)
+
+    def _next_prompts(self) -> dict[str, Any]:
+        if self._prompt_iter is None:
+            self._prompt_iter = self._batches(self.data.train_prompts, self.prompt_sampler,
+                                              self.cfg.rollout.chunk_size, self.data.prompt_collator)
+        return next(self._prompt_iter)
+
+    def _next_pt_batch(self) -> dict[str, torch.Tensor]:
+        if self._pt_iter is None:
+            size = self.cfg.minillm.pt_micro_batch_size
+            size = size if size > 0 else self.cfg.train.micro_batch_size
+            self._pt_iter = self._batches(self.corpus, self.pt_sampler, size, None)
+        return next(self._pt_iter)
+
+    # ------------------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def rollout_and_score(self) -> Rollout:
+        """Sample this rank's share of the phase's rollouts from p̃ and score them."""
+        cfg, strategy, r, m = self.cfg, self.strategy, self.cfg.rollout, self.cfg.minillm
+        parts: list[Rollout] = []
+        stats = {"tokens": 0.0, "sample_time": 0.0, "score_time": 0.0}
+        generator = torch.Generator(device=strategy.device)
+        generator.manual_seed(cfg.seed * 1_000_003 + self.phase * 1009 + strategy.rank)
+        collected = 0
+        while collected < self.rollouts_per_rank:
+            batch = self._next_prompts()
+            take = min(self.rollouts_per_rank - collected, batch["input_ids"].shape[0])
+            prompt_ids = batch["input_ids"][:take].to(strategy.device)
+            prompt_mask = batch["attention_mask"][:take].to(strategy.device)
+            index = torch.as_tensor(batch["index"][:take], device=strategy.device)
+            mixing = r.teacher_mix_alpha > 0
+            with self.timer("rollout"), strategy.gathered(self.student) as s, \
+                    (strategy.gathered(self.teacher) if mixing else contextlib.nullcontext()) as t, strategy.autocast():
+                sample = mixed_sample(s, t if mixing else None, prompt_ids, prompt_mask,
+                                      max_new_tokens=r.max_new_tokens, alpha=r.teacher_mix_alpha,
+                                      temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                      eos_token_id=self.tokenizer.eos_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+            response_ids, response_mask = pad_responses(sample.response_ids, sample.response_mask,
+                                                        r.max_new_tokens, self.tokenizer.pad_token_id)
+            with self.timer("score"):
+                parts.append(score_samples(
+                    student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                    response_ids=response_ids, response_mask=response_mask, prompt_index=index,
+                    alpha=r.teacher_mix_alpha, temperature=r.temperature, reward_scale=m.reward_scale,
+                    reward_clip=m.reward_clip, gamma=m.gamma, length_norm=m.length_norm,
+                    include_current=m.include_current, trim=self._trim, autocast=strategy.autocast))
+            stats["tokens"] += float(response_mask.sum() + prompt_mask.sum())
+            collected += take
+        buffer = Rollout.cat(parts)
+        mask = buffer.response_mask
+        lengths = mask.sum(-1)
+        k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
+        self._phase_stats = {
+            "rollout/reward": float(losses.masked_mean(buffer.rewards, mask)),
+            "rollout/teacher_logprob": float(losses.masked_mean(buffer.teacher_logprobs, mask)),
+            "rollout/student_logprob": float(losses.masked_mean(buffer.old_logprobs, mask)),
+            "rollout/reverse_kl_k3": float(k3.mean()),
+            "rollout/response_length": float(lengths.mean()),
+            "rollout/weight": float(losses.masked_mean(buffer.weights, mask)),
+            "rollout/tokens": stats["tokens"],
+        }
+        return buffer
+
+    def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
+        cfg, strategy, m, r = self.cfg, self.strategy, self.cfg.minillm, self.cfg.rollout
+        mask = mb.response_mask
+        logits = self._trim(response_logits(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                            strategy.autocast))
+        logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
+        if m.whiten == "none":
+            advantages = mb.returns
+        else:
+            reduce = (lambda x: strategy.all_reduce(x, "sum")) if strategy.world_size > 1 else None
+            advantages = losses.whiten(mb.returns, mask if m.whiten == "masked" else None, all_reduce=reduce)
+        pg = losses.ppo_clip_loss(logprobs, mb.old_logprobs, advantages, mask, weights=mb.weights,
+                                  clip_ratio=m.clip_ratio)
+        parts = {"pg_loss": float(pg.detach())}
+        loss = pg
+        if m.single_step:
+            with torch.no_grad():
+                t_logits = self._trim(response_logits(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                      strategy.autocast))
+            single = losses.single_step_kl(logits, t_logits, mask, temperature=r.temperature,
+                                           weights=mb.weights if m.single_step_weighted else None)
+            del t_logits
+            loss = loss + single
+            parts["single_step_kl"] = float(single.detach())
+        if self.use_pt:
+            pt_batch = to_device(self._next_pt_batch(), strategy.device)
+            with strategy.autocast():
+                pt_logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
+            with torch.no_grad():
+                pt_t_logits = self.teacher(input_ids=pt_batch["input_ids"]).logits.float() if m.pt_kd_ratio > 0 \
+                    else None
+            pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"],
+                                self._trim(pt_t_logits) if pt_t_logits is not None else None,
+                                kd_ratio=m.pt_kd_ratio)
+            loss = loss + m.ptx_coef * pt
+            parts["pt_loss"] = float(pt.detach())
+        with torch.no_grad():
+            ratio = torch.exp((logprobs - mb.old_logprobs) * mask) * mb.weights
+            clipped = ((ratio - 1).abs() > m.clip_ratio).float()
+            parts["clip_fraction"] = float(losses.masked_mean(clipped, mask))
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def _permutation(self, n: int) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(self.cfg.seed * 7919 + self.strategy.rank * 104729 + self.phase * 1_000_003 + self.ppo_epoch)
+        return torch.randperm(n, generator=g)
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        cfg, strategy, t = self.cfg, self.strategy, self.cfg.train
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        elif t.eval_at_start:
+            self._evaluate_and_select()
+        eval_every = t.eval_interval if t.eval_interval >= 0 else self.steps_per_phase * 10
+        save_every = t.save_interval if t.save_interval >= 0 else self.steps_per_phase * 10
+        bar = None
+        if strategy.is_main and cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="minillm", dynamic_ncols=True)
+        while self.step < self.total_steps:
+            if self.buffer is None:
+                self.buffer = self.rollout_and_score()
+                self.ppo_epoch, self.micro_index = 0, 0
+            perm = self._permutation(len(self.buffer))
+            size = t.micro_batch_size
+            while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:
+                idx = perm[self.micro_index * size:(self.micro_index + 1) * size]
+                mb = self.buffer.select(idx).to(strategy.device)
+                with self.timer("learn"):
+                    loss, parts = self.micro_batch_loss(mb)
+                    if self.nan_guard.all_finite(loss):
+                        strategy.backward(loss)
+                        self.window.add(parts)
+                    else:
+                        strategy.skip_micro_step()
+                        self.nan_guard.record_skip("loss", self.step)
+                    result = strategy.step()
+                self.micro_index += 1
+                if not result.stepped:
+                    continue
+                if result.skipped:
+                    self.nan_guard.record_skip("gradient", self.step)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
+                    self._log(result.grad_norm)
+                if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
+                    self._evaluate_and_select()
+                if save_every and self.step % save_every == 0 and self.step < self.total_steps:
+                    self.save()
+                if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
+                    return stop_early(self, bar)
+            if self.micro_index >= self.micro_per_epoch:
+                self.micro_index = 0
+                self.ppo_epoch += 1
+                if self.ppo_epoch >= cfg.minillm.ppo_epochs:
+                    self.buffer, self.ppo_epoch = None, 0
+                    self.phase += 1
+        if bar is not None:
+            bar.close()
+        self.save()
+        export_model(self.output_dir / "final", strategy, self.student, self.tokenizer)
+        self.metrics.close()
+        return {"step": self.step, "phases": self.phase, "best": self.best.best, "best_step": self.best.best_step,
+                "nan_skips": self.nan_guard.skipped}
+
+    def _log(self, grad_norm: float | None) -> None:
+        values = self.window.pop()
+        values.update(self._phase_stats)
+        values = mean_over_ranks(self.strategy, values, self.strategy.device)
+        timing = self.timer.pop()
+        values.update(timing)
+        tokens = self._phase_stats.get("rollout/tokens", 0.0) * self.strategy.world_size
+        if timing.get("time/rollout"):
+            values["rollout/tokens_per_s"] = tokens / (timing["time/rollout"] + timing.get("time/score", 0.0))
+        values.update({"train/lr": self.strategy.current_lr(), "train/grad_norm": grad_norm,
+                       "train/phase": self.phase, "train/prompt_epoch": self.prompt_sampler.epoch,
+                       "train/nan_skips": self.nan_guard.skipped})
+        self.metrics.log(self.step, values)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev Rouge-L of pure student samples and the length-normalised k3 reverse-KL estimate on them."""
+        prompts = self.data.dev_prompts
+        if prompts is None or len(prompts) == 0:
+            return {}
+        strategy, e = self.strategy, self.cfg.eval
+        count = len(prompts) if e.num_prompts < 0 else min(e.num_prompts, len(prompts))
+        per_rank = -(-count // strategy.world_size)
+        mine = [min(strategy.rank * per_rank + i, count - 1) for i in range(per_rank)]
+        loader = DataLoader(torch.utils.data.Subset(prompts, mine), batch_size=e.batch_size,
+                            collate_fn=self.data.prompt_collator)
+        generator = torch.Generator(device=strategy.device)
+        generator.manual_seed(e.seed + strategy.rank)
+        texts, k3_sum, k3_n = [], torch.zeros(2, dtype=torch.float64, device=strategy.device), 0
+        for batch in loader:
+            prompt_ids = batch["input_ids"].to(strategy.device)
+            prompt_mask = batch["attention_mask"].to(strategy.device)
+            with strategy.gathered(self.student) as s, strategy.autocast():
+                sample = mixed_sample(s, None, prompt_ids, prompt_mask, max_new_tokens=e.max_new_tokens, alpha=0.0,
+                                      temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                                      eos_token_id=self.tokenizer.eos_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id, generator=generator,
+                                      do_sample=e.do_sample)
+            texts.extend(x.strip() for x in self.tokenizer.batch_decode(sample.response_ids, skip_special_tokens=True))
+            if self.cfg.minillm.dev_reverse_kl:
+                with strategy.autocast():
+                    t_lp = teacher_forced_logprobs(self.teacher, prompt_ids, prompt_mask, sample.response_ids,
+                                                   sample.response_mask)
+                    s_lp = teacher_forced_logprobs(self.student, prompt_ids, prompt_mask, sample.response_ids,
+                                                   sample.response_mask)
+                k3 = losses.k3_reverse_kl(s_lp, t_lp, sample.response_mask.float())
+                k3_sum[0] += k3.sum().double()
+                k3_sum[1] += k3.numel()
+        references = [prompts[i]["references"] for i in mine]
+        gathered = [p for part in strategy.all_gather_object(list(zip(mine, texts, references))) for p in part]
+        unique = {i: (x, ref) for i, x, ref in gathered}
+        metrics = {"dev/rougeL": rouge_l([unique[i][0] for i in sorted(unique)],
+                                         [unique[i][1] for i in sorted(unique)])}
+        if self.cfg.minillm.dev_reverse_kl:
+            strategy.all_reduce(k3_sum, "sum")
+            metrics["dev/reverse_kl_k3"] = float(k3_sum[0] / k3_sum[1].clamp(min=1))
+        return metrics
+
+    def _evaluate_and_select(self) -> None:
+        with self.timer("eval"):
+            metrics = self.evaluate()
+        if not metrics:
+            return
+        self.metrics.log(self.step, metrics)
+        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.best.update(metrics, self.step):
+            export_model(self.output_dir / "best", self.strategy, self.student, self.tokenizer)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = {"step": self.step, "phase": self.phase, "ppo_epoch": self.ppo_epoch,
+                 "micro_index": self.micro_index, "prompt_sampler": self.prompt_sampler.state_dict(),
+                 "best": self.best.state_dict(), "window": self.window.state_dict(),
+                 "nan_skips": self.nan_guard.skipped, "method": "minillm",
+                 "world_size": self.strategy.world_size, "phase_stats": dict(self._phase_stats)}
+        if self.use_pt:
+            state["pt_sampler"] = self.pt_sampler.state_dict()
+        return state
+
+    def save(self) -> None:
+        directory = self.output_dir / "checkpoints" / f"step-{self.step}"
+        with self.timer("save"):
+            save_checkpoint(directory, self.strategy, self.tokenizer, self.state_dict(),
+                            self.cfg.train.keep_checkpoints, self.output_dir, extra=self._buffer_files())
+
+    def _buffer_files(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return {}
+        return {f"rollout-rank{self.strategy.rank}.pt": self.buffer.state_dict()}
+
+    def _resume(self, directory: Path) -> None:
+        state = load_checkpoint(directory, self.strategy)
+        if state["world_size"] != self.strategy.world_size:
+            raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
+                             f"{self.strategy.world_size}; exact resume needs the same world size")
+        self.step, self.phase = int(state["step"]), int(state["phase"])
+        self.ppo_epoch, self.micro_index = int(state["ppo_epoch"]), int(state["micro_index"])
+        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.use_pt:
+            self.pt_sampler.load_state_dict(state["pt_sampler"])
+        self.best.load_state_dict(state["best"])
+        self.window.load_state_dict(state["window"])
+        self.nan_guard.skipped = int(state["nan_skips"])
+        self._phase_stats = dict(state["phase_stats"])
+        buffer_file = directory / f"rollout-rank{self.strategy.rank}.pt"
+        self.buffer = Rollout.from_state_dict(torch.load(buffer_file, weights_only=True)) \
+            if buffer_file.is_file() else None
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d (phase %d, ppo epoch %d, micro-batch %d)", directory, self.step,
+                 self.phase, self.ppo_epoch, self.micro_index)
