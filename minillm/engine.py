@@ -1,0 +1,308 @@
+"""Fast exact teacher-mixed rollouts: the teacher runs only on the steps a shared coin gives it (DESIGN §7 (a)).
+
+The naive loop (:func:`minillm.sampling.mixed_sample`) runs student *and* teacher at every step and draws
+y_t ~ p̃ = (1−α)·q + α·p. This engine draws the same distribution with far fewer teacher forwards:
+
+* before decoding, one coin c_t ~ Bernoulli(α) is drawn per step, shared by the whole batch;
+* at step t, if c_t = 1 the token is drawn from the teacher's processed distribution p(·|y_<t, x), else from the
+  student's q(·|y_<t, x). Both use :func:`minillm.sampling.process_logits` (temperature → top-k → top-p), the
+  same processing the naive sampler applies before mixing;
+* a model only runs when its coin side comes up. It then *catches up*: one forward over every token it has not
+  seen yet (the prompt on its first run), writing them into its own KV cache.
+
+**Why this is exact.** The coins are drawn before any token and independently of them, so for every row and
+step, P(y_t = v | y_<t, x) = P(c_t = 0)·q(v|y_<t, x) + P(c_t = 1)·p(v|y_<t, x) = p̃(v | y_<t, x): every sequence
+follows p̃ token by token, exactly like the naive sampler. Rows of one batch share the coins, so they are
+*not* independent of each other (they are conditionally independent given the coins). Each row's marginal is
+exact, which is all the policy-gradient estimator needs (it averages per-row terms); the variance across a
+batch is a little higher than with independent rows. Expected teacher work: an α fraction of the steps (plus
+one catch-up at the end when its log-probs are asked for), instead of every step.
+
+Greedy decoding (``do_sample=False``) of the mixture with 0 < α < 1 needs both distributions at every step, so
+it is handed to the naive loop.
+
+**Caches.** Each model keeps its own cache. With ``static_cache`` (default on CUDA for models that declare
+``_can_compile_fullgraph``) it is a transformers ``StaticCache`` sized prompt + max_new_tokens, the attention
+mask is one fixed [B, P + max_new_tokens] buffer (left padding zeroed, every response slot 1: causality hides
+the slots not written yet) and positions are passed explicitly, so single-token steps have static shapes and
+``cuda_graphs`` can run them through the model's own ``get_compiled_call`` (``torch.compile``,
+mode "reduce-overhead", the path HF ``generate`` uses). Multi-token catch-ups run eagerly on the same cache.
+On CPU, and for other models, a ``DynamicCache`` and eager forwards give the same results.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .sampling import (SampleOutput, _accepts_logits_to_keep, _check_prompts, _eos_tensor, _eval_mode,
+                       _model_device, _new_cache, mixed_sample, position_ids_from_mask, process_logits)
+
+__all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "ENGINES"]
+
+ENGINES = ("naive", "fast")
+
+
+@dataclass
+class FastSampleOutput(SampleOutput):
+    """:class:`SampleOutput` plus what the engine did. ``teacher_logprobs`` and ``mixed_logprobs`` are None when
+    ``score=False`` (the teacher is then not asked to catch up at the end)."""
+
+    teacher_steps: Tensor  # [L] bool, True where the token was drawn from the teacher (the coin came up α)
+    student_forwards: int  # forward calls the student made (prefill, catch-ups, final scoring)
+    teacher_forwards: int  # same for the teacher
+
+    def to(self, device: torch.device | str) -> "FastSampleOutput":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return FastSampleOutput(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in moved.items()})
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_call(model: torch.nn.Module):
+    """The model's compiled ``__call__`` for single-token steps (HF's own compile config), built once per model."""
+    if model not in _COMPILED:
+        get = getattr(model, "get_compiled_call", None)
+        _COMPILED[model] = get(None) if get is not None else torch.compile(model, mode="reduce-overhead")
+    return _COMPILED[model]
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers ≥ 5.24 names the cache argument ``cache``; earlier versions ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_rows(model: torch.nn.Module) -> int:
+    """Vocabulary entries the model scores: its output embedding's rows (its config's vocab_size otherwise)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2 and weight.numel():
+        return int(weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _supports_static_cache(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "_can_compile_fullgraph", False)) and getattr(model, "config", None) is not None
+
+
+class _LazyLM:
+    """One model's decoding state: its cache, how many response tokens it has consumed, the logits it last
+    produced (predicting the first token it has not consumed) and the processed log-probs of the tokens so far.
+
+    Invariant: after ``catch_up(response, t)`` the cache holds prompt + y_0..y_{t−1} and ``next_logits`` [B, V]
+    (fp32) predict y_t.
+    """
+
+    def __init__(self, model: torch.nn.Module, work_device: torch.device, prompt_ids: Tensor, prompt_mask: Tensor,
+                 max_new_tokens: int, static: bool, graphs: bool, warp: dict):
+        self.model = model
+        self.device = _model_device(model)
+        self.work_device = work_device
+        self.warp = warp
+        self.prompt_ids = prompt_ids.to(self.device)
+        self.prompt_len = prompt_ids.shape[1]
+        batch = prompt_ids.shape[0]
+        mask = prompt_mask.to(self.device).long()
+        # prompt mask followed by 1 for every response slot: slots not yet written are hidden by causality
+        self.full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1)
+        self.prompt_positions = position_ids_from_mask(mask)
+        self.first_position = self.prompt_positions[:, -1:] + 1  # [B, 1] position of y_0 (last column is real)
+        self.static = static
+        if static:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + max_new_tokens)
+        else:
+            self.cache = _new_cache(model)
+        self.cache_kw = _cache_keyword(model)
+        self.keep_kw = _accepts_logits_to_keep(model)
+        self.step_call = _compiled_call(model) if graphs else None
+        self.fed = -1  # response tokens in the cache; −1 = not even the prompt yet
+        self.next_logits: Tensor | None = None
+        self.logprobs: dict[int, Tensor] = {}  # response index → [B] processed log-prob of that token
+        self.forwards = 0
+
+    def _forward(self, input_ids: Tensor, positions: Tensor, total_len: int, keep: int) -> Tensor:
+        """Feed [B, S] new tokens at ``positions`` [B, S]; the cache then holds ``total_len`` columns.
+        Returns the last ``keep`` logits [B, keep, V] as an fp32 copy (compiled calls reuse their output buffer)."""
+        mask = self.full_mask if self.static else self.full_mask[:, :total_len]
+        kwargs = {self.cache_kw: self.cache, "use_cache": True}
+        if self.keep_kw:
+            kwargs["logits_to_keep"] = keep
+        call = self.step_call if (self.step_call is not None and input_ids.shape[1] == 1) else self.model
+        out = call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+        self.forwards += 1
+        if not self.static:
+            returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            if returned is not None:  # models may hand back a new cache object
+                self.cache = returned
+        return out.logits[:, -keep:].to(device=self.work_device, dtype=torch.float32, copy=True)
+
+    def catch_up(self, response: Tensor, t: int) -> Tensor:
+        """Consume y_{fed}..y_{t−1} of ``response`` [B, ≥t] in one forward → logits [B, V] predicting y_t."""
+        if self.fed == t:
+            return self.next_logits
+        start = max(self.fed, 0)
+        new_tokens = response[:, start:t].to(self.device)
+        new_positions = self.first_position + torch.arange(start, t, device=self.device)
+        if self.fed < 0:  # first run: the prompt too; keep the logits predicting y_0..y_t
+            logits = self._forward(torch.cat([self.prompt_ids, new_tokens], 1),
+                                   torch.cat([self.prompt_positions, new_positions], 1), self.prompt_len + t, t + 1)
+        else:  # logits predicting y_{fed+1}..y_t, after the stored ones predicting y_{fed}
+            logits = torch.cat([self.next_logits[:, None],
+                                self._forward(new_tokens, new_positions, self.prompt_len + t, t - start)], 1)
+        missing = [j for j in range(start, t) if j not in self.logprobs]
+        if missing:
+            cols = torch.as_tensor(missing, device=logits.device) - start
+            scores = process_logits(logits.index_select(1, cols), **self.warp)  # [B, n, V]
+            tokens = response[:, missing].to(logits.device).unsqueeze(-1)
+            values = (scores.gather(-1, tokens) - torch.logsumexp(scores, -1, keepdim=True)).squeeze(-1)
+            for i, j in enumerate(missing):
+                self.logprobs[j] = values[:, i]
+        self.fed, self.next_logits = t, logits[:, -1]
+        return self.next_logits
+
+    def finish(self, response: Tensor, length: int) -> Tensor:
+        """Processed log-probs [B, length] of y_0..y_{length−1} (one last catch-up if needed)."""
+        logits = self.catch_up(response, length - 1)
+        if length - 1 not in self.logprobs:
+            scores = process_logits(logits, **self.warp)
+            token = response[:, length - 1].to(scores.device).unsqueeze(-1)
+            self.logprobs[length - 1] = (scores.gather(-1, token) - torch.logsumexp(scores, -1, keepdim=True))[:, 0]
+        return torch.stack([self.logprobs[j] for j in range(length)], dim=1)
+
+
+@torch.no_grad()
+def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
+                      attention_mask: Tensor, *, max_new_tokens: int, alpha: float = 0.2, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,
+                      pad_token_id: int | None, generator: torch.Generator | None = None, do_sample: bool = True,
+                      score: bool = True, static_cache: bool | None = None, cuda_graphs: bool | None = None,
+                      ) -> SampleOutput:
+    """Draw y ~ p̃ = (1−α)·q + α·p exactly, running each model only on the steps its coin side comes up.
+
+    Arguments and result as :func:`minillm.sampling.mixed_sample` (left-padded [B, P] prompts; rows stop at
+    their first EOS and are padded after it; log-probs under the processed distributions, 0 where masked).
+    ``score=False`` skips the teacher's final catch-up: ``teacher_logprobs``/``mixed_logprobs`` are then None
+    (the trainer re-scores with teacher forcing anyway). ``static_cache``/``cuda_graphs``: None = on for CUDA
+    models that support them. Returns a :class:`FastSampleOutput`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"minillm.engine.fast_mixed_sample: alpha={alpha} must lie in [0, 1]")
+    if alpha > 0.0 and teacher is None:
+        raise ValueError(f"minillm.engine.fast_mixed_sample: alpha={alpha} > 0 needs a teacher model (got None)")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"minillm.engine.fast_mixed_sample: max_new_tokens={max_new_tokens} must be an integer ≥ 1")
+    if not do_sample and 0.0 < alpha < 1.0:  # argmax of the mixture needs both models at every step
+        return mixed_sample(student, teacher, input_ids, attention_mask, max_new_tokens=max_new_tokens, alpha=alpha,
+                            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, generator=generator, do_sample=False)
+    if pad_token_id is None:
+        if eos_token_id is None:
+            raise ValueError("minillm.engine.fast_mixed_sample: pad_token_id and eos_token_id are both None; give "
+                             "pad_token_id (the reference pads with EOS)")
+        pad_token_id = int(_eos_tensor(eos_token_id, torch.device("cpu"))[0])
+    _check_prompts(input_ids, attention_mask, "fast_mixed_sample")
+    warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    process_logits(torch.zeros(1, 1), **warp)  # validate the warper settings before any forward
+
+    device = _model_device(student)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"minillm.engine.fast_mixed_sample: the generator lives on {generator.device} but sampling "
+                         f"runs on the student's device {device}; create torch.Generator(device={str(device)!r})")
+    use_teacher = alpha > 0.0
+    models = [student] + ([teacher] if use_teacher else [])
+    if static_cache is None:
+        static_cache = all(_model_device(m).type == "cuda" and _supports_static_cache(m) for m in models)
+    if cuda_graphs is None:
+        cuda_graphs = static_cache and all(_model_device(m).type == "cuda" for m in models)
+    if cuda_graphs and not static_cache:
+        raise ValueError("minillm.engine.fast_mixed_sample: cuda_graphs=True needs static_cache=True (CUDA graphs "
+                         "replay fixed shapes)")
+    if use_teacher and _output_rows(student) != _output_rows(teacher):
+        raise ValueError(f"minillm.engine: the student has {_output_rows(student)} output rows and the teacher "
+                         f"{_output_rows(teacher)}; teacher-mixed sampling needs one shared vocabulary (resize one "
+                         "model's embeddings to the other's size)")
+    length = int(max_new_tokens)
+    ids, prompt_mask = input_ids.to(device), attention_mask.to(device)
+    batch = ids.shape[0]
+    # Every coin is drawn before any token, so none can depend on the tokens: this is what makes p̃ exact.
+    # α = 0 and α = 1 draw no coin, so the generator then follows the naive loop's stream token for token.
+    if 0.0 < alpha < 1.0:
+        coins = torch.rand(length, generator=generator, device=device) < alpha  # [L] bool
+    else:
+        coins = torch.full((length,), alpha == 1.0, dtype=torch.bool, device=device)
+    teacher_turn = coins.tolist()  # the engine's one host sync for the coins
+    eos = _eos_tensor(eos_token_id, device)
+    pad = torch.full((batch,), int(pad_token_id), dtype=torch.long, device=device)
+    response = torch.full((batch, length), int(pad_token_id), dtype=torch.long, device=device)
+    valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # CUDA graphs make a step cheap enough that a host sync per step shows; check the stop condition less often
+    check_every = 16 if cuda_graphs else 1
+    steps = length
+
+    with _eval_mode(*models):
+        s_lm = _LazyLM(student, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp)
+        t_lm = _LazyLM(teacher, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp) \
+            if use_teacher else None
+        for t in range(length):
+            lm = t_lm if teacher_turn[t] else s_lm
+            logits = lm.catch_up(response, t)  # [B, V] fp32, predicting y_t
+            logp = torch.log_softmax(process_logits(logits, **warp), dim=-1)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1) if do_sample \
+                else logp.argmax(dim=-1)
+            alive = ~done
+            token = torch.where(alive, token, pad)
+            lm.logprobs[t] = logp.gather(1, token[:, None]).squeeze(1)
+            response[:, t] = token
+            valid[:, t] = alive
+            done = done | torch.isin(token, eos)
+            if (t + 1) % check_every == 0 and bool(done.all()):
+                steps = t + 1
+                break
+        # columns after the step where every row had stopped are all padding: drop them (as the naive loop stops)
+        steps = max(1, int(valid[:, :steps].any(0).sum()))
+        s_lp = s_lm.finish(response, steps)
+        t_lp = t_lm.finish(response, steps) if (t_lm is not None and score) else None
+
+    keep = valid[:, :steps]
+    zero = torch.zeros_like(s_lp)
+    student_lp = torch.where(keep, s_lp, zero)
+    teacher_lp = mixed_lp = None
+    if t_lp is not None:
+        log_w_student = math.log1p(-alpha) if alpha < 1.0 else -math.inf
+        mixed = torch.logaddexp(log_w_student + s_lp, math.log(alpha) + t_lp)
+        teacher_lp, mixed_lp = torch.where(keep, t_lp, zero), torch.where(keep, mixed, zero)
+    elif not use_teacher:
+        mixed_lp = student_lp
+    return FastSampleOutput(
+        prompt_ids=ids, prompt_mask=prompt_mask, response_ids=response[:, :steps].clone(),
+        response_mask=keep.float(), student_logprobs=student_lp, teacher_logprobs=teacher_lp,
+        mixed_logprobs=mixed_lp, teacher_steps=coins[:steps].clone(), student_forwards=s_lm.forwards,
+        teacher_forwards=t_lm.forwards if t_lm is not None else 0)
+
+
+def sample_rollouts(engine: str, student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
+                    attention_mask: Tensor, **kwargs) -> SampleOutput:
+    """Dispatch on ``rollout.engine``: ``naive`` (:func:`mixed_sample`, both models every step) or ``fast``
+    (:func:`fast_mixed_sample`; ``score`` is passed through, ``static_cache``/``cuda_graphs`` too)."""
+    if engine == "naive":
+        for key in ("score", "static_cache", "cuda_graphs"):
+            kwargs.pop(key, None)
+        return mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
+    if engine == "fast":
+        return fast_mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
+    raise ValueError(f"minillm.engine: unknown rollout engine {engine!r}; choose one of {', '.join(ENGINES)}")
