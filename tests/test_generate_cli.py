@@ -1,0 +1,93 @@
+"""minillm-generate: SeqKD JSONL that `method: seqkd` trains on, sidecar metadata, exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minillm.cli.generate import main as generate_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(assets, out, *extra):
+    return ["--model", str(assets / "teacher"), "--data", str(assets / "data" / "train.jsonl"), "--out", str(out),
+            "--num", "20", "--batch-size", "8", "--max-new-tokens", "12", "--no-progress", *extra]
+
+
+def test_output_and_sidecar(tmp_path, assets):
+    out = tmp_path / "seqkd.jsonl"
+    assert generate_main(_args(assets, out, "--max-prompt-length", "50")) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    source = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()][:20]
+    from transformers import AutoTokenizer
+
+    from minillm.data import parse_record, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    prompts = [render_prompt(parse_record(r, "t", i + 1), tok) for i, r in enumerate(source)]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    kept = [i for i, n in enumerate(lengths) if n <= 50]
+    assert 0 < len(kept) < 20  # the limit really drops some prompts here
+    assert [r["index"] for r in rows] == kept
+    assert [r["prompt"] for r in rows] == [prompts[i] for i in kept]
+    assert all(set(r) == {"prompt", "output", "index"} and isinstance(r["output"], str) for r in rows)
+    meta = json.loads((tmp_path / "seqkd.jsonl.meta.json").read_text())
+    assert meta["settings"]["seed"] == 10 and meta["settings"]["top_k"] == 0 and meta["settings"]["temperature"] == 1.0
+    assert meta["settings"]["model"] == str(assets / "teacher")
+    assert meta["counts"] == {"records_in_source": 300, "records_used": 20, "prompts": len(kept),
+                              "dropped": {"prompt_too_long": 20 - len(kept)}, "written": len(kept), "complete": True}
+
+
+def test_resume_appends_only_missing_records(tmp_path, assets, capsys):
+    full = tmp_path / "full.jsonl"
+    assert generate_main(_args(assets, full)) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    assert len(lines) == 20
+    # An interrupted run: 9 complete lines and half of the 10th; its sidecar says incomplete.
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:9]) + lines[9][: len(lines[9]) // 2])
+    meta = json.loads((tmp_path / "full.jsonl.meta.json").read_text())
+    meta["counts"].update(written=9, complete=False)
+    (tmp_path / "part.jsonl.meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert generate_main(_args(assets, part)) == 0
+    log = capsys.readouterr().out
+    # Records 9..19 were missing: batches 1 (8..15) and 2 (16..19) are sampled again, batch 0 is not.
+    assert "9 already in" in log and "11 to sample in 2 batches" in log
+    assert part.read_text() == full.read_text()  # identical to the uninterrupted run
+    assert json.loads((tmp_path / "part.jsonl.meta.json").read_text())["counts"]["complete"] is True
+    # Re-running a complete file samples nothing and changes nothing.
+    assert generate_main(_args(assets, part)) == 0
+    assert "0 to sample" in capsys.readouterr().out
+    assert part.read_text() == full.read_text()
+
+
+def test_other_settings_refuse_to_resume_unless_overwrite(tmp_path, assets, capsys):
+    out = tmp_path / "g.jsonl"
+    assert generate_main(_args(assets, out, "--num", "4")) == 0
+    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 1
+    err = capsys.readouterr().err
+    assert "seed: 10 -> 11" in err and "--overwrite" in err
+    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11", "--overwrite")) == 0
+    assert json.loads((tmp_path / "g.jsonl.meta.json").read_text())["settings"]["seed"] == 11
+    (tmp_path / "g.jsonl.meta.json").unlink()
+    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 1
+    assert "without its sidecar" in capsys.readouterr().err
+
+
+def test_generated_file_trains_seqkd_end_to_end(tmp_path, assets):
+    out = tmp_path / "teacher.jsonl"
+    assert generate_main(_args(assets, out, "--num", "24")) == 0
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "minillm.cli.train", "--config", "configs/tiny/seqkd.yaml",
+                           f"data.train={out}", f"output_dir={run}", "train.max_steps=2", "train.eval_interval=0",
+                           "train.save_interval=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r or "loss" in r for r in rows)
+    assert (run / "final" / "config.json").is_file()
+    assert "24 kept" in (proc.stdout + proc.stderr + "".join(p.read_text() for p in run.glob("*.log")))
