@@ -147,6 +147,9 @@ class KDConfig:
     beta: float = _f(0.5, "JSD interpolation weight.")
     skew: float = _f(0.1, "Skew of the skew KL divergences.")
     temperature: float = _f(1.0, "Both models' logits are divided by this in the KD term.")
+    chunked: bool = _f(True, "Compute CE and the KD term from hidden states + LM head, chunk_size positions at a "
+                       "time (equal to the plain path to fp32 rounding).")
+    chunk_size: int = _f(1024, "Token positions per chunk of the chunked KD losses.")
 
 
 @dataclass
@@ -175,6 +178,13 @@ class RolloutConfig:
     temperature: float = _f(1.0, "Sampling temperature (applied to both models, as the reference).")
     top_k: int = _f(0, "Top-k filter (0: off).")
     top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
+    do_sample: bool = _f(True, "Draw y_t ~ p̃ (the method). False takes argmax p̃ per token: deterministic rollouts "
+                         "for debugging and for comparing strategies, not for training.")
+    engine: Literal["naive", "fast"] = _f(
+        "fast", "fast = minillm.engine (one shared Bernoulli(alpha) coin per step picks the model that draws the "
+        "token; the teacher runs only on its steps; exact p~ per sequence, rows of a batch share the coins); "
+        "naive = both models every step (minillm.sampling). Identical tokens when alpha is 0 or 1.")
+    cuda_graphs: bool = _f(True, "fast engine on CUDA: static KV caches and CUDA-graph decode steps (torch.compile).")
 
 
 @dataclass
@@ -198,6 +208,10 @@ class MiniLLMConfig:
     pt_kd_ratio: float = _f(0.5, "PT loss = (1 - r)*CE + r*word-level KD from the teacher on the corpus.")
     pt_micro_batch_size: int = _f(-1, "Pre-training sequences per micro-step (-1: train.micro_batch_size).")
     dev_reverse_kl: bool = _f(True, "Log the length-normalised k3 reverse-KL estimate on dev samples.")
+    chunked_losses: bool = _f(True, "Vocabulary-wide terms (token log-probs, single-step KL, PT loss, scoring) from "
+                              "hidden states + LM head, loss_chunk_size positions at a time (no [B, L, V] fp32 "
+                              "logits of both models); equal to the plain path to fp32 rounding.")
+    loss_chunk_size: int = _f(1024, "Token positions per chunk of the chunked losses.")
 
 
 @dataclass

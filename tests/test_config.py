@@ -70,6 +70,11 @@ def test_cross_field_checks():
         load_config(None, ["student.path=s", "kd.kd_ratio=1.5"])
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         load_config(None, ["student.path=s", "train.gradient_accumulation_steps=3"])
+    with pytest.raises(ConfigError, match=r"select_best_by.*eval.rouge is false"):
+        load_config(None, ["student.path=s", "eval.rouge=false"])
+    assert load_config(None, ["student.path=s", "eval.rouge=false", "train.select_best_by=loss"]).eval.rouge is False
+    with pytest.raises(ConfigError, match=r"select_best_by.*no dev loss"):
+        load_config("configs/tiny/minillm.yaml", ["train.select_best_by=loss"])
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

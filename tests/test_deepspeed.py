@@ -44,10 +44,15 @@ COMMON = {
     "kd": ["--config", "configs/tiny/kd.yaml", "train.max_steps=6", "train.micro_batch_size=1",
            "train.global_batch_size=4", "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1",
            "optim.scheduler=constant"],
+    # One optimizer step covers a whole rollout buffer (8 rollouts: 8 micro-batches locally, 4 per rank on 2
+    # ranks), so each step sums the same per-sequence losses in both layouts. The interleaved prompt sharding
+    # gives both layouts the same prompts per phase (and the same pre-training chunks per step); greedy
+    # decoding of p̃ (teacher mixing on) makes the rollouts depend on the prompts only. Whitening is off because
+    # its statistics cover one micro-batch (1 row locally, 1 row per rank = 2 rows all-reduced on 2 ranks).
     "minillm": ["--config", "configs/tiny/minillm.yaml", "train.max_steps=4", "train.micro_batch_size=1",
-                "train.global_batch_size=4", "rollout.num_rollouts=8", "rollout.chunk_size=4",
-                "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1", "minillm.ppo_epochs=1",
-                "rollout.teacher_mix_alpha=0.0"],
+                "train.global_batch_size=8", "rollout.num_rollouts=8", "rollout.chunk_size=4",
+                "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1", "minillm.ppo_epochs=2",
+                "rollout.teacher_mix_alpha=0.2", "rollout.do_sample=false", "minillm.whiten=none"],
 }
 
 
@@ -69,4 +74,17 @@ def test_kd_zero_matches_local(stage, tmp_path, local_runs):
     assert [s for s, _ in ref] == [s for s, _ in got] == list(range(1, 7))
     for (_, a), (_, b) in zip(ref, got):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_minillm_zero3_student_and_teacher_match_local(tmp_path, local_runs):
+    """Rollout (teacher-mixed, parameters gathered), scoring, PPO, single-step KL and PT loss under ZeRO-3 for
+    both models on 2 ranks give the local strategy's losses step by step: 4 steps = 2 rollout phases."""
+    out = tmp_path / "zero3"
+    launch([*COMMON["minillm"], f"output_dir={out}", "strategy.backend=deepspeed", "strategy.zero_stage=3"], nproc=2)
+    for key in ("train/loss", "train/pg_loss", "train/single_step_kl", "train/pt_loss", "rollout/reward"):
+        ref, got = losses(local_runs["minillm"], key), losses(out, key)
+        assert [s for s, _ in ref] == [s for s, _ in got] == [1, 2, 3, 4], key
+        for (_, a), (_, b) in zip(ref, got):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key
     assert (out / "final" / "model.safetensors").is_file()

@@ -115,3 +115,21 @@ def test_stop_and_resume_equals_uninterrupted(config, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k}
                           for r in rows]
     assert strip(metrics(full)) == strip(metrics(parted))
+
+
+def test_minillm_brings_the_student_closer_to_the_teacher(tmp_path):
+    """Over training, the teacher's per-token log-likelihood of the student's own (pure, unmixed) samples
+    rises and the k3 estimate of KL(q‖p) falls, on the same dev prompts and sampling seed."""
+    out = tmp_path / "minillm"
+    run_cli("--config", "configs/tiny/minillm.yaml", f"output_dir={out}", "train.eval_at_start=true",
+            "train.eval_interval=16", "train.save_interval=16", "train.max_steps=32", "eval.num_prompts=32")
+    rows = check_output_tree(out, 32)
+    dev = [r for r in rows if "dev/teacher_logprob" in r]
+    assert [r["step"] for r in dev] == [0, 16, 32]
+    logp = [r["dev/teacher_logprob"] for r in dev]
+    kl = [r["dev/reverse_kl_k3"] for r in dev]
+    assert logp[0] < logp[1] < logp[2] and logp[2] > logp[0] + 1.0, logp
+    assert kl[2] < kl[0], kl
+    train = [r for r in rows if "train/loss" in r]
+    assert all(k in train[0] for k in ("train/pg_loss", "train/single_step_kl", "train/pt_loss", "train/clip_fraction",
+                                       "rollout/reward", "rollout/reverse_kl_k3", "time/rollout", "time/learn"))

@@ -34,6 +34,8 @@ from ..data import ResumableSampler
 from ..evaluation import rouge_l
 from ..rollout import Rollout, pad_responses, response_logits, score_samples
 from ..sampling import mixed_sample, teacher_forced_logprobs
+from ..engine import fast_mixed_sample
+from ..chunking import global_chunk_count, hidden_and_head, response_hidden
 from ..tracking import MetricsLogger, get_logger
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
                      save_checkpoint, stop_early, to_device)
@@ -123,6 +125,18 @@ class MiniLLMTrainer:
     def _trim(self, logits: torch.Tensor) -> torch.Tensor:
         return self.alignment.trim(logits) if self.alignment is not None else logits
 
+    def _sample(self, student, teacher, prompt_ids, prompt_mask, **kwargs):
+        """Sampling through ``rollout.engine``. The fast engine skips the teacher's final scoring catch-up
+        (``score_samples`` re-scores) and uses static caches + CUDA graphs on CUDA unless ZeRO-3 shards a model."""
+        r = self.cfg.rollout
+        if r.engine == "naive":
+            return mixed_sample(student, teacher, prompt_ids, prompt_mask, **kwargs)
+        zero3 = getattr(self.strategy, "is_zero3", lambda model: False)
+        graphs = r.cuda_graphs and not any(zero3(x) for x in (self.student, self.teacher) if x is not None)
+        return fast_mixed_sample(student, teacher, prompt_ids, prompt_mask, score=False,
+                                 static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
+                                 **kwargs)
+
     def _batches(self, dataset, sampler, batch_size, collate):
         while True:
             loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
@@ -163,11 +177,12 @@ class MiniLLMTrainer:
             mixing = r.teacher_mix_alpha > 0
             with self.timer("rollout"), strategy.gathered(self.student) as s, \
                     (strategy.gathered(self.teacher) if mixing else contextlib.nullcontext()) as t, strategy.autocast():
-                sample = mixed_sample(s, t if mixing else None, prompt_ids, prompt_mask,
+                sample = self._sample(s, t if mixing else None, prompt_ids, prompt_mask,
                                       max_new_tokens=r.max_new_tokens, alpha=r.teacher_mix_alpha,
                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                       eos_token_id=self.tokenizer.eos_token_id,
-                                      pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+                                      pad_token_id=self.tokenizer.pad_token_id, generator=generator,
+                                      do_sample=r.do_sample)
             response_ids, response_mask = pad_responses(sample.response_ids, sample.response_mask,
                                                         r.max_new_tokens, self.tokenizer.pad_token_id)
             with self.timer("score"):
@@ -176,31 +191,46 @@ class MiniLLMTrainer:
                     response_ids=response_ids, response_mask=response_mask, prompt_index=index,
                     alpha=r.teacher_mix_alpha, temperature=r.temperature, reward_scale=m.reward_scale,
                     reward_clip=m.reward_clip, gamma=m.gamma, length_norm=m.length_norm,
-                    include_current=m.include_current, trim=self._trim, autocast=strategy.autocast))
+                    include_current=m.include_current, trim=self._trim, autocast=strategy.autocast,
+                    chunk_size=m.loss_chunk_size if m.chunked_losses else None,
+                    num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
+                    if m.chunked_losses else None))
             stats["tokens"] += float(response_mask.sum() + prompt_mask.sum())
             collected += take
         buffer = Rollout.cat(parts)
-        mask = buffer.response_mask
-        lengths = mask.sum(-1)
-        k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
-        self._phase_stats = {
-            "rollout/reward": float(losses.masked_mean(buffer.rewards, mask)),
-            "rollout/teacher_logprob": float(losses.masked_mean(buffer.teacher_logprobs, mask)),
-            "rollout/student_logprob": float(losses.masked_mean(buffer.old_logprobs, mask)),
-            "rollout/reverse_kl_k3": float(k3.mean()),
-            "rollout/response_length": float(lengths.mean()),
-            "rollout/weight": float(losses.masked_mean(buffer.weights, mask)),
-            "rollout/tokens": stats["tokens"],
-        }
+        self._phase_stats = self._rollout_stats(buffer, stats["tokens"])
         return buffer
+
+    def _rollout_stats(self, buffer: Rollout, tokens: float) -> dict[str, float]:
+        """Token means over the whole phase on all ranks (sums and counts all-reduced, not means of means)."""
+        mask = buffer.response_mask
+        k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
+        token_sums = {"reward": buffer.rewards, "teacher_logprob": buffer.teacher_logprobs,
+                      "student_logprob": buffer.old_logprobs, "weight": buffer.weights}
+        names = list(token_sums) + ["reverse_kl_k3", "response_length", "tokens"]
+        totals = torch.stack([(v * mask).sum() for v in token_sums.values()] + [
+            k3.sum(), mask.sum(), torch.tensor(tokens), mask.sum(), torch.tensor(float(len(buffer)))]).double()
+        self.strategy.all_reduce(totals, "sum")
+        num_tokens, num_rows = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
+        values = [t / num_tokens for t in totals[:len(token_sums)]]
+        values += [totals[len(token_sums)] / num_rows, totals[len(token_sums) + 1] / num_rows, totals[-3]]
+        return {f"rollout/{k}": float(v) for k, v in zip(names, values)}
 
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
         cfg, strategy, m, r = self.cfg, self.strategy, self.cfg.minillm, self.cfg.rollout
         mask = mb.response_mask
-        logits = self._trim(response_logits(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                            strategy.autocast))
-        logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
+        chunk = m.loss_chunk_size if m.chunked_losses else None
+        if chunk is None:
+            logits = self._trim(response_logits(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                strategy.autocast))
+            logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
+        else:  # hidden states + LM head, `chunk` positions at a time: no [B, L, V] fp32 logits of either model
+            hidden, head = response_hidden(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                           trim=self._trim, autocast=strategy.autocast)
+            num_chunks = global_chunk_count(mask, chunk, strategy)
+            logprobs = losses.chunked_token_logprobs(hidden, head, mb.response_ids, mask, temperature=r.temperature,
+                                                     chunk_size=chunk, num_chunks=num_chunks)
         if m.whiten == "none":
             advantages = mb.returns
         else:
@@ -210,7 +240,16 @@ class MiniLLMTrainer:
                                   clip_ratio=m.clip_ratio)
         parts = {"pg_loss": float(pg.detach())}
         loss = pg
-        if m.single_step:
+        if m.single_step and chunk is not None:
+            with torch.no_grad():
+                t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                   trim=self._trim, autocast=strategy.autocast)
+            single = losses.chunked_single_step_kl(
+                hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head, temperature=r.temperature,
+                weights=mb.weights if m.single_step_weighted else None, chunk_size=chunk, num_chunks=num_chunks)
+            loss = loss + single
+            parts["single_step_kl"] = float(single.detach())
+        elif m.single_step:
             with torch.no_grad():
                 t_logits = self._trim(response_logits(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
                                                       strategy.autocast))
@@ -221,14 +260,17 @@ class MiniLLMTrainer:
             parts["single_step_kl"] = float(single.detach())
         if self.use_pt:
             pt_batch = to_device(self._next_pt_batch(), strategy.device)
-            with strategy.autocast():
-                pt_logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
-            with torch.no_grad():
-                pt_t_logits = self.teacher(input_ids=pt_batch["input_ids"]).logits.float() if m.pt_kd_ratio > 0 \
-                    else None
-            pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"],
-                                self._trim(pt_t_logits) if pt_t_logits is not None else None,
-                                kd_ratio=m.pt_kd_ratio)
+            if chunk is not None:
+                pt = self._chunked_pt_loss(pt_batch, chunk)
+            else:
+                with strategy.autocast():
+                    pt_logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
+                with torch.no_grad():
+                    pt_t_logits = self.teacher(input_ids=pt_batch["input_ids"]).logits.float() \
+                        if m.pt_kd_ratio > 0 else None
+                pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"],
+                                    self._trim(pt_t_logits) if pt_t_logits is not None else None,
+                                    kd_ratio=m.pt_kd_ratio)
             loss = loss + m.ptx_coef * pt
             parts["pt_loss"] = float(pt.detach())
         with torch.no_grad():
@@ -237,6 +279,20 @@ class MiniLLMTrainer:
             parts["clip_fraction"] = float(losses.masked_mean(clipped, mask))
         parts["loss"] = float(loss.detach())
         return loss, parts
+
+    def _chunked_pt_loss(self, pt_batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+        """The PT loss from hidden states + LM heads, ``chunk`` positions at a time (equals ``losses.pt_loss``)."""
+        strategy, m = self.strategy, self.cfg.minillm
+        hidden, head = hidden_and_head(self.student, pt_batch["input_ids"], trim=self._trim, autocast=strategy.autocast)
+        t_hidden = t_head = None
+        if m.pt_kd_ratio > 0:
+            with torch.no_grad():
+                t_hidden, t_head = hidden_and_head(self.teacher, pt_batch["input_ids"], trim=self._trim,
+                                                   autocast=strategy.autocast)
+        labels = pt_batch["labels"]
+        return losses.chunked_pt_loss(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head,
+                                      kd_ratio=m.pt_kd_ratio, chunk_size=chunk,
+                                      num_chunks=global_chunk_count(labels != losses.IGNORE_INDEX, chunk, strategy))
 
     def _permutation(self, n: int) -> torch.Tensor:
         g = torch.Generator()
@@ -306,12 +362,11 @@ class MiniLLMTrainer:
                 "nan_skips": self.nan_guard.skipped}
 
     def _log(self, grad_norm: float | None) -> None:
-        values = self.window.pop()
-        values.update(self._phase_stats)
-        values = mean_over_ranks(self.strategy, values, self.strategy.device)
+        values = mean_over_ranks(self.strategy, self.window.pop(), self.strategy.device)
+        values.update(self._phase_stats)  # already global
         timing = self.timer.pop()
         values.update(timing)
-        tokens = self._phase_stats.get("rollout/tokens", 0.0) * self.strategy.world_size
+        tokens = self._phase_stats.get("rollout/tokens", 0.0)
         if timing.get("time/rollout"):
             values["rollout/tokens_per_s"] = tokens / (timing["time/rollout"] + timing.get("time/score", 0.0))
         values.update({"train/lr": self.strategy.current_lr(), "train/grad_norm": grad_norm,
@@ -334,12 +389,13 @@ class MiniLLMTrainer:
                             collate_fn=self.data.prompt_collator)
         generator = torch.Generator(device=strategy.device)
         generator.manual_seed(e.seed + strategy.rank)
-        texts, k3_sum, k3_n = [], torch.zeros(2, dtype=torch.float64, device=strategy.device), 0
+        # [Σ k3 per sequence, number of sequences, Σ teacher log-prob over tokens, number of tokens]
+        texts, sums = [], torch.zeros(4, dtype=torch.float64, device=strategy.device)
         for batch in loader:
             prompt_ids = batch["input_ids"].to(strategy.device)
             prompt_mask = batch["attention_mask"].to(strategy.device)
             with strategy.gathered(self.student) as s, strategy.autocast():
-                sample = mixed_sample(s, None, prompt_ids, prompt_mask, max_new_tokens=e.max_new_tokens, alpha=0.0,
+                sample = self._sample(s, None, prompt_ids, prompt_mask, max_new_tokens=e.max_new_tokens, alpha=0.0,
                                       temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                                       eos_token_id=self.tokenizer.eos_token_id,
                                       pad_token_id=self.tokenizer.pad_token_id, generator=generator,
@@ -351,17 +407,20 @@ class MiniLLMTrainer:
                                                    sample.response_mask)
                     s_lp = teacher_forced_logprobs(self.student, prompt_ids, prompt_mask, sample.response_ids,
                                                    sample.response_mask)
-                k3 = losses.k3_reverse_kl(s_lp, t_lp, sample.response_mask.float())
-                k3_sum[0] += k3.sum().double()
-                k3_sum[1] += k3.numel()
+                mask = sample.response_mask.float()
+                k3 = losses.k3_reverse_kl(s_lp, t_lp, mask)
+                sums += torch.stack([k3.sum().double(), torch.tensor(k3.numel(), dtype=torch.float64),
+                                     (t_lp * mask).sum().double(), mask.sum().double()]).to(sums.device)
         references = [prompts[i]["references"] for i in mine]
         gathered = [p for part in strategy.all_gather_object(list(zip(mine, texts, references))) for p in part]
         unique = {i: (x, ref) for i, x, ref in gathered}
         metrics = {"dev/rougeL": rouge_l([unique[i][0] for i in sorted(unique)],
                                          [unique[i][1] for i in sorted(unique)])}
         if self.cfg.minillm.dev_reverse_kl:
-            strategy.all_reduce(k3_sum, "sum")
-            metrics["dev/reverse_kl_k3"] = float(k3_sum[0] / k3_sum[1].clamp(min=1))
+            strategy.all_reduce(sums, "sum")
+            metrics["dev/reverse_kl_k3"] = float(sums[0] / sums[1].clamp(min=1))
+            # Mean per-token teacher log-likelihood of the student's own samples: rises as KL(q‖p) falls.
+            metrics["dev/teacher_logprob"] = float(sums[2] / sums[3].clamp(min=1))
         return metrics
 
     def _evaluate_and_select(self) -> None:
