@@ -177,7 +177,11 @@ def load_frozen(path: str, settings: EvalSettings, ctx: EvalContext):
     model = load_model(cfg, trainable=False)
     if ctx.strategy is not None:
         engine = ctx.strategy.prepare_teacher(model)  # replicated, or a ZeRO-3 inference engine
-        return ctx.strategy.unwrap(engine), tokenizer
+        module = ctx.strategy.unwrap(engine)
+        if ctx.is_main:
+            layout = "ZeRO-3 sharded" if ctx.strategy.is_zero3(module) else "replicated"
+            print(f"[minillm-eval] {path}: {layout} over {ctx.world_size} rank(s) on {ctx.device}", flush=True)
+        return module, tokenizer
     return model.to(ctx.device), tokenizer
 
 
