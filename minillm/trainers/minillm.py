@@ -329,13 +329,13 @@ class MiniLLMTrainer:
                         self.window.add(parts)
                     else:
                         strategy.skip_micro_step()
-                        self.nan_guard.record_skip("loss", self.step)
+                        self.nan_guard.record_skip("loss", self.step + 1)
                     result = strategy.step()
                 self.micro_index += 1
                 if not result.stepped:
                     continue
                 if result.skipped:
-                    self.nan_guard.record_skip("gradient", self.step)
+                    self.nan_guard.record_skip("gradient", self.step + 1)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)

@@ -142,13 +142,13 @@ class SFTTrainer:
                 window.add(parts, tokens=int((batch["labels"] != -100).sum()))
             else:
                 strategy.skip_micro_step()
-                self.nan_guard.record_skip("loss", self.step)
+                self.nan_guard.record_skip("loss", self.step + 1)
             with self.timer("optimizer"):
                 result = strategy.step()
             if not result.stepped:
                 continue
             if result.skipped:
-                self.nan_guard.record_skip("gradient", self.step)
+                self.nan_guard.record_skip("gradient", self.step + 1)
             self.step += 1
             if bar is not None:
                 bar.update(1)
