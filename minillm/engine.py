@@ -106,8 +106,9 @@ class _LazyLM:
     """
 
     def __init__(self, model: torch.nn.Module, work_device: torch.device, prompt_ids: Tensor, prompt_mask: Tensor,
-                 max_new_tokens: int, static: bool, graphs: bool, warp: dict):
+                 max_new_tokens: int, static: bool, graphs: bool, warp: dict, vocab_size: int | None):
         self.model = model
+        self.vocab_size = vocab_size
         self.device = _model_device(model)
         self.work_device = work_device
         self.warp = warp
@@ -148,7 +149,10 @@ class _LazyLM:
             returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             if returned is not None:  # models may hand back a new cache object
                 self.cache = returned
-        return out.logits[:, -keep:].to(device=self.work_device, dtype=torch.float32, copy=True)
+        logits = out.logits[:, -keep:]
+        if self.vocab_size is not None:
+            logits = logits[..., :self.vocab_size]
+        return logits.to(device=self.work_device, dtype=torch.float32, copy=True)
 
     def catch_up(self, response: Tensor, t: int) -> Tensor:
         """Consume y_{fed}..y_{t−1} of ``response`` [B, ≥t] in one forward → logits [B, V] predicting y_t."""
@@ -190,14 +194,16 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
                       top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,
                       pad_token_id: int | None, generator: torch.Generator | None = None, do_sample: bool = True,
                       score: bool = True, static_cache: bool | None = None, cuda_graphs: bool | None = None,
-                      ) -> SampleOutput:
+                      vocab_size: int | None = None) -> SampleOutput:
     """Draw y ~ p̃ = (1−α)·q + α·p exactly, running each model only on the steps its coin side comes up.
 
     Arguments and result as :func:`minillm.sampling.mixed_sample` (left-padded [B, P] prompts; rows stop at
     their first EOS and are padded after it; log-probs under the processed distributions, 0 where masked).
     ``score=False`` skips the teacher's final catch-up: ``teacher_logprobs``/``mixed_logprobs`` are then None
     (the trainer re-scores with teacher forcing anyway). ``static_cache``/``cuda_graphs``: None = on for CUDA
-    models that support them. Returns a :class:`FastSampleOutput`.
+    models that support them. ``vocab_size`` cuts both models' logits to the tokenizer's entries
+    (:class:`minillm.models.VocabAlignment`), so padded embedding rows are never drawn. Returns a
+    :class:`FastSampleOutput`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"minillm.engine.fast_mixed_sample: alpha={alpha} must lie in [0, 1]")
@@ -231,7 +237,7 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     if cuda_graphs and not static_cache:
         raise ValueError("minillm.engine.fast_mixed_sample: cuda_graphs=True needs static_cache=True (CUDA graphs "
                          "replay fixed shapes)")
-    if use_teacher and _output_rows(student) != _output_rows(teacher):
+    if use_teacher and vocab_size is None and _output_rows(student) != _output_rows(teacher):
         raise ValueError(f"minillm.engine: the student has {_output_rows(student)} output rows and the teacher "
                          f"{_output_rows(teacher)}; teacher-mixed sampling needs one shared vocabulary (resize one "
                          "model's embeddings to the other's size)")
@@ -255,8 +261,8 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     steps = length
 
     with _eval_mode(*models):
-        s_lm = _LazyLM(student, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp)
-        t_lm = _LazyLM(teacher, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp) \
+        s_lm = _LazyLM(student, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp, vocab_size)
+        t_lm = _LazyLM(teacher, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp, vocab_size) \
             if use_teacher else None
         for t in range(length):
             lm = t_lm if teacher_turn[t] else s_lm
@@ -300,7 +306,7 @@ def sample_rollouts(engine: str, student: torch.nn.Module, teacher: torch.nn.Mod
     """Dispatch on ``rollout.engine``: ``naive`` (:func:`mixed_sample`, both models every step) or ``fast``
     (:func:`fast_mixed_sample`; ``score`` is passed through, ``static_cache``/``cuda_graphs`` too)."""
     if engine == "naive":
-        for key in ("score", "static_cache", "cuda_graphs"):
+        for key in ("score", "static_cache", "cuda_graphs", "vocab_size"):
             kwargs.pop(key, None)
         return mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
     if engine == "fast":

@@ -93,19 +93,29 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, autocast=None)
 def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
                   alpha: float, temperature: float, reward_scale: float, reward_clip: float, gamma: float,
                   length_norm: bool, include_current: bool,
-                  trim: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, autocast=None) -> Rollout:
+                  trim: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, autocast=None,
+                  chunk_size: int | None = None, num_chunks: int | None = None) -> Rollout:
     """Score one batch of samples with teacher-forced forwards of both models (the reference's scoring).
 
     The old student's log-probs come from a fresh forward in the learning-phase layout rather than from the
-    sampling loop's cache, so the PPO ratio of the first update is exactly 1.
+    sampling loop's cache, so the PPO ratio of the first update is exactly 1. With ``chunk_size`` the log-probs
+    come from hidden states + LM head, ``chunk_size`` positions at a time (``num_chunks``: the same head calls
+    on every rank), so no [B, L, V] fp32 logits are ever held.
     """
     mask = response_mask.float()
-    s_logits = trim(response_logits(student, prompt_ids, prompt_mask, response_ids, autocast))
-    old = losses.token_logprobs(s_logits, response_ids, temperature) * mask
-    del s_logits
-    t_logits = trim(response_logits(teacher, prompt_ids, prompt_mask, response_ids, autocast))
-    teacher_lp = losses.token_logprobs(t_logits, response_ids, temperature) * mask
-    del t_logits
+
+    def logprobs(model) -> torch.Tensor:
+        if chunk_size is None:
+            logits = trim(response_logits(model, prompt_ids, prompt_mask, response_ids, autocast))
+            return losses.token_logprobs(logits, response_ids, temperature) * mask
+        from .chunking import response_hidden
+
+        hidden, head = response_hidden(model, prompt_ids, prompt_mask, response_ids, trim=trim, autocast=autocast)
+        return losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=temperature,
+                                             chunk_size=chunk_size, num_chunks=num_chunks)
+
+    old = logprobs(student)
+    teacher_lp = logprobs(teacher)
     weights = losses.importance_weights(old, teacher_lp, mask, alpha)
     rewards = losses.token_rewards(teacher_lp, old, mask, scale=reward_scale, clip=reward_clip)
     returns = losses.long_range_advantages(rewards, mask, gamma=gamma, length_norm=length_norm,

@@ -133,7 +133,8 @@ class MiniLLMTrainer:
             return mixed_sample(student, teacher, prompt_ids, prompt_mask, **kwargs)
         zero3 = getattr(self.strategy, "is_zero3", lambda model: False)
         graphs = r.cuda_graphs and not any(zero3(x) for x in (self.student, self.teacher) if x is not None)
-        return fast_mixed_sample(student, teacher, prompt_ids, prompt_mask, score=False,
+        vocab = self.alignment.vocab_size if self.alignment is not None else None  # never draw padded rows
+        return fast_mixed_sample(student, teacher, prompt_ids, prompt_mask, score=False, vocab_size=vocab,
                                  static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
                                  **kwargs)
 

@@ -90,6 +90,8 @@ class SFTTrainer:
     # ------------------------------------------------------------------------------ losses
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch and its named parts (python floats, for logging)."""
+        if self.cfg.kd.chunked:
+            return self._chunked_loss(batch)
         with self.strategy.autocast():
             out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits.float()
@@ -111,6 +113,34 @@ class SFTTrainer:
         else:
             kd_term = losses.divergence(logits / kd.temperature, t_logits / kd.temperature, mask, kd.divergence,
                                         beta=kd.beta, skew=kd.skew)
+        loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term
+        return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kd": float(kd_term.detach())}
+
+    def _chunked_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """``compute_loss`` from hidden states + LM heads, ``kd.chunk_size`` positions at a time: the same values
+        (to fp32 rounding) without [B, L, V] fp32 logits of either model (DESIGN §4 memory note)."""
+        from ..chunking import global_chunk_count, hidden_and_head
+
+        kd, strategy = self.cfg.kd, self.strategy
+        trim = self.alignment.trim if self.alignment is not None else (lambda x: x)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        hidden, head = hidden_and_head(self.student, **inputs, trim=trim, autocast=strategy.autocast)
+        labels = batch["labels"]
+        mask = labels != -100
+        chunks = dict(chunk_size=kd.chunk_size, num_chunks=global_chunk_count(mask, kd.chunk_size, strategy))
+        ce = losses.chunked_pt_loss(hidden, head, labels, **chunks)
+        if not self.use_teacher:
+            return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
+        with torch.no_grad():
+            t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
+        if kd.divergence == "fkl":  # -sum_v p_v log q_v at temperature T, as the plain path
+            temp = kd.temperature
+            kd_term = losses.chunked_pt_loss(hidden, lambda h: head(h) / temp, labels, teacher_hidden=t_hidden,
+                                             teacher_head=lambda h: t_head(h) / temp, kd_ratio=1.0, **chunks)
+        else:
+            kd_term = losses.chunked_divergence(hidden, head, mask, kd.divergence, teacher_hidden=t_hidden,
+                                                teacher_head=t_head, beta=kd.beta, skew=kd.skew,
+                                                temperature=kd.temperature, **chunks)
         loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term
         return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kd": float(kd_term.detach())}
 

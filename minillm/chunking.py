@@ -1,0 +1,89 @@
+"""Hidden states + LM head for the chunked losses (DESIGN §4 memory note).
+
+The ``chunked_*`` functions of :mod:`minillm.losses` take the last hidden states [B, L, H] and a callable head
+``h [N, H] → logits [N, V]``. This module gets both from a stock HF causal LM:
+
+* one forward with ``output_hidden_states=True`` and ``logits_to_keep=1``: the model computes logits for the
+  last position only, and its last hidden state (after the final norm / projection, as HF records it) is what
+  the LM head reads;
+* the head is the model's own output-embedding module (so DeepSpeed ZeRO-3 parameter hooks fire), followed by
+  the vocabulary trim (:class:`minillm.models.VocabAlignment`) and an optional temperature;
+* the first time a model is seen, head(last hidden) is checked against the logit the model itself returned, so
+  a model that post-processes its logits (soft-capping, logit scales) fails loudly instead of giving wrong
+  losses: set ``minillm.chunked_losses`` / ``kd.chunked`` to false for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .sampling import _accepts_logits_to_keep
+
+__all__ = ["hidden_and_head", "response_hidden", "global_chunk_count"]
+
+_VERIFIED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DeepSpeed engines keep the HF model in .module
+
+
+def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    position_ids: Tensor | None = None, *, trim: Callable[[Tensor], Tensor] = lambda x: x,
+                    autocast=None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """One forward → (last hidden states [B, S, H], head ``h → trim(lm_head(h))``). Gradients flow as usual."""
+    module = _unwrap(model)
+    head_module = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head_module is None:
+        raise ValueError(f"minillm.chunking: {type(module).__name__} has no output embeddings (LM head); set "
+                         "minillm.chunked_losses=false / kd.chunked=false for it")
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
+    ctx = autocast() if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=True, **kwargs)
+    hidden = out.hidden_states[-1]
+
+    def head(h: Tensor) -> Tensor:
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            return trim(head_module(h))
+
+    if module not in _VERIFIED:
+        with torch.no_grad():
+            mine, theirs = head(hidden[:, -1]).float(), trim(out.logits[:, -1]).float()
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=1e-3, rtol=1e-3):
+            raise ValueError(f"minillm.chunking: {type(module).__name__}'s logits are not lm_head(last hidden "
+                             "state) (the model post-processes them); set minillm.chunked_losses=false and "
+                             "kd.chunked=false to use the plain losses")
+        _VERIFIED.add(module)
+    return hidden, head
+
+
+def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,
+                    trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None
+                    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """[B, L, H] hidden states whose head output predicts each response token (row t predicts y_t), and the head.
+
+    The chunked twin of :func:`minillm.rollout.response_logits` (same inputs, positions and layout)."""
+    from .rollout import sequence_inputs
+
+    inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids)
+    hidden, head = hidden_and_head(model, **inputs, trim=trim, autocast=autocast)
+    p, length = prompt_ids.shape[1], response_ids.shape[1]
+    return hidden[:, p - 1: p - 1 + length], head
+
+
+def global_chunk_count(valid: Tensor, chunk_size: int, strategy=None) -> int:
+    """Head calls for this mask, the max over data-parallel ranks (ZeRO-3 needs the same count everywhere)."""
+    count = losses.chunk_count(valid, chunk_size)
+    if strategy is None or getattr(strategy, "world_size", 1) <= 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=strategy.device)
+    strategy.all_reduce(total, "max")
+    return int(total.item())
