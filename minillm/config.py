@@ -150,6 +150,28 @@ class KDConfig:
     chunked: bool = _f(True, "Compute CE and the KD term from hidden states + LM head, chunk_size positions at a "
                        "time (equal to the plain path to fp32 rounding).")
     chunk_size: int = _f(1024, "Token positions per chunk of the chunked KD losses.")
+    # Student-generated data (GKD / DistiLLM; minillm.trainers.student_data). Method kd or seqkd only.
+    on_policy_fraction: float = _f(
+        0.0, "GKD lambda: probability (seeded, the same coin on every rank) that a micro-batch's responses are replaced "
+        "by responses the student samples for the same prompts; the same KD loss then runs on the sampled tokens "
+        "(labels = sampled tokens incl. EOS, prompt masked). 0: fixed data only (bitwise the plain kd/seqkd run).")
+    adaptive_off_policy: bool = _f(
+        False, "DistiLLM's adaptive off-policy schedule: the probability of student-generated data starts at "
+        "adaptive_init and rises by adaptive_step whenever the dev loss exceeds the loss at the last raise by "
+        "adaptive_loss_eps; fresh samples go to a replay buffer that is reused (replay_ratio). Needs evaluation.")
+    adaptive_init: float = _f(0.0, "Initial probability of student-generated data (DistiLLM --init-threshold).")
+    adaptive_step: float = _f(0.1, "Increase of that probability on a dev-loss rise (DistiLLM: 0.1, capped at 1).")
+    adaptive_loss_eps: float = _f(0.1, "Dev-loss rise that triggers an increase (DistiLLM --loss-eps).")
+    replay_capacity: int = _f(1000, "Sequences the replay buffer holds per rank, oldest evicted first (DistiLLM "
+                              "--capacity).")
+    replay_ratio: Literal["decreasing", "constant", "increasing"] = _f(
+        "decreasing", "Share of the student-data probability spent on fresh samples (the rest replays the buffer "
+        "once it is full): decreasing 1 - step/total, constant 0.5, increasing step/total (DistiLLM --replay-ratio).")
+    student_max_new_tokens: int = _f(-1, "Response length limit of student samples (-1: data.max_length - "
+                                     "data.max_prompt_length).")
+    student_temperature: float = _f(1.0, "Sampling temperature of student samples.")
+    student_top_k: int = _f(0, "Top-k filter of student samples (0: off).")
+    student_top_p: float = _f(1.0, "Nucleus filter of student samples (1.0: off).")
 
 
 @dataclass
@@ -212,6 +234,20 @@ class MiniLLMConfig:
                               "hidden states + LM head, loss_chunk_size positions at a time (no [B, L, V] fp32 "
                               "logits of both models); equal to the plain path to fp32 rounding.")
     loss_chunk_size: int = _f(1024, "Token positions per chunk of the chunked losses.")
+    # The paper's alternatives to the policy-gradient objective (slides "Without PPO?").
+    long_range: bool = _f(True, "Add the PPO-clipped long-range policy-gradient term. false + single_step: the "
+                          "word-level single-step reverse KL on student samples only (paper alternative #1).")
+    objective: Literal["pg", "ranking"] = _f(
+        "pg", "pg: the policy-gradient objective above. ranking (paper alternative #2): two student samples per "
+        "prompt, y+/y- = the one the teacher scores higher/lower, loss max(0, ranking_margin - log q(y+) + "
+        "log q(y-)) - ranking_anchor_coef * log q(y*); see losses.ranking_loss.")
+    ranking_margin: float = _f(1.0, "delta of the ranking loss (in nats of sequence log-likelihood).")
+    ranking_anchor_coef: float = _f(1.0, "lambda of the ranking loss: weight of -log q(y*).")
+    ranking_anchor: Literal["reference", "best"] = _f(
+        "reference", "y*: reference = the training record's response (the teacher's sample when data.train is "
+        "a SeqKD file); best = y+, the teacher-preferred student sample.")
+    ranking_length_norm: bool = _f(False, "Per-token means instead of sums for the teacher score and the "
+                                   "student log-likelihoods of the ranking loss.")
 
 
 @dataclass
@@ -306,6 +342,8 @@ class RunConfig:
                 fail("minillm.ppo_epochs", "must be >= 1")
             if m.reward_scale <= 0:
                 fail("minillm.reward_scale", "must be positive")
+        self._resolve_student_data(fail)
+        self._resolve_minillm_objective(fail, world_size)
         if self.eval.batch_size <= 0:
             fail("eval.batch_size", "must be positive")
         if t.select_best_by == "rougeL" and not self.eval.rouge and t.eval_interval != 0:
@@ -315,6 +353,55 @@ class RunConfig:
             fail("train.select_best_by", "MiniLLM evaluation samples from the student and has no dev loss; "
                  "use rougeL (the reference) or none")
         return self
+
+    def _resolve_student_data(self, fail) -> None:
+        """kd.on_policy_fraction / kd.adaptive_off_policy (GKD, DistiLLM): checks and the derived length."""
+        k, d, t = self.kd, self.data, self.train
+        if not 0.0 <= k.on_policy_fraction <= 1.0:
+            fail("kd.on_policy_fraction", f"must be in [0, 1], got {k.on_policy_fraction}")
+        uses = k.on_policy_fraction > 0 or k.adaptive_off_policy
+        if uses and self.method not in ("kd", "seqkd"):
+            fail("kd.on_policy_fraction" if k.on_policy_fraction > 0 else "kd.adaptive_off_policy",
+                 f"student-generated data is for methods kd and seqkd, not `{self.method}`")
+        if k.on_policy_fraction > 0 and k.adaptive_off_policy:
+            fail("kd.adaptive_off_policy", "and kd.on_policy_fraction > 0 are two different schedules; pick one")
+        if k.adaptive_off_policy:
+            for key, value in (("adaptive_init", k.adaptive_init), ("adaptive_step", k.adaptive_step)):
+                if not 0.0 <= value <= 1.0:
+                    fail(f"kd.{key}", f"must be in [0, 1], got {value}")
+            if k.adaptive_loss_eps < 0:
+                fail("kd.adaptive_loss_eps", "must be >= 0")
+            if k.replay_capacity < t.micro_batch_size:
+                fail("kd.replay_capacity", f"{k.replay_capacity} is smaller than one micro-batch "
+                     f"(train.micro_batch_size={t.micro_batch_size})")
+            if t.eval_interval == 0:
+                fail("kd.adaptive_off_policy", "raises its probability on dev-loss rises, but train.eval_interval=0 "
+                     "never evaluates; set an eval interval")
+        room = d.max_length - d.max_prompt_length
+        if k.student_max_new_tokens == -1:
+            k.student_max_new_tokens = room
+        if not 1 <= k.student_max_new_tokens <= room:
+            fail("kd.student_max_new_tokens", f"must be in [1, data.max_length - data.max_prompt_length = {room}] "
+                 f"(or -1), got {k.student_max_new_tokens}")
+        if not k.student_temperature > 0:
+            fail("kd.student_temperature", "must be positive")
+        if k.student_top_k < 0 or not 0.0 < k.student_top_p <= 1.0:
+            fail("kd.student_top_k", "top_k must be >= 0 and student_top_p in (0, 1]")
+
+    def _resolve_minillm_objective(self, fail, world_size: int) -> None:
+        """minillm.long_range / minillm.objective (the paper's alternatives): checks."""
+        if self.method != "minillm":
+            return
+        m, r, t = self.minillm, self.rollout, self.train
+        if m.objective == "pg" and not (m.long_range or m.single_step):
+            fail("minillm.long_range", "and minillm.single_step are both false: the pg objective has no term left")
+        if m.objective == "ranking":
+            if m.ranking_margin < 0 or m.ranking_anchor_coef < 0:
+                fail("minillm.ranking_margin", "the margin and ranking_anchor_coef must be >= 0")
+            if t.micro_batch_size % 2 or r.chunk_size % 2 or (r.num_rollouts // world_size) % 2:
+                fail("minillm.objective", "ranking pairs two samples of each prompt: train.micro_batch_size, "
+                     "rollout.chunk_size and the rollouts per rank must be even "
+                     f"({t.micro_batch_size}, {r.chunk_size}, {r.num_rollouts // world_size})")
 
 
 # ------------------------------------------------------------------------------ generic machinery

@@ -539,3 +539,45 @@ def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor,
                                 temperature=temperature, chunk_size=chunk_size, num_chunks=num_chunks,
                                 caller="chunked_divergence")
     return masked_mean(values, mask.reshape(-1).index_select(0, index))
+
+
+# ------------------------------------------------------------------------------ sequence-level (ranking alternative)
+def sequence_logprobs(logprobs: Tensor, mask: Tensor, length_norm: bool = False) -> Tensor:
+    """log q(y|x) = Σ_t log q(y_t|y_<t, x) per row: logprobs, mask [B, L] → [B] (≥ fp32).
+
+    ``length_norm``: the per-token mean instead (0 for a row with no valid token). Masked entries never leak in.
+    """
+    if length_norm:
+        return masked_mean(logprobs, mask, dim=-1)
+    _check_shape("mask", mask, logprobs.shape, "sequence_logprobs (same shape as logprobs)")
+    x = _upcast(logprobs)
+    return torch.where(mask != 0, x * mask.to(x.dtype), torch.zeros_like(x)).sum(-1)
+
+
+def ranking_loss(student_logprobs: Tensor, teacher_scores: Tensor, anchor_logprobs: Tensor, margin: float = 1.0,
+                 anchor_coef: float = 1.0) -> Tensor:
+    """The MiniLLM paper's ranking alternative to policy gradient (slides "Alternative #2: Ranking Loss") → scalar.
+
+    Two student samples per prompt, N prompts:
+
+    * ``student_logprobs`` [N, 2]: log q_θ(y|x) of both samples (with gradient; see :func:`sequence_logprobs`);
+    * ``teacher_scores`` [N, 2]: the teacher's score of each sample, log p(y|x) (no gradient); the sample with the
+      higher score is y⁺, the other y⁻ (a tie picks the first as y⁺);
+    * ``anchor_logprobs`` [N]: log q_θ(y*|x) of the anchor response (the reference, or y⁺ itself).
+
+    J = mean_n [ max(0, δ − log q(y⁺) + log q(y⁻)) − λ·log q(y*) ], δ = ``margin``, λ = ``anchor_coef``. The hinge
+    is 0 (and passes no gradient) once the student prefers y⁺ by at least δ nats.
+    """
+    if student_logprobs.dim() != 2 or student_logprobs.shape[1] != 2:
+        raise ValueError(f"minillm.losses.ranking_loss: student_logprobs must be [N, 2], got "
+                         f"{tuple(student_logprobs.shape)}")
+    _check_shape("teacher_scores", teacher_scores, student_logprobs.shape, "ranking_loss (student_logprobs.shape)")
+    _check_shape("anchor_logprobs", anchor_logprobs, student_logprobs.shape[:1], "ranking_loss ([N])")
+    if margin < 0 or anchor_coef < 0:
+        raise ValueError(f"minillm.losses.ranking_loss: margin={margin} and anchor_coef={anchor_coef} must be >= 0")
+    lp = _upcast(student_logprobs)
+    first_wins = (teacher_scores.detach()[:, 0] >= teacher_scores.detach()[:, 1])
+    pos = torch.where(first_wins, lp[:, 0], lp[:, 1])
+    neg = torch.where(first_wins, lp[:, 1], lp[:, 0])
+    hinge = torch.clamp(margin - pos + neg, min=0.0)
+    return (hinge - anchor_coef * _upcast(anchor_logprobs)).mean()

@@ -37,6 +37,7 @@ from ..sampling import mixed_sample, teacher_forced_logprobs
 from ..engine import fast_mixed_sample
 from ..chunking import global_chunk_count, hidden_and_head, response_hidden
 from ..tracking import MetricsLogger, get_logger
+from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
                      save_checkpoint, stop_early, to_device)
 
@@ -147,10 +148,12 @@ class MiniLLMTrainer:
             sampler.set_epoch(sampler.epoch + 1)
 
     def _next_prompts(self) -> dict[str, Any]:
+        ranking = self.cfg.minillm.objective == "ranking"  # two samples per prompt: half the prompts, each twice
         if self._prompt_iter is None:
-            self._prompt_iter = self._batches(self.data.train_prompts, self.prompt_sampler,
-                                              self.cfg.rollout.chunk_size, self.data.prompt_collator)
-        return next(self._prompt_iter)
+            size = self.cfg.rollout.chunk_size // 2 if ranking else self.cfg.rollout.chunk_size
+            self._prompt_iter = self._batches(self.data.train_prompts, self.prompt_sampler, size,
+                                              self.data.prompt_collator)
+        return duplicate_prompts(next(self._prompt_iter)) if ranking else next(self._prompt_iter)
 
     def _next_pt_batch(self) -> dict[str, torch.Tensor]:
         if self._pt_iter is None:
@@ -220,6 +223,8 @@ class MiniLLMTrainer:
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
         cfg, strategy, m, r = self.cfg, self.strategy, self.cfg.minillm, self.cfg.rollout
+        if m.objective == "ranking":  # the paper's ranking alternative (minillm.trainers.ranking)
+            return ranking_micro_batch_loss(self, mb)
         mask = mb.response_mask
         chunk = m.loss_chunk_size if m.chunked_losses else None
         if chunk is None:
@@ -240,7 +245,8 @@ class MiniLLMTrainer:
         pg = losses.ppo_clip_loss(logprobs, mb.old_logprobs, advantages, mask, weights=mb.weights,
                                   clip_ratio=m.clip_ratio)
         parts = {"pg_loss": float(pg.detach())}
-        loss = pg
+        # minillm.long_range=false: single-step word-level reverse KL only (pg_loss is still logged, not optimised)
+        loss = pg if m.long_range else torch.zeros((), dtype=pg.dtype, device=pg.device)
         if m.single_step and chunk is not None:
             with torch.no_grad():
                 t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
@@ -298,6 +304,8 @@ class MiniLLMTrainer:
     def _permutation(self, n: int) -> torch.Tensor:
         g = torch.Generator()
         g.manual_seed(self.cfg.seed * 7919 + self.strategy.rank * 104729 + self.phase * 1_000_003 + self.ppo_epoch)
+        if self.cfg.minillm.objective == "ranking":  # keep each prompt's two samples in one micro-batch
+            return pair_permutation(n, g)
         return torch.randperm(n, generator=g)
 
     # ------------------------------------------------------------------------------ loop

@@ -27,6 +27,7 @@ from ..data import ResumableSampler
 from ..evaluation import rouge_l
 from ..evaluation.generation import generate_texts
 from ..tracking import MetricsLogger, get_logger
+from .student_data import StudentData, student_sampler
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
                      save_checkpoint, stop_early, to_device)
 
@@ -67,6 +68,13 @@ class SFTTrainer:
         scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
         self.student = strategy.prepare_student(student, optimizer, scheduler)
         self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher else None
+
+        self.student_data = None  # GKD / DistiLLM: student-generated micro-batches (kd.on_policy_fraction, ...)
+        if StudentData.active(config.kd):
+            self.student_data = StudentData(
+                config.kd, seed=config.seed, rank=strategy.rank, micro_batch_size=t.micro_batch_size,
+                total_steps=self.total_steps, sft_collator=data.sft_collator, prompt_collator=data.prompt_collator,
+                sample_fn=student_sampler(self.student, strategy, tokenizer, config.kd))
 
         self.step = 0
         self.nan_guard = NanGuard(strategy, t.max_nan_skips)
@@ -164,6 +172,9 @@ class SFTTrainer:
         while self.step < self.total_steps:
             with self.timer("data"):
                 batch = to_device(next(batches), strategy.device)
+            if self.student_data is not None:
+                with self.timer("student_data"):
+                    batch, _ = self.student_data.prepare(batch, self.step)
             with self.timer("forward"):
                 loss, parts = self.compute_loss(batch)
             if self.nan_guard.all_finite(loss):
@@ -193,6 +204,8 @@ class SFTTrainer:
                 values.update({"train/lr": strategy.current_lr(), "train/grad_norm": result.grad_norm,
                                "train/tokens_per_s": tokens * strategy.world_size / elapsed if elapsed else 0.0,
                                "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
+                if self.student_data is not None:
+                    values.update(self.student_data.log_values())
                 self.metrics.log(self.step, values)
             if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
                 self._evaluate_and_select()
@@ -266,6 +279,8 @@ class SFTTrainer:
             return
         self.metrics.log(self.step, metrics)
         log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.student_data is not None and "dev/loss" in metrics:
+            self.student_data.observe_dev_loss(metrics["dev/loss"])  # DistiLLM's adaptive schedule
         if self.best.update(metrics, self.step):
             with self.timer("save"):
                 export_model(self.output_dir / "best", self.strategy, self.student, self.tokenizer)
@@ -278,8 +293,10 @@ class SFTTrainer:
 
     def save(self) -> None:
         with self.timer("save"):
+            extra = {} if self.student_data is None else {  # per rank: the replay buffer differs between ranks
+                f"student-data-rank{self.strategy.rank}.pt": self.student_data.state_dict()}
             save_checkpoint(self.output_dir / "checkpoints" / f"step-{self.step}", self.strategy, self.tokenizer,
-                            self.state_dict(), self.cfg.train.keep_checkpoints, self.output_dir)
+                            self.state_dict(), self.cfg.train.keep_checkpoints, self.output_dir, extra=extra)
 
     def _resume(self, directory: Path) -> None:
         state = load_checkpoint(directory, self.strategy)
@@ -291,5 +308,11 @@ class SFTTrainer:
         self.best.load_state_dict(state["best"])
         self.window.load_state_dict(state["window"])
         self.nan_guard.skipped = int(state["nan_skips"])
+        if self.student_data is not None:
+            student_file = directory / f"student-data-rank{self.strategy.rank}.pt"
+            if not student_file.is_file():
+                raise FileNotFoundError(f"{student_file}: missing; the checkpoint was written without "
+                                        "kd.on_policy_fraction / kd.adaptive_off_policy")
+            self.student_data.load_state_dict(torch.load(student_file, weights_only=True))
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", directory, self.step)
