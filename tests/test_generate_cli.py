@@ -91,3 +91,11 @@ def test_generated_file_trains_seqkd_end_to_end(tmp_path, assets):
     assert any("train/loss" in r or "loss" in r for r in rows)
     assert (run / "final" / "config.json").is_file()
     assert "24 kept" in (proc.stdout + proc.stderr + "".join(p.read_text() for p in run.glob("*.log")))
+    # ... and the trained student is evaluated beside its teacher.
+    from minillm.cli.eval import main as eval_main
+
+    assert eval_main(["--model", str(run / "final"), str(assets / "teacher"), "--name", "SeqKD", "teacher",
+                      "--data", str(assets / "data" / "dev.jsonl"), "--out", str(tmp_path / "eval"), "--num", "4",
+                      "--seeds", "10", "--max-new-tokens", "8", "--no-progress"]) == 0
+    table = (tmp_path / "eval" / "table.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| SeqKD", "| teacher"]
