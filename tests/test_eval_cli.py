@@ -260,3 +260,13 @@ def test_generate_texts_and_generate_batches_agree(assets):
     assert got.texts == texts
     assert got.response_ids.shape[0] == 2 and got.input_ids.equal(batch["input_ids"])
     assert [t.strip() for t in tok.batch_decode(got.response_ids, skip_special_tokens=True)] == texts
+
+
+def test_shipped_eval_config_resolves():
+    from conftest import REPO
+
+    from minillm.evaluation.settings import DEFAULT_SEEDS, EVAL_SETS, resolve_settings
+
+    s = resolve_settings({}, str(REPO / "configs" / "eval" / "gpt2-base.yaml"))
+    assert s.data == list(EVAL_SETS) and s.seeds == DEFAULT_SEEDS and len(s.model) == len(s.name) == 5
+    assert (s.temperature, s.top_k, s.top_p, s.max_new_tokens, s.max_prompt_length) == (1.0, 0, 1.0, 256, 256)

@@ -108,7 +108,7 @@ class EvalSettings:
         return dataclasses.asdict(self)
 
 
-def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+def _coerce(key: str, value: Any, source: str) -> Any:
     """``value`` converted to the type of ``default`` (lists element-wise), or a SettingsError."""
     def bad(expected: str) -> SettingsError:
         return SettingsError(f"{source}: `{key}` must be {expected}, got {value!r}")
@@ -165,7 +165,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         key = {"models": "model", "names": "name", "sets": "data"}.get(key, key)
         if key not in names:
             raise SettingsError(f"{path}: unknown key `{raw_key}`; valid keys: {', '.join(sorted(names))}")
-        out[key] = _coerce(key, value, getattr(EvalSettings, key, None), str(path))
+        out[key] = _coerce(key, value, str(path))
     return out
 
 
