@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from minillm.cli.generate import main as generate_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

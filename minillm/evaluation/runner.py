@@ -357,7 +357,6 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
         if settings.teacher:
             teacher, teacher_tok = load_frozen(settings.teacher, settings, ctx)
         results: dict[str, Any] = {}
-        analyses: dict[str, Any] = {}
         calibration: dict[str, Any] = {}
         data_stats: dict[str, Any] = {}
         for path, model_name in zip(settings.model, names):
@@ -390,7 +389,7 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
                     if extra:
                         results[model_name][set_name]["analyses"] = extra
                         write_json(out / model_name / set_name / "analyses.json", extra)
-                        log(f"[minillm-eval]   analyses: " + ", ".join(
+                        log("[minillm-eval]   analyses: " + ", ".join(
                             f"{k} {v:.4g}" for k, v in extra.items() if isinstance(v, (int, float))))
             if settings.calibration:
                 report = extras.calibration(model, tokenizer, settings, ctx)
