@@ -4,7 +4,8 @@ For every model × set × seed: the set's prompts (a record's ``prompt`` field, 
 instruction-only records) are tokenised without special tokens, cut to their **first** ``max_prompt_length``
 tokens (evaluation truncates; training drops) and left-padded; one response per prompt is sampled (T = 1,
 top-k 0, top-p 1, 256 new tokens by default, ``torch.manual_seed(seed + rank)``); responses are decoded without
-special tokens and stripped; Rouge-L and exact match are the max over references, mean ×100.
+special tokens and stripped; Rouge-L and exact match are the max over references, mean ×100. A sample's
+``prompt`` in the per-seed JSON is the decoded text of the prompt tokens the model saw (after the cut).
 
 Per seed the metrics of a set are one number each; ``mean`` and ``std`` are taken over the seeds. The std is
 the **population** standard deviation (ddof = 0, ``numpy.std``'s default): it is defined for a single seed
@@ -13,7 +14,8 @@ the **population** standard deviation (ddof = 0, ``numpy.std``'s default): it is
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each rank generates for a contiguous shard of the prompts
 (padded with copies of the last prompt so that every rank runs the same number of batches) and rank 0
 gathers, de-duplicates and writes. With ``zero3`` the model (and teacher) are DeepSpeed ZeRO-3 inference
-engines, sharded over the ranks, and generation runs with ``synced_gpus``. Both go through
+engines, sharded over the ranks (loaded straight into shards through transformers' ``HfDeepSpeedConfig``),
+and generation runs with ``synced_gpus``. Both go through
 :class:`minillm.strategy.DeepSpeedStrategy`. Sampled outputs depend on the number of ranks (each rank seeds
 ``seed + rank``, as the reference does), so compare runs made with the same world size.
 """
@@ -125,6 +127,9 @@ class EvalContext:
     device: torch.device
     strategy: Any = None  # minillm.strategy.DeepSpeedStrategy when distributed or ZeRO-3
     zero3: bool = False
+    # transformers' HfDeepSpeedConfig while it lives makes from_pretrained load straight into ZeRO-3 shards
+    # (deepspeed.zero.Init), so no rank ever holds a whole copy of a model that does not fit one device.
+    hf_deepspeed_config: Any = None
 
     @property
     def rank(self) -> int:
@@ -174,6 +179,10 @@ def load_frozen(path: str, settings: EvalSettings, ctx: EvalContext):
 
     cfg = ModelConfig(path=path, dtype=settings.dtype)
     tokenizer = load_tokenizer(cfg)
+    if ctx.zero3 and ctx.hf_deepspeed_config is None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ctx.hf_deepspeed_config = HfDeepSpeedConfig(ctx.strategy.ds_config(teacher=True))
     model = load_model(cfg, trainable=False)
     if ctx.strategy is not None:
         engine = ctx.strategy.prepare_teacher(model)  # replicated, or a ZeRO-3 inference engine
