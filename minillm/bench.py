@@ -1,0 +1,240 @@
+"""The measurements behind ``minillm-bench`` (:mod:`minillm.cli.bench`): one function per phase, one JSON dict.
+
+Conventions: every timing synchronises the device before and after; "tokens" of a rollout are generated tokens
+(B × new tokens, no EOS so every row runs to the end); of scoring/training, every position of [prompt; response]
+the model processes. Limits: decoding is bounded by reading each model's weights once per forward (bytes/BW; KV
+reads and the first, compute-bound prefill are ignored, so the fraction is an upper estimate); scoring and
+training by 2·N·tokens (forward) and 6·N·tokens (forward+backward) FLOPs at the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import losses
+from .chunking import response_hidden
+from .engine import fast_mixed_sample
+from .rollout import response_logits
+from .sampling import mixed_sample
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any, int | None]:
+    """(seconds, result, peak bytes allocated during the call on CUDA or None)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, out, peak
+
+
+def _device_info(device: torch.device, table: dict) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bandwidth, flops) in table.items():
+            if key in name:
+                return {"type": "cuda", "name": name, "peak_bandwidth_Bps": bandwidth, "peak_bf16_flops": flops}
+        return {"type": "cuda", "name": name, "peak_bandwidth_Bps": None, "peak_bf16_flops": None,
+                "note": "device not in the table: fractions of the limit are unknown"}
+    return {"type": device.type, "name": platform.processor() or platform.machine(), "peak_bandwidth_Bps": None,
+            "peak_bf16_flops": None, "note": "CPU: no known peak numbers, fractions of the limit are unknown"}
+
+
+def _build(shape: tuple[str, dict] | None, path: str | None, dtype: torch.dtype, device: torch.device, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model_type, fields = shape
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fraction(limit_seconds: float | None, seconds: float) -> float | None:
+    return None if limit_seconds is None else limit_seconds / seconds
+
+
+def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    s_name, t_name, batch, prompt_len, new_tokens, train_batch = presets[args.preset]
+    s_name, t_name = args.student or s_name, args.teacher or t_name
+    batch, prompt_len = args.batch or batch, args.prompt_len or prompt_len
+    new_tokens, train_batch = args.new_tokens or new_tokens, args.train_batch or train_batch
+    student = _build(shapes.get(s_name), args.student_path, dtype, device, args.seed)
+    teacher = _build(shapes.get(t_name), args.teacher_path, dtype, device, args.seed + 1)
+    vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    info = _device_info(device, devices)
+    bandwidth, flops = info["peak_bandwidth_Bps"], info["peak_bf16_flops"]
+    n_s, n_t = _params(student), _params(teacher)
+    elem = torch.finfo(dtype).bits // 8
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[: batch // 2, : prompt_len // 4] = 0  # half the rows left-padded: the realistic layout
+    common = dict(max_new_tokens=new_tokens, alpha=args.alpha, eos_token_id=None, pad_token_id=0)
+    result: dict[str, Any] = {
+        "device": info, "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "python": platform.python_version()},
+        "setup": {"preset": args.preset, "student": args.student_path or s_name, "teacher": args.teacher_path or t_name,
+                  "student_params": n_s, "teacher_params": n_t, "batch": batch, "prompt_len": prompt_len,
+                  "new_tokens": new_tokens, "train_batch": train_batch, "alpha": args.alpha,
+                  "chunk_size": args.chunk_size},
+        "phases": {},
+    }
+    phases = result["phases"]
+
+    # ------------------------------------------------------------------ rollout
+    def rollout_entry(seconds: float, peak, s_forwards: int, t_forwards: int) -> dict:
+        limit = None if bandwidth is None else (s_forwards * n_s + t_forwards * n_t) * elem / bandwidth
+        return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "peak_memory_bytes": peak,
+                "student_forwards": s_forwards, "teacher_forwards": t_forwards,
+                "fraction_of_bandwidth_limit": _fraction(limit, seconds)}
+
+    rollout: dict[str, Any] = {}
+    if not args.skip_naive:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        secs, _, peak = _timed(device, lambda: mixed_sample(student, teacher, prompts, prompt_mask, generator=gen,
+                                                            **common))
+        rollout["naive"] = rollout_entry(secs, peak, new_tokens, new_tokens if args.alpha > 0 else 0)
+    variants = [("fast_eager", dict(static_cache=False, cuda_graphs=False))]
+    if device.type == "cuda" and not args.no_graphs:
+        variants.append(("fast_cuda_graphs", dict(static_cache=True, cuda_graphs=True)))
+    for name, options in variants:
+        if options.get("cuda_graphs"):  # compile and capture outside the timing
+            fast_mixed_sample(student, teacher, prompts, prompt_mask, score=False, **common, **options)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        secs, out, peak = _timed(device, lambda: fast_mixed_sample(student, teacher, prompts, prompt_mask,
+                                                                   generator=gen, score=False, **common, **options))
+        rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
+        rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
+    if "naive" in rollout:
+        rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / v["seconds"] for k, v in rollout.items()
+                                       if k.startswith("fast")}
+    phases["rollout"] = rollout
+
+    # ------------------------------------------------------------------ scoring, training, single-step KL
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    sample = fast_mixed_sample(student, teacher, prompts[:train_batch], prompt_mask[:train_batch], generator=gen,
+                               score=False, **common)
+    p_ids, p_mask, r_ids = prompts[:train_batch], prompt_mask[:train_batch], sample.response_ids
+    r_mask = sample.response_mask
+    positions = train_batch * (prompt_len + r_ids.shape[1])
+    chunk = args.chunk_size
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
+        and device.type == "cuda" else None
+
+    def flops_entry(seconds: float, peak, n: int, factor: int) -> dict:
+        limit = None if flops is None else factor * n * positions / flops
+        return {"seconds": seconds, "tokens_per_s": positions / seconds, "peak_memory_bytes": peak,
+                "fraction_of_flop_limit": _fraction(limit, seconds)}
+
+    def score(chunked: bool):
+        with torch.no_grad():
+            if not chunked:
+                return losses.token_logprobs(response_logits(teacher, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask
+            hidden, head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
+            return losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
+
+    scoring = {}
+    for name, chunked in (("plain", False), ("chunked", True)):
+        score(chunked)  # warm-up
+        secs, _, peak = _timed(device, lambda: score(chunked))
+        scoring[name] = flops_entry(secs, peak, n_t, 2)
+    phases["teacher_scoring"] = scoring
+
+    def train_step(chunked: bool):
+        student.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if chunked:
+                t_hidden, t_head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
+            else:
+                t_logits = response_logits(teacher, p_ids, p_mask, r_ids, autocast)
+        if chunked:
+            hidden, head = response_hidden(student, p_ids, p_mask, r_ids, autocast=autocast)
+            lp = losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
+            kl = losses.chunked_single_step_kl(hidden, head, r_mask, teacher_hidden=t_hidden, teacher_head=t_head,
+                                               chunk_size=chunk)
+        else:
+            logits = response_logits(student, p_ids, p_mask, r_ids, autocast)
+            lp = losses.token_logprobs(logits, r_ids) * r_mask
+            kl = losses.single_step_kl(logits, t_logits, r_mask)
+        (losses.masked_mean(-lp, r_mask) + kl).backward()
+
+    training = {}
+    for name, chunked in (("plain", False), ("chunked", True)):
+        train_step(chunked)
+        secs, _, peak = _timed(device, lambda: train_step(chunked))
+        training[name] = flops_entry(secs, peak, n_s, 6)
+        training[name]["note"] = "student fwd+bwd + teacher fwd (FLOP limit counts the student only)"
+    phases["training_step"] = training
+
+    with torch.no_grad():
+        s_hidden, s_head = response_hidden(student, p_ids, p_mask, r_ids, autocast=autocast)
+        t_hidden, t_head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
+    s_hidden = s_hidden.detach().requires_grad_(True)
+
+    def kl_step(chunked: bool):
+        s_hidden.grad = None
+        if chunked:
+            kl = losses.chunked_single_step_kl(s_hidden, s_head, r_mask, teacher_hidden=t_hidden,
+                                               teacher_head=t_head, chunk_size=chunk)
+        else:
+            with torch.no_grad():
+                t_logits = t_head(t_hidden)
+            kl = losses.single_step_kl(s_head(s_hidden), t_logits, r_mask)
+        kl.backward()
+
+    single = {}
+    for name, chunked in (("plain", False), ("chunked", True)):
+        kl_step(chunked)
+        secs, _, peak = _timed(device, lambda: kl_step(chunked))
+        single[name] = {"seconds": secs, "tokens_per_s": positions / secs, "peak_memory_bytes": peak}
+    phases["single_step_kl"] = single
+
+    # ------------------------------------------------------------------ teacher reuse across PPO epochs
+    def teacher_forward():
+        with torch.no_grad():
+            return response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)[0]
+
+    teacher_forward()
+    secs, hidden, _ = _timed(device, teacher_forward)
+    cached = hidden.to(torch.bfloat16)
+    phases["teacher_reuse"] = {
+        "teacher_forward_seconds_per_micro_batch": secs,
+        "saved_seconds_per_phase_per_micro_batch_at_4_ppo_epochs": 4 * secs,
+        "cached_hidden_bytes_per_micro_batch_bf16": cached.numel() * cached.element_size(),
+        "cached_logits_bytes_per_micro_batch_bf16": r_ids.numel() * vocab * 2,
+        "note": "caching the teacher's last hidden states (bf16) at scoring replaces the per-micro-step teacher "
+                "forward on rollouts by a head matmul per chunk; measured here, not yet wired into the trainer",
+    }
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    result["process_max_rss_bytes"] = maxrss
+    result["finite"] = all(math.isfinite(v["seconds"]) for p in ("teacher_scoring", "training_step")
+                           for v in phases[p].values())
+    return result
+
+
+__all__ = ["run_benchmark"]

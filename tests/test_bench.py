@@ -1,0 +1,61 @@
+"""minillm-bench: the tiny preset runs on CPU and writes a JSON whose numbers are consistent with each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minillm.cli.bench import DEVICES, PRESETS, SHAPES, main
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "minillm.cli.bench", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--preset" in out.stdout and time.perf_counter() - start < 5.0
+    code = "import sys, minillm.cli.bench; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tiny_preset_writes_consistent_json(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--batch", "4", "--new-tokens", "8", "--train-batch", "2", "--chunk-size", "16",
+                 "--alpha", "0.5", "--output", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["device"]["type"] == "cpu" and result["device"]["name"]
+    assert result["device"]["peak_bandwidth_Bps"] is None and "unknown" in result["device"]["note"]
+    setup = result["setup"]
+    assert (setup["batch"], setup["new_tokens"], setup["train_batch"], setup["alpha"]) == (4, 8, 2, 0.5)
+    assert setup["student_params"] < setup["teacher_params"]
+    phases = result["phases"]
+    assert set(phases) == {"rollout", "teacher_scoring", "training_step", "single_step_kl", "teacher_reuse"}
+    rollout = phases["rollout"]
+    naive, fast = rollout["naive"], rollout["fast_eager"]
+    for entry in (naive, fast):
+        assert entry["tokens_per_s"] * entry["seconds"] == pytest.approx(4 * 8)
+        assert entry["fraction_of_bandwidth_limit"] is None  # CPU: unknown, never invented
+    assert naive["teacher_forwards"] == 8 and naive["student_forwards"] == 8
+    # the fast engine runs the teacher only on its coin's steps (+ nothing at the end: score=False)
+    heads = round(fast["teacher_step_fraction"] * 8)
+    assert fast["teacher_forwards"] == heads and fast["student_forwards"] <= 8 - heads + 1
+    assert rollout["speedup_vs_naive"]["fast_eager"] == pytest.approx(naive["seconds"] / fast["seconds"])
+    for name in ("teacher_scoring", "training_step", "single_step_kl"):
+        assert set(phases[name]) == {"plain", "chunked"}
+        for entry in phases[name].values():
+            assert entry["seconds"] > 0 and entry["tokens_per_s"] > 0
+    reuse = phases["teacher_reuse"]
+    assert reuse["cached_hidden_bytes_per_micro_batch_bf16"] == 2 * 8 * 128 * 2  # B × L × H_teacher × 2 bytes
+    assert reuse["cached_logits_bytes_per_micro_batch_bf16"] == 2 * 8 * 512 * 2  # B × L × V × 2 bytes
+    assert result["finite"] is True
+
+
+def test_tables_are_well_formed():
+    for student, teacher, *sizes in PRESETS.values():
+        assert student in SHAPES and teacher in SHAPES and all(s > 0 for s in sizes)
+    for bandwidth, flops in DEVICES.values():
+        assert 1e12 <= bandwidth <= 1e13 and 1e14 <= flops <= 1e16
+    assert DEVICES["H100"] == (3.35e12, 989e12)
