@@ -270,3 +270,11 @@ def test_shipped_eval_config_resolves():
     s = resolve_settings({}, str(REPO / "configs" / "eval" / "gpt2-base.yaml"))
     assert s.data == list(EVAL_SETS) and s.seeds == DEFAULT_SEEDS and len(s.model) == len(s.name) == 5
     assert (s.temperature, s.top_k, s.top_p, s.max_new_tokens, s.max_prompt_length) == (1.0, 0, 1.0, 256, 256)
+
+
+def test_named_set_offline_fails_fast_with_advice(tmp_path, assets, capsys):
+    assert eval_main(["--model", str(assets / "student"), "--data", "vicuna", "--out", str(tmp_path),
+                      "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert "MiniLLM/Vicuna" in err and "huggingface-cli download" in err
+    assert not (tmp_path / "results.json").exists()

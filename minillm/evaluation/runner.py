@@ -104,9 +104,16 @@ def _question(record: Record, prompt: str) -> str:
     return f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
 
 
-def load_eval_set(source: str, name: str, tokenizer, settings: EvalSettings) -> EvalSet:
-    """Read ``source`` (its evaluation split), keep the first ``settings.num`` records and tokenise the prompts."""
-    records = load_records(source, split="test", cache_dir=settings.cache_dir)
+def read_eval_records(source: str, settings: EvalSettings) -> list[Record]:
+    """The records of ``source``'s evaluation split (a named set's test file), validated."""
+    return load_records(source, split="test", cache_dir=settings.cache_dir)
+
+
+def load_eval_set(source: str, name: str, tokenizer, settings: EvalSettings,
+                  records: Optional[list[Record]] = None) -> EvalSet:
+    """Read ``source`` (its evaluation split) unless ``records`` are given, keep the first ``settings.num`` records
+    and tokenise the prompts."""
+    records = read_eval_records(source, settings) if records is None else records
     if 0 <= settings.num < len(records):
         records = records[: settings.num]
     prompts, stats = build_prompt_dataset(records, tokenizer, template=settings.template,
@@ -360,6 +367,7 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
     names = model_names(settings.model, settings.name)
     sets = set_names(settings.data)
     judge = extras.make_judge() if settings.judge else None  # fails before any model is loaded
+    records = {source: read_eval_records(source, settings) for source in settings.data}  # so does bad data
     ctx = setup_context(settings)
     try:
         teacher = teacher_tok = None
@@ -374,7 +382,7 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
                 extras.check_teacher(model, teacher, tokenizer, teacher_tok)
             results[model_name] = {}
             for source, set_name in zip(settings.data, sets):
-                eval_set = load_eval_set(source, set_name, tokenizer, settings)
+                eval_set = load_eval_set(source, set_name, tokenizer, settings, records[source])
                 data_stats[set_name] = str(eval_set.stats)
                 if ctx.is_main:
                     log(f"[minillm-eval] {model_name} on {set_name}: {len(eval_set.prompts)} prompts "
