@@ -149,10 +149,11 @@ def _eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
 class _CachedLM:
     """One model's incremental-decoding state: its own KV cache, and the device where its inputs must live."""
 
-    def __init__(self, model: torch.nn.Module, work_device: torch.device):
+    def __init__(self, model: torch.nn.Module, work_device: torch.device, vocab_size: int | None = None):
         self.model = model
         self.device = _model_device(model)
         self.work_device = work_device
+        self.vocab_size = vocab_size
         self.cache = _new_cache(model)
         self.keep_last_only = _accepts_logits_to_keep(model)
 
@@ -166,7 +167,10 @@ class _CachedLM:
                          **kwargs)
         if getattr(out, "past_key_values", None) is not None:  # models may hand back a new cache object
             self.cache = out.past_key_values
-        return out.logits[:, -1].to(device=self.work_device, dtype=torch.float32)
+        logits = out.logits[:, -1]
+        if self.vocab_size is not None:  # padded embedding rows are never real tokens: never draw them
+            logits = logits[:, :self.vocab_size]
+        return logits.to(device=self.work_device, dtype=torch.float32)
 
 
 def _check_prompts(input_ids: Tensor, attention_mask: Tensor, where: str) -> None:
@@ -195,7 +199,7 @@ def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, inpu
                  attention_mask: Tensor, *, max_new_tokens: int, alpha: float = 0.2, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,
                  pad_token_id: int | None, generator: torch.Generator | None = None,
-                 do_sample: bool = True) -> SampleOutput:
+                 do_sample: bool = True, vocab_size: int | None = None) -> SampleOutput:
     """Draw responses y_t ~ p̃ = (1−α)·q(·|y_<t, x) + α·p(·|y_<t, x) token by token, exactly.
 
     input_ids, attention_mask [B, P] (left-padded). Both distributions get the same processing
@@ -204,7 +208,8 @@ def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, inpu
     α = 0 the teacher is never run and may be ``None``. A row stops at its first EOS (any id in ``eos_token_id``)
     and is filled with ``pad_token_id`` after that. The loop ends early once every row has stopped. The models
     run in eval mode under no_grad; their previous modes are restored afterwards. The result lives on the
-    student's device.
+    student's device. ``vocab_size`` cuts both models' logits to the tokenizer's entries (models whose embedding
+    matrix is padded, e.g. Qwen2.5, would otherwise be able to draw ids no tokenizer knows).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"minillm.sampling.mixed_sample: alpha={alpha} must lie in [0, 1]")
@@ -241,8 +246,8 @@ def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, inpu
     mixed_lp: list[Tensor] = []
 
     with _eval_mode(student, teacher if use_teacher else None):
-        s_model = _CachedLM(student, device)
-        t_model = _CachedLM(teacher, device) if use_teacher else None
+        s_model = _CachedLM(student, device, vocab_size)
+        t_model = _CachedLM(teacher, device, vocab_size) if use_teacher else None
         positions = position_ids_from_mask(mask)
         s_logits = s_model.forward(ids, mask, positions)  # prefill: [B, V]
         t_logits = t_model.forward(ids, mask, positions) if t_model is not None else None

@@ -185,6 +185,25 @@ def test_sampling_is_deterministic_given_the_generator():
     torch.testing.assert_close(a.mixed_logprobs, a.student_logprobs, atol=0, rtol=0)
 
 
+def test_padded_vocabulary_rows_are_never_drawn():
+    """Models whose embedding matrix is padded past the tokenizer (Qwen2.5) must not draw the padded ids:
+    with ``vocab_size`` both models' logits are cut first, and the log-probs are over the real entries only."""
+    vocab, real = 20, 14
+    student, teacher = tiny_llama(vocab, seed=6), tiny_llama(vocab, seed=7)
+    for model in (student, teacher):
+        with torch.no_grad():
+            model.lm_head.weight[real:] = 0.0  # logit 0 on the padded rows: drawn often unless cut
+    ids, mask = left_padded_prompts(real, [3, 4, 2, 5], seed=8)
+    kw = dict(max_new_tokens=10, alpha=0.5, eos_token_id=EOS, pad_token_id=PAD)
+    uncut = mixed_sample(student, teacher, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    assert (uncut.response_ids >= real).any()  # the hazard is real for these models
+    out = mixed_sample(student, teacher, ids, mask, generator=torch.Generator().manual_seed(0), vocab_size=real, **kw)
+    assert (out.response_ids < real).all()
+    first = torch.log_softmax(student(input_ids=ids, attention_mask=mask,
+                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1, :real], -1)
+    torch.testing.assert_close(out.student_logprobs[:, 0], first.gather(1, out.response_ids[:, :1]).squeeze(1))
+
+
 def test_alpha_zero_never_runs_the_teacher():
     vocab = 20
     student, teacher = tiny_llama(vocab, seed=6), tiny_llama(vocab, seed=7)

@@ -130,11 +130,11 @@ class MiniLLMTrainer:
         """Sampling through ``rollout.engine``. The fast engine skips the teacher's final scoring catch-up
         (``score_samples`` re-scores) and uses static caches + CUDA graphs on CUDA unless ZeRO-3 shards a model."""
         r = self.cfg.rollout
+        vocab = self.alignment.vocab_size if self.alignment is not None else None  # never draw padded rows
         if r.engine == "naive":
-            return mixed_sample(student, teacher, prompt_ids, prompt_mask, **kwargs)
+            return mixed_sample(student, teacher, prompt_ids, prompt_mask, vocab_size=vocab, **kwargs)
         zero3 = getattr(self.strategy, "is_zero3", lambda model: False)
         graphs = r.cuda_graphs and not any(zero3(x) for x in (self.student, self.teacher) if x is not None)
-        vocab = self.alignment.vocab_size if self.alignment is not None else None  # never draw padded rows
         return fast_mixed_sample(student, teacher, prompt_ids, prompt_mask, score=False, vocab_size=vocab,
                                  static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
                                  **kwargs)
