@@ -29,9 +29,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import shipped_config_dir
 
@@ -93,7 +94,7 @@ def train_method(spec: MethodSpec, run_dir: Path, seed: int, overrides: Sequence
     start = time.perf_counter()
     if launcher:
         command = [*shlex.split(launcher), "-m", "minillm.cli.train", *args]
-        done = subprocess.run(command)
+        done = subprocess.run(command, check=False)
         code = done.returncode
     else:
         from .cli.train import main as train_main

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +15,15 @@ from minillm.config import ConfigError, KDConfig, load_config
 from minillm.data.collate import PromptCollator, SFTCollator
 from minillm.data.instruction import sft_item
 from minillm.trainers.ranking import duplicate_prompts, pair_permutation
-from minillm.trainers.student_data import (FIXED, FRESH, REPLAY, AdaptiveSchedule, ReplayBuffer, StudentData,
-                                           prompt_lengths)
+from minillm.trainers.student_data import (
+    FIXED,
+    FRESH,
+    REPLAY,
+    AdaptiveSchedule,
+    ReplayBuffer,
+    StudentData,
+    prompt_lengths,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PAD, EOS = 0, 2
@@ -233,7 +239,7 @@ def run_cli(module, *args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}"
     return out

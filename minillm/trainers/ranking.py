@@ -81,7 +81,7 @@ def reference_logprobs(trainer, prompt_index: torch.Tensor) -> torch.Tensor:
 
 def ranking_micro_batch_loss(trainer, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
     """J (plus ptx_coef·L_PT) for one micro-batch of pairs of the rollout buffer."""
-    cfg, strategy, m, r = trainer.cfg, trainer.strategy, trainer.cfg.minillm, trainer.cfg.rollout
+    strategy, m, r = trainer.strategy, trainer.cfg.minillm, trainer.cfg.rollout
     if len(mb) % 2 or not torch.equal(mb.prompt_index[0::2], mb.prompt_index[1::2]):
         raise RuntimeError("minillm.objective=ranking: a micro-batch does not hold whole pairs of samples of the "
                            "same prompt (rows 2i and 2i+1)")

@@ -36,7 +36,8 @@ run is bitwise the uninterrupted one on CPU.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
