@@ -1,0 +1,72 @@
+"""Command line of the demo: ``python -m minillm.demo [--quick | --profile NAME | --assets tiny]``.
+
+    python -m minillm.demo                   # full: ~15 min on 2 CPU cores, output in runs/demo
+    python -m minillm.demo --quick           # ~3 min, output in runs/demo-quick
+    python -m minillm.demo --assets tiny     # the committed tiny test models, no GGUF (~30 s), runs/demo-tiny
+
+A second run reuses everything whose settings did not change (converted teacher, teacher answers, finished
+training runs); --force reruns every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .profiles import PROFILES
+
+    p = argparse.ArgumentParser(prog="python -m minillm.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="run size (default full)")
+    p.add_argument("--quick", action="store_true", help="same as --profile quick")
+    p.add_argument("--assets", choices=["smollm2", "tiny"], default=None,
+                   help="tiny: the committed test assets instead of SmolLM2 (same as --profile tiny)")
+    p.add_argument("--out", default=None, help="output folder (default: the profile's, e.g. runs/demo)")
+    p.add_argument("--cache-dir", default=".cache/minillm/demo",
+                   help="where the converted SmolLM2 teacher is kept for every run (default .cache/minillm/demo)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA (bf16) when available, else CPU (fp32)")
+    p.add_argument("--force", action="store_true", help="rerun every stage even if its outputs are up to date")
+    return p
+
+
+def choose_profile(args: argparse.Namespace) -> str:
+    chosen = {name for name, on in (("quick", args.quick), ("tiny", args.assets == "tiny")) if on}
+    if args.profile:
+        chosen.add(args.profile)
+    if len(chosen) > 1:
+        raise SystemExit(f"python -m minillm.demo: conflicting choices {sorted(chosen)}: pick one profile")
+    return chosen.pop() if chosen else "full"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    name = choose_profile(args)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")  # the demo never needs the hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' per-file weight loading/saving bars say nothing useful here; the stages print their own progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from .pipeline import Demo
+    from .profiles import get_profile
+    from .stages import StageFailed
+
+    profile = get_profile(name)
+    out = Path(args.out or profile.out_dir)
+    start = time.perf_counter()
+    try:
+        Demo(profile, out, Path(args.cache_dir), device=args.device, force=args.force).run()
+    except (StageFailed, FileNotFoundError, ValueError) as e:
+        print(f"[demo] failed: {e}", file=sys.stderr)
+        return 1
+    print(f"[demo] finished in {time.perf_counter() - start:.1f} s; open {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
