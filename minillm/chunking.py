@@ -25,7 +25,7 @@ from torch import Tensor
 from . import losses
 from .sampling import _accepts_logits_to_keep
 
-__all__ = ["hidden_and_head", "response_hidden", "global_chunk_count"]
+__all__ = ["hidden_and_head", "lm_head", "response_hidden", "global_chunk_count"]
 
 _VERIFIED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -39,20 +39,13 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
                     autocast=None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """One forward → (last hidden states [B, S, H], head ``h → trim(lm_head(h))``). Gradients flow as usual."""
     module = _unwrap(model)
-    head_module = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    if head_module is None:
-        raise ValueError(f"minillm.chunking: {type(module).__name__} has no output embeddings (LM head); set "
-                         "minillm.chunked_losses=false / kd.chunked=false for it")
+    head = lm_head(model, trim=trim, autocast=autocast)  # fails before the forward when there is no head
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
     ctx = autocast() if autocast is not None else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     output_hidden_states=True, **kwargs)
     hidden = out.hidden_states[-1]
-
-    def head(h: Tensor) -> Tensor:
-        with (autocast() if autocast is not None else contextlib.nullcontext()):
-            return trim(head_module(h))
 
     if module not in _VERIFIED:
         with torch.no_grad():
@@ -63,6 +56,25 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
                              "kd.chunked=false to use the plain losses")
         _VERIFIED.add(module)
     return hidden, head
+
+
+def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None) -> Callable[[Tensor], Tensor]:
+    """``h [N, H] → trim(lm_head(h))`` through the model's own output-embedding module (ZeRO-3 hooks fire).
+
+    Used alone for hidden states kept from an earlier forward (the teacher's, reused across PPO epochs); that
+    forward went through :func:`hidden_and_head`, which checked the head against the model's own logits.
+    """
+    module = _unwrap(model)
+    head_module = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head_module is None:
+        raise ValueError(f"minillm.chunking: {type(module).__name__} has no output embeddings (LM head); set "
+                         "minillm.chunked_losses=false / kd.chunked=false for it")
+
+    def head(h: Tensor) -> Tensor:
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            return trim(head_module(h))
+
+    return head
 
 
 def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,

@@ -234,6 +234,10 @@ class MiniLLMConfig:
                               "hidden states + LM head, loss_chunk_size positions at a time (no [B, L, V] fp32 "
                               "logits of both models); equal to the plain path to fp32 rounding.")
     loss_chunk_size: int = _f(1024, "Token positions per chunk of the chunked losses.")
+    reuse_teacher: bool = _f(True, "Keep the teacher's hidden states over each rollout from scoring and reuse them in "
+                             "every PPO epoch's single-step term (only the teacher's LM head runs), instead of "
+                             "re-running the teacher at each micro-step. Exact; needs chunked_losses; costs "
+                             "B x L x H_teacher values per rank.")
     # The paper's alternatives to the policy-gradient objective (slides "Without PPO?").
     long_range: bool = _f(True, "Add the PPO-clipped long-range policy-gradient term. false + single_step: the "
                           "word-level single-step reverse KL on student samples only (paper alternative #1).")

@@ -33,6 +33,17 @@ class Rollout:
     rewards: torch.Tensor  # [B, L] float, clipped scaled log-ratio reward, 0 where masked
     returns: torch.Tensor  # [B, L] float, long-range advantages before whitening
     prompt_index: torch.Tensor  # [B] long, index of the prompt in the training prompt set
+    # [B, L, H_t] teacher's last hidden states at the response positions (its LM head maps row t to the logits
+    # predicting y_t), kept at scoring so the learn phase needs only the teacher's head; [B, L, 0] when not kept
+    teacher_hidden: torch.Tensor = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_hidden is None:
+            self.teacher_hidden = self.response_ids.new_zeros((*self.response_ids.shape, 0), dtype=torch.float32)
+
+    @property
+    def has_teacher_hidden(self) -> bool:
+        return self.teacher_hidden.shape[-1] > 0
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -48,7 +59,7 @@ class Rollout:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Rollout":
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
     @classmethod
     def cat(cls, parts: list["Rollout"]) -> "Rollout":
@@ -94,35 +105,43 @@ def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, re
                   alpha: float, temperature: float, reward_scale: float, reward_clip: float, gamma: float,
                   length_norm: bool, include_current: bool,
                   trim: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, autocast=None,
-                  chunk_size: int | None = None, num_chunks: int | None = None) -> Rollout:
+                  chunk_size: int | None = None, num_chunks: int | None = None,
+                  keep_teacher_hidden: bool = False) -> Rollout:
     """Score one batch of samples with teacher-forced forwards of both models (the reference's scoring).
 
     The old student's log-probs come from a fresh forward in the learning-phase layout rather than from the
     sampling loop's cache, so the PPO ratio of the first update is exactly 1. With ``chunk_size`` the log-probs
     come from hidden states + LM head, ``chunk_size`` positions at a time (``num_chunks``: the same head calls
-    on every rank), so no [B, L, V] fp32 logits are ever held.
+    on every rank), so no [B, L, V] fp32 logits are ever held. ``keep_teacher_hidden`` (chunked only) keeps the
+    teacher's response hidden states in the record: the teacher's distribution over a rollout does not change
+    during a phase, so the single-step term of every PPO epoch can reuse them instead of re-running the teacher.
     """
     mask = response_mask.float()
+    if keep_teacher_hidden and chunk_size is None:
+        raise ValueError("score_samples: keep_teacher_hidden needs chunk_size (the chunked path)")
+    kept: dict[str, torch.Tensor] = {}
 
-    def logprobs(model) -> torch.Tensor:
+    def logprobs(model, keep: bool = False) -> torch.Tensor:
         if chunk_size is None:
             logits = trim(response_logits(model, prompt_ids, prompt_mask, response_ids, autocast))
             return losses.token_logprobs(logits, response_ids, temperature) * mask
         from .chunking import response_hidden
 
         hidden, head = response_hidden(model, prompt_ids, prompt_mask, response_ids, trim=trim, autocast=autocast)
+        if keep:
+            kept["teacher_hidden"] = hidden.detach()
         return losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=temperature,
                                              chunk_size=chunk_size, num_chunks=num_chunks)
 
     old = logprobs(student)
-    teacher_lp = logprobs(teacher)
+    teacher_lp = logprobs(teacher, keep=keep_teacher_hidden)
     weights = losses.importance_weights(old, teacher_lp, mask, alpha)
     rewards = losses.token_rewards(teacher_lp, old, mask, scale=reward_scale, clip=reward_clip)
     returns = losses.long_range_advantages(rewards, mask, gamma=gamma, length_norm=length_norm,
                                            include_current=include_current)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=mask,
                    old_logprobs=old, teacher_logprobs=teacher_lp, weights=weights, rewards=rewards,
-                   returns=returns, prompt_index=prompt_index)
+                   returns=returns, prompt_index=prompt_index, **kept)
 
 
 def pad_responses(response_ids: torch.Tensor, response_mask: torch.Tensor, width: int, pad_id: int

@@ -109,3 +109,27 @@ def test_sft_kd_compute_loss_chunked_equals_plain(tmp_path, divergence, temperat
     chunked = loss_and_grads(trainer, lambda: trainer.compute_loss(batch))
     assert_same(plain, chunked)
     assert chunked[1]["kd"] != 0.0
+
+
+def test_teacher_hidden_kept_from_scoring_replaces_the_teacher_forward(tmp_path):
+    """minillm.reuse_teacher: the single-step term of every PPO epoch uses the teacher's hidden states kept at
+    scoring (only its LM head runs): same loss and gradients as re-running the teacher, and no teacher forward."""
+    trainer = build("minillm", tmp_path, ["minillm.loss_chunk_size=37", "minillm.ptx_coef=0",
+                                          "rollout.num_rollouts=16", "train.global_batch_size=8"])
+    buffer = trainer.rollout_and_score()
+    assert buffer.has_teacher_hidden
+    assert buffer.teacher_hidden.shape == (*buffer.response_ids.shape, trainer.teacher.config.hidden_size)
+    mb = buffer.select(torch.arange(8))
+    calls = []
+    hook = trainer.teacher.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    reused = loss_and_grads(trainer, lambda: trainer.micro_batch_loss(mb))
+    assert calls == []  # the teacher's body never ran; its head did, through the kept hidden states
+    rerun_mb = type(mb).from_state_dict({k: v for k, v in mb.state_dict().items() if k != "teacher_hidden"})
+    assert not rerun_mb.has_teacher_hidden  # checkpoints written before the field existed load this way
+    rerun = loss_and_grads(trainer, lambda: trainer.micro_batch_loss(rerun_mb))
+    assert len(calls) == 1
+    hook.remove()
+    assert_same(rerun, reused)
+    assert reused[1]["single_step_kl"] > 0
+    restored = type(buffer).from_state_dict(buffer.state_dict())  # the buffer checkpoint keeps the hidden states
+    assert torch.equal(restored.teacher_hidden, buffer.teacher_hidden)

@@ -35,7 +35,7 @@ from ..evaluation import rouge_l
 from ..rollout import Rollout, pad_responses, response_logits, score_samples
 from ..sampling import mixed_sample, teacher_forced_logprobs
 from ..engine import fast_mixed_sample
-from ..chunking import global_chunk_count, hidden_and_head, response_hidden
+from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..tracking import MetricsLogger, get_logger
 from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
@@ -74,6 +74,8 @@ class MiniLLMTrainer:
         by_epochs = t.epochs * phases_per_epoch * self.steps_per_phase if t.epochs > 0 else None
         self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
 
+        # The teacher's hidden states over a rollout, kept from scoring for every PPO epoch's single-step term.
+        self._reuse_teacher = m.reuse_teacher and m.single_step and m.chunked_losses and m.objective == "pg"
         self.use_pt = m.ptx_coef > 0 and config.data.pretrain is not None
         if m.ptx_coef > 0 and config.data.pretrain is None:
             log.warning("minillm.ptx_coef=%s but data.pretrain is not set: the PT loss is off", m.ptx_coef)
@@ -198,7 +200,7 @@ class MiniLLMTrainer:
                     include_current=m.include_current, trim=self._trim, autocast=strategy.autocast,
                     chunk_size=m.loss_chunk_size if m.chunked_losses else None,
                     num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
-                    if m.chunked_losses else None))
+                    if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher))
             stats["tokens"] += float(response_mask.sum() + prompt_mask.sum())
             collected += take
         buffer = Rollout.cat(parts)
@@ -248,9 +250,12 @@ class MiniLLMTrainer:
         # minillm.long_range=false: single-step word-level reverse KL only (pg_loss is still logged, not optimised)
         loss = pg if m.long_range else torch.zeros((), dtype=pg.dtype, device=pg.device)
         if m.single_step and chunk is not None:
-            with torch.no_grad():
-                t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                                   trim=self._trim, autocast=strategy.autocast)
+            if mb.has_teacher_hidden:  # kept from scoring: the teacher's distribution is fixed for the phase
+                t_hidden, t_head = mb.teacher_hidden, lm_head(self.teacher, trim=self._trim, autocast=strategy.autocast)
+            else:
+                with torch.no_grad():
+                    t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                       trim=self._trim, autocast=strategy.autocast)
             single = losses.chunked_single_step_kl(
                 hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head, temperature=r.temperature,
                 weights=mb.weights if m.single_step_weighted else None, chunk_size=chunk, num_chunks=num_chunks)
