@@ -182,6 +182,42 @@ def export_model(directory: Path, strategy, model, tokenizer) -> None:
         strategy.save_hf(model, tokenizer, tmp)
 
 
+def guarded_micro_step(trainer, loss: torch.Tensor, parts: dict[str, float], tokens: int = 0,
+                       phases: tuple[str | None, str | None] = (None, None)):
+    """One micro-step of either trainer: backward (skipped and counted when the loss is not finite on some
+    rank), the metrics window, then ``strategy.step()``; an optimizer step whose gradient norm is not finite
+    is skipped by the strategy and counted here. ``phases`` names the timer phases of backward and step
+    (None: not timed separately, e.g. inside an enclosing phase). Returns the strategy's StepResult."""
+    strategy, guard = trainer.strategy, trainer.nan_guard
+    backward_phase, step_phase = phases
+    if guard.all_finite(loss):
+        with trainer.timer(backward_phase) if backward_phase else contextlib.nullcontext():
+            strategy.backward(loss)
+        trainer.window.add(parts, tokens=tokens)
+    else:
+        strategy.skip_micro_step()
+        guard.record_skip("loss", trainer.step + 1)
+    with trainer.timer(step_phase) if step_phase else contextlib.nullcontext():
+        result = strategy.step()
+    if result.stepped and result.skipped:
+        guard.record_skip("gradient", trainer.step + 1)
+    return result
+
+
+def evaluate_and_select(trainer) -> dict[str, float]:
+    """Dev evaluation at the current step: log it, and export best/ when the selection metric improved."""
+    with trainer.timer("eval"):
+        metrics = trainer.evaluate()
+    if not metrics:
+        return metrics
+    trainer.metrics.log(trainer.step, metrics)
+    log.info("step %d: %s", trainer.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if trainer.best.update(metrics, trainer.step):
+        with trainer.timer("save"):
+            export_model(trainer.output_dir / "best", trainer.strategy, trainer.student, trainer.tokenizer)
+    return metrics
+
+
 def stop_early(trainer, bar) -> dict[str, Any]:
     """``train.stop_at_step``: checkpoint (unless this step was just saved) and return as if interrupted."""
     if bar is not None:

@@ -38,8 +38,9 @@ from ..engine import fast_mixed_sample
 from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..tracking import MetricsLogger, get_logger
 from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
-from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
-                     save_checkpoint, stop_early, to_device)
+from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,
+                     guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
+                     stop_early, to_device)
 
 log = get_logger()
 
@@ -338,18 +339,10 @@ class MiniLLMTrainer:
                 mb = self.buffer.select(idx).to(strategy.device)
                 with self.timer("learn"):
                     loss, parts = self.micro_batch_loss(mb)
-                    if self.nan_guard.all_finite(loss):
-                        strategy.backward(loss)
-                        self.window.add(parts)
-                    else:
-                        strategy.skip_micro_step()
-                        self.nan_guard.record_skip("loss", self.step + 1)
-                    result = strategy.step()
+                    result = guarded_micro_step(self, loss, parts)
                 self.micro_index += 1
                 if not result.stepped:
                     continue
-                if result.skipped:
-                    self.nan_guard.record_skip("gradient", self.step + 1)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
@@ -438,14 +431,7 @@ class MiniLLMTrainer:
         return metrics
 
     def _evaluate_and_select(self) -> None:
-        with self.timer("eval"):
-            metrics = self.evaluate()
-        if not metrics:
-            return
-        self.metrics.log(self.step, metrics)
-        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if self.best.update(metrics, self.step):
-            export_model(self.output_dir / "best", self.strategy, self.student, self.tokenizer)
+        evaluate_and_select(self)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -28,8 +28,9 @@ from ..evaluation import rouge_l
 from ..evaluation.generation import generate_texts
 from ..tracking import MetricsLogger, get_logger
 from .student_data import StudentData, student_sampler
-from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, export_model, load_checkpoint, mean_over_ranks,
-                     save_checkpoint, stop_early, to_device)
+from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,
+                     guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
+                     stop_early, to_device)
 
 log = get_logger()
 
@@ -177,19 +178,10 @@ class SFTTrainer:
                     batch, _ = self.student_data.prepare(batch, self.step)
             with self.timer("forward"):
                 loss, parts = self.compute_loss(batch)
-            if self.nan_guard.all_finite(loss):
-                with self.timer("backward"):
-                    strategy.backward(loss)
-                window.add(parts, tokens=int((batch["labels"] != -100).sum()))
-            else:
-                strategy.skip_micro_step()
-                self.nan_guard.record_skip("loss", self.step + 1)
-            with self.timer("optimizer"):
-                result = strategy.step()
+            result = guarded_micro_step(self, loss, parts, tokens=int((batch["labels"] != -100).sum()),
+                                        phases=("backward", "optimizer"))
             if not result.stepped:
                 continue
-            if result.skipped:
-                self.nan_guard.record_skip("gradient", self.step + 1)
             self.step += 1
             if bar is not None:
                 bar.update(1)
@@ -273,17 +265,9 @@ class SFTTrainer:
         return rouge_l(preds, refs)
 
     def _evaluate_and_select(self) -> None:
-        with self.timer("eval"):
-            metrics = self.evaluate()
-        if not metrics:
-            return
-        self.metrics.log(self.step, metrics)
-        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        metrics = evaluate_and_select(self)
         if self.student_data is not None and "dev/loss" in metrics:
             self.student_data.observe_dev_loss(metrics["dev/loss"])  # DistiLLM's adaptive schedule
-        if self.best.update(metrics, self.step):
-            with self.timer("save"):
-                export_model(self.output_dir / "best", self.strategy, self.student, self.tokenizer)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
