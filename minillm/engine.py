@@ -214,7 +214,7 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     if not do_sample and 0.0 < alpha < 1.0:  # argmax of the mixture needs both models at every step
         return mixed_sample(student, teacher, input_ids, attention_mask, max_new_tokens=max_new_tokens, alpha=alpha,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, generator=generator, do_sample=False)
+                            pad_token_id=pad_token_id, generator=generator, do_sample=False, vocab_size=vocab_size)
     if pad_token_id is None:
         if eos_token_id is None:
             raise ValueError("minillm.engine.fast_mixed_sample: pad_token_id and eos_token_id are both None; give "
@@ -306,7 +306,7 @@ def sample_rollouts(engine: str, student: torch.nn.Module, teacher: torch.nn.Mod
     """Dispatch on ``rollout.engine``: ``naive`` (:func:`mixed_sample`, both models every step) or ``fast``
     (:func:`fast_mixed_sample`; ``score`` is passed through, ``static_cache``/``cuda_graphs`` too)."""
     if engine == "naive":
-        for key in ("score", "static_cache", "cuda_graphs", "vocab_size"):
+        for key in ("score", "static_cache", "cuda_graphs"):
             kwargs.pop(key, None)
         return mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
     if engine == "fast":

@@ -29,13 +29,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import losses
+from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
+from ..engine import sample_rollouts
 from ..evaluation import rouge_l
 from ..rollout import Rollout, pad_responses, response_logits, score_samples
-from ..sampling import mixed_sample, teacher_forced_logprobs
-from ..engine import fast_mixed_sample
-from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
+from ..sampling import teacher_forced_logprobs
 from ..tracking import MetricsLogger, get_logger
 from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,
@@ -134,13 +134,11 @@ class MiniLLMTrainer:
         (``score_samples`` re-scores) and uses static caches + CUDA graphs on CUDA unless ZeRO-3 shards a model."""
         r = self.cfg.rollout
         vocab = self.alignment.vocab_size if self.alignment is not None else None  # never draw padded rows
-        if r.engine == "naive":
-            return mixed_sample(student, teacher, prompt_ids, prompt_mask, vocab_size=vocab, **kwargs)
         zero3 = getattr(self.strategy, "is_zero3", lambda model: False)
         graphs = r.cuda_graphs and not any(zero3(x) for x in (self.student, self.teacher) if x is not None)
-        return fast_mixed_sample(student, teacher, prompt_ids, prompt_mask, score=False, vocab_size=vocab,
-                                 static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
-                                 **kwargs)
+        return sample_rollouts(r.engine, student, teacher, prompt_ids, prompt_mask, score=False, vocab_size=vocab,
+                               static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
+                               **kwargs)
 
     def _batches(self, dataset, sampler, batch_size, collate):
         while True:
