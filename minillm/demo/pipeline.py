@@ -170,9 +170,10 @@ class Demo:
                     "max_new_tokens": p.max_new_tokens, "dtype": self.dtype, "seed": p.data_seed}
 
         def build() -> None:
-            # Same settings as an interrupted earlier attempt: minillm-generate resumes it; else start over.
+            # Same settings as an interrupted earlier attempt: minillm-generate resumes it; else (or --force)
+            # it starts over.
             marker = paths.data / "teacher_all.settings.json"
-            same = marker.exists() and json.loads(marker.read_text()) == settings
+            same = not self.stages.force and marker.exists() and json.loads(marker.read_text()) == settings
             marker.write_text(json.dumps(settings) + "\n")
             run_command(python_module(
                 "minillm.cli.generate", "--model", self.teacher_dir, "--data", paths.all_prompts,

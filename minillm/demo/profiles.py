@@ -45,7 +45,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=16,
         sft={"train": {"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
              "optim": {"lr": 3.0e-4, "warmup_steps": 1}},
-        # one rollout phase (16 samples, 2 PPO epochs of 2 steps); dev evaluation only at the end
+        # one rollout phase (16 samples, 2 PPO epochs of 2 steps); dev evaluation at steps 2 and 4
         minillm={"train": {"max_steps": 4, "micro_batch_size": 4, "global_batch_size": 8, "eval_at_start": False},
                  "rollout": {"num_rollouts": 16, "chunk_size": 16},
                  "minillm": {"ppo_epochs": 2},

@@ -34,6 +34,7 @@ SFT_PLOTS = [
 ]
 
 
+_PROMPT_TEXT = {"smollm2": "IFBench + the library's own", "tiny": "tests/assets/data"}
 _LAYER_TEXT = {"outer": "the first and last ones", "even": "evenly spaced"}
 
 
@@ -192,7 +193,8 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
         f"the teacher's answers to {p.num_train} prompts "
         f"(`{paths.sft}/final`), then trained with MiniLLM (reverse KL by policy gradient, teacher-mixed "
         f"sampling α = 0.2, no pre-training loss) from that SFT checkpoint (`{paths.minillm}/final`).", "",
-        f"Evaluation: {len(references)} held-out prompts (IFBench + the library's own), one sample per model and "
+        f"Evaluation: {len(references)} held-out prompts ({_PROMPT_TEXT.get(p.prompts, p.prompts)}), one sample "
+        "per model and "
         f"seed (seeds {', '.join(map(str, p.eval_seeds))}; T = 1, up to {p.max_new_tokens} new tokens). "
         "Rouge-L is against the teacher's own held-out answers (sampled with another seed, so the teacher row "
         "is the teacher-vs-itself ceiling). *Teacher log-lik / token* is the teacher's mean log-probability of "
@@ -205,7 +207,9 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
     ]
     for name, st in summary["stages"].items():
         lines.append(f"| {name} | {st['seconds']:.1f} | {'cached from an earlier run' if st['cached'] else ''} |")
-    lines += [f"| **total (this invocation)** | {summary['total_seconds']:.1f} | |", ""]
+    ran = sum(st["seconds"] for st in summary["stages"].values())
+    lines += [f"| **sum of the stages (when they ran)** | {ran:.1f} | |",
+              f"| **this invocation (cached stages skipped)** | {summary['total_seconds']:.1f} | |", ""]
     lines += ["## Sample answers (held-out prompts)", ""]
     for i, (meta, ref) in enumerate(zip(heldout[:4], references[:4])):
         instruction = meta["instruction"] + (f"\n\n{meta['input']}" if meta.get("input") else "")
@@ -213,7 +217,11 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
                   "| teacher (reference) | SFT student | MiniLLM student |", "|---|---|---|",
                   f"| {_cell(ref['output'])} | {_cell(by_prompt['sft'].get(ref['prompt'], ''))} | "
                   f"{_cell(by_prompt['minillm'].get(ref['prompt'], ''))} |", ""]
-    lines += ["## Training curves", ""]
+    lines += ["## Training curves", "",
+              "Rollout metrics are averaged over each rollout phase (constant within a phase). The rollout k3 "
+              "estimate is taken on teacher-mixed samples: a token the teacher proposed that the student finds "
+              "unlikely adds a huge p/q term, so it sits far above the dev estimate, which uses the student's own "
+              "samples.", ""]
     for name in summary["plots"]:
         lines += [f"![{name}]({name})", ""]
     lines += ["Files: `summary.json` (every number above), `eval/` (minillm-eval output with all samples), "
