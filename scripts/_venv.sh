@@ -1,0 +1,24 @@
+# Sourced by scripts/test.sh and scripts/demo.sh: create or reuse the virtual environment and install minillm.
+#   ensure_venv TAG EXTRAS IMPORTS   e.g. ensure_venv test.sh test "minillm, pytest, deepspeed"
+# Reinstalls when an import fails or pyproject.toml is newer than the last install of these extras.
+ensure_venv() {
+  local tag=$1 extras=$2 imports=$3
+  local python=${PYTHON:-python3} venv=${VENV:-.venv}
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "[$tag] creating $venv"
+    "$python" -m venv "$venv"
+  fi
+  # shellcheck disable=SC1091
+  . "$venv/bin/activate"
+  if ! python -c "import torch" 2>/dev/null; then
+    # The CPU wheel first: a plain `pip install -e .` would resolve torch to a multi-GB CUDA build.
+    echo "[$tag] installing torch==2.13.0 (CPU)"
+    pip install -q torch==2.13.0
+  fi
+  local marker="$venv/.minillm-installed-$extras"
+  if ! python -c "import $imports" 2>/dev/null || [ pyproject.toml -nt "$marker" ]; then
+    echo "[$tag] installing minillm[$extras]"
+    pip install -q -e ".[$extras]"
+    touch "$marker"
+  fi
+}
