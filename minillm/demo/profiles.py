@@ -1,8 +1,9 @@
 """Demo profiles: how many prompts, tokens and steps each run uses.
 
 Sizes are chosen for a 2-core CPU (SmolLM2-135M generates about 20 tokens/s unbatched there, and its 49k-entry
-output layer dominates every forward): ``quick`` in about 1.5 minutes, ``full`` in about 11 (both measured on an idle machine), ``tiny`` (the committed
-test assets, no GGUF) in well under a minute. On a GPU the same settings just run faster.
+output layer dominates every forward): ``quick`` in about 1.5 minutes, ``full`` in about 11 (both measured on an
+idle machine), ``tiny`` (the committed test assets, no GGUF) in well under a minute. On a GPU the same settings
+just run faster.
 """
 
 from __future__ import annotations
