@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from .sampling import (SampleOutput, _accepts_logits_to_keep, _check_prompts, _eos_tensor, _eval_mode,
-                       _model_device, _new_cache, mixed_sample, position_ids_from_mask, process_logits)
+                       _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
+                       process_logits)
 
 __all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "ENGINES"]
 
@@ -205,21 +206,13 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     (:class:`minillm.models.VocabAlignment`), so padded embedding rows are never drawn. Returns a
     :class:`FastSampleOutput`.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"minillm.engine.fast_mixed_sample: alpha={alpha} must lie in [0, 1]")
-    if alpha > 0.0 and teacher is None:
-        raise ValueError(f"minillm.engine.fast_mixed_sample: alpha={alpha} > 0 needs a teacher model (got None)")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"minillm.engine.fast_mixed_sample: max_new_tokens={max_new_tokens} must be an integer ≥ 1")
+    pad_token_id = check_sampling_args("minillm.engine.fast_mixed_sample", alpha=alpha, teacher=teacher,
+                                       max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id)
     if not do_sample and 0.0 < alpha < 1.0:  # argmax of the mixture needs both models at every step
         return mixed_sample(student, teacher, input_ids, attention_mask, max_new_tokens=max_new_tokens, alpha=alpha,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, generator=generator, do_sample=False, vocab_size=vocab_size)
-    if pad_token_id is None:
-        if eos_token_id is None:
-            raise ValueError("minillm.engine.fast_mixed_sample: pad_token_id and eos_token_id are both None; give "
-                             "pad_token_id (the reference pads with EOS)")
-        pad_token_id = int(_eos_tensor(eos_token_id, torch.device("cpu"))[0])
     _check_prompts(input_ids, attention_mask, "fast_mixed_sample")
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     process_logits(torch.zeros(1, 1), **warp)  # validate the warper settings before any forward

@@ -195,6 +195,23 @@ def _check_vocab(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 # --------------------------------------------------------------------------------------------- the decoding loop
 @torch.no_grad()
+def check_sampling_args(where: str, *, alpha: float, teacher: torch.nn.Module | None, max_new_tokens: int,
+                        eos_token_id: int | Sequence[int] | Tensor | None, pad_token_id: int | None) -> int:
+    """The argument checks every teacher-mixed sampler shares; returns the pad id (EOS when none is given)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{where}: alpha={alpha} must lie in [0, 1]")
+    if alpha > 0.0 and teacher is None:
+        raise ValueError(f"{where}: alpha={alpha} > 0 needs a teacher model (got None)")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"{where}: max_new_tokens={max_new_tokens} must be an integer ≥ 1")
+    if pad_token_id is None:
+        if eos_token_id is None:
+            raise ValueError(f"{where}: pad_token_id and eos_token_id are both None; give pad_token_id (the "
+                             "reference pads with EOS)")
+        pad_token_id = int(_eos_tensor(eos_token_id, torch.device("cpu"))[0])
+    return int(pad_token_id)
+
+
 def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
                  attention_mask: Tensor, *, max_new_tokens: int, alpha: float = 0.2, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,
@@ -211,17 +228,9 @@ def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, inpu
     student's device. ``vocab_size`` cuts both models' logits to the tokenizer's entries (models whose embedding
     matrix is padded, e.g. Qwen2.5, would otherwise be able to draw ids no tokenizer knows).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"minillm.sampling.mixed_sample: alpha={alpha} must lie in [0, 1]")
-    if alpha > 0.0 and teacher is None:
-        raise ValueError(f"minillm.sampling.mixed_sample: alpha={alpha} > 0 needs a teacher model (got None)")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"minillm.sampling.mixed_sample: max_new_tokens={max_new_tokens} must be an integer ≥ 1")
-    if pad_token_id is None:
-        if eos_token_id is None:
-            raise ValueError("minillm.sampling.mixed_sample: pad_token_id and eos_token_id are both None; give "
-                             "pad_token_id (the reference pads with EOS)")
-        pad_token_id = int(_eos_tensor(eos_token_id, torch.device("cpu"))[0])
+    pad_token_id = check_sampling_args("minillm.sampling.mixed_sample", alpha=alpha, teacher=teacher,
+                                       max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id)
     _check_prompts(input_ids, attention_mask, "mixed_sample")
     process_logits(torch.zeros(1, 1), temperature, top_k, top_p)  # validate the warper settings before any forward
 

@@ -257,6 +257,21 @@ class InstructionData:
     seed: int = 10
 
 
+def split_off_dev(records: list[Record], dev_num: int, train_stats: DataStats, source: str, *, where: str,
+                  dev_num_key: str, dev_key: str) -> tuple[list[Record], list[Record], DataStats]:
+    """The reference's dev split: the first ``dev_num`` records become dev, the rest train (no shuffle).
+
+    Returns (dev records, train records, dev stats) and records the split in ``train_stats``; fails when nothing
+    would be left to train on, naming ``where`` and the settings (``dev_num_key``, ``dev_key``) to change.
+    """
+    if dev_num >= len(records):
+        raise DataError(f"{where} has {len(records)} records, not more than {dev_num_key}={dev_num} that would be "
+                        f"split off as dev; lower {dev_num_key} (0: no dev split) or give {dev_key}")
+    dev_records, rest = records[:dev_num], records[dev_num:]
+    train_stats.split_off = len(dev_records)
+    return dev_records, rest, DataStats("dev", f"first {len(dev_records)} of {source}", total=len(dev_records))
+
+
 def _limit(records: list[Record], limit: int, stats: DataStats) -> list[Record]:
     if 0 <= limit < len(records):
         stats.limited = len(records) - limit
@@ -281,12 +296,9 @@ def build_instruction_data(cfg, tokenizer, seed: int = 10, *, require_dev: bool 
         dev_records = load_records(cfg.dev, split="dev", **kw)
         dev_stats = DataStats("dev", cfg.dev, total=len(dev_records))
     elif cfg.dev_num > 0:
-        if cfg.dev_num >= len(records):
-            raise DataError(f"data.train `{cfg.train}` has {len(records)} records, not more than data.dev_num="
-                            f"{cfg.dev_num} that would be split off as dev; lower data.dev_num or give data.dev")
-        dev_records, records = records[: cfg.dev_num], records[cfg.dev_num:]
-        train_stats.split_off = len(dev_records)
-        dev_stats = DataStats("dev", f"first {len(dev_records)} of {cfg.train}", total=len(dev_records))
+        dev_records, records, dev_stats = split_off_dev(records, cfg.dev_num, train_stats, cfg.train,
+                                                        where=f"data.train `{cfg.train}`", dev_num_key="data.dev_num",
+                                                        dev_key="data.dev")
     elif require_dev:
         raise DataError("a dev set is required: set data.dev or data.dev_num > 0")
     records = _limit(records, cfg.max_train_records, train_stats)

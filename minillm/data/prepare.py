@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .instruction import DataStats, tokenize_records
+from .instruction import DataStats, split_off_dev, tokenize_records
 from .records import NAMED_SETS, DataError, Record, _download_named, _named_file, load_records, parse_record, \
     read_json_objects
 from .templates import render_prompt
@@ -148,12 +148,9 @@ def prepare(settings: PrepareSettings, log: Callable[[str], None] = print) -> di
             dev_stats = DataStats("dev", settings.dev)
             dev_records = _load(settings.dev, "dev", settings, dev_stats, problems)
         elif settings.dev_num > 0:
-            if settings.dev_num >= len(records):
-                raise DataError(f"`{settings.train}` has {len(records)} usable records, not more than --dev-num "
-                                f"{settings.dev_num}; lower --dev-num (0: no dev split) or pass --dev")
-            dev_records, records = records[: settings.dev_num], records[settings.dev_num:]
-            train_stats.split_off = len(dev_records)
-            dev_stats = DataStats("dev", f"first {len(dev_records)} of {settings.train}", total=len(dev_records))
+            dev_records, records, dev_stats = split_off_dev(records, settings.dev_num, train_stats, settings.train,
+                                                            where=f"`{settings.train}` (usable records)",
+                                                            dev_num_key="--dev-num", dev_key="--dev")
         splits = [("train", records, train_stats)] + ([("dev", dev_records, dev_stats)] if dev_stats else [])
         for name, recs, stats in splits:
             rows = _split_rows(recs, tokenizer, stats, settings)
