@@ -98,6 +98,51 @@ def test_metrics_logger_jsonl_and_truncate(tmp_path):
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
 
 
+def test_metrics_logger_mirrors_numbers_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """The optional trackers get every numeric value with its step (stand-in modules: neither is installed in
+    the test environment); strings (non-finite values) stay in metrics.jsonl only."""
+    import sys
+    import types
+
+    scalars, wandb_calls = [], {}
+
+    class Writer:
+        def __init__(self, logdir):
+            wandb_calls["tb_dir"] = logdir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            wandb_calls["tb_closed"] = True
+
+    class Run:
+        def log(self, values, step):
+            wandb_calls.setdefault("logged", []).append((values, step))
+
+        def finish(self):
+            wandb_calls["finished"] = True
+
+    def init(**kwargs):
+        wandb_calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = LoggingConfig(tensorboard=True, wandb=True, wandb_project="p")
+    logger = MetricsLogger(tmp_path, cfg, is_main=True, run_name="run", config={"seed": 1})
+    logger.log(3, {"train/loss": 0.5, "bad": float("inf")})
+    logger.close()
+    assert scalars == [("train/loss", 0.5, 3)]
+    assert wandb_calls["init"] == {"project": "p", "name": "run", "config": {"seed": 1}, "resume": "allow"}
+    assert wandb_calls["logged"] == [({"train/loss": 0.5}, 3)]
+    assert wandb_calls["tb_dir"] == str(tmp_path / "tensorboard") and wandb_calls["tb_closed"] and wandb_calls["finished"]
+    assert read_metrics(tmp_path) == [{"step": 3, "train/loss": 0.5, "bad": "inf"}]
+    off_rank = MetricsLogger(tmp_path / "r1", cfg, is_main=False)  # other ranks open no tracker and write nothing
+    off_rank.log(3, {"train/loss": 1.0})
+    assert not (tmp_path / "r1").exists() and len(scalars) == 1
+
+
 class Tok:
     def __init__(self, n, eos=1, shift=0):
         self.n, self.eos_token_id, self.shift = n, eos, shift
