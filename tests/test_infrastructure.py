@@ -136,7 +136,8 @@ def test_metrics_logger_mirrors_numbers_to_tensorboard_and_wandb(tmp_path, monke
     assert scalars == [("train/loss", 0.5, 3)]
     assert wandb_calls["init"] == {"project": "p", "name": "run", "config": {"seed": 1}, "resume": "allow"}
     assert wandb_calls["logged"] == [({"train/loss": 0.5}, 3)]
-    assert wandb_calls["tb_dir"] == str(tmp_path / "tensorboard") and wandb_calls["tb_closed"] and wandb_calls["finished"]
+    assert wandb_calls["tb_dir"] == str(tmp_path / "tensorboard")
+    assert wandb_calls["tb_closed"] and wandb_calls["finished"]
     assert read_metrics(tmp_path) == [{"step": 3, "train/loss": 0.5, "bad": "inf"}]
     off_rank = MetricsLogger(tmp_path / "r1", cfg, is_main=False)  # other ranks open no tracker and write nothing
     off_rank.log(3, {"train/loss": 1.0})
