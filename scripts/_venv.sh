@@ -18,7 +18,10 @@ ensure_venv() {
   local marker="$venv/.minillm-installed-$extras"
   if ! python -c "import $imports" 2>/dev/null || [ pyproject.toml -nt "$marker" ]; then
     echo "[$tag] installing minillm[$extras]"
-    pip install -q -e ".[$extras]"
+    # Pinned to the versions last verified (scripts/constraints.txt); MINILLM_NO_CONSTRAINTS=1 takes the newest.
+    local constraints=(-c scripts/constraints.txt)
+    [ "${MINILLM_NO_CONSTRAINTS:-0}" = 1 ] && constraints=()
+    pip install -q -e ".[$extras]" "${constraints[@]}"
     touch "$marker"
   fi
 }
