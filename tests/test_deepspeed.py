@@ -41,9 +41,12 @@ def losses(run_dir, key="train/loss"):
 
 
 COMMON = {
+    # dev loss at step 6 over 33 dev records: 17 + 16 on two ranks, i.e. 2 + 1 batches of 16 unless padded (a
+    # ZeRO-3 rank that runs fewer forwards than the other would hang in the parameter gathers)
     "kd": ["--config", "configs/tiny/kd.yaml", "train.max_steps=6", "train.micro_batch_size=1",
-           "train.global_batch_size=4", "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1",
-           "optim.scheduler=constant"],
+           "train.global_batch_size=4", "train.eval_interval=6", "train.save_interval=0", "logging.log_interval=1",
+           "optim.scheduler=constant", "eval.rouge=false", "train.select_best_by=loss", "data.max_dev_records=33",
+           "eval.batch_size=16"],
     # One optimizer step covers a whole rollout buffer (8 rollouts: 8 micro-batches locally, 4 per rank on 2
     # ranks), so each step sums the same per-sequence losses in both layouts. The interleaved prompt sharding
     # gives both layouts the same prompts per phase (and the same pre-training chunks per step); greedy
@@ -51,8 +54,10 @@ COMMON = {
     # its statistics cover one micro-batch (1 row locally, 1 row per rank = 2 rows all-reduced on 2 ranks).
     "minillm": ["--config", "configs/tiny/minillm.yaml", "train.max_steps=4", "train.micro_batch_size=1",
                 "train.global_batch_size=8", "rollout.num_rollouts=8", "rollout.chunk_size=4",
-                "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1", "minillm.ppo_epochs=2",
-                "rollout.teacher_mix_alpha=0.2", "rollout.do_sample=false", "minillm.whiten=none"],
+                "train.eval_interval=4", "train.save_interval=0", "logging.log_interval=1", "minillm.ppo_epochs=2",
+                "rollout.teacher_mix_alpha=0.2", "rollout.do_sample=false", "minillm.whiten=none",
+                # greedy dev evaluation of 5 prompts: 3 + 3 on two ranks, the last one a padding repeat
+                "eval.num_prompts=5", "eval.do_sample=false", "eval.max_new_tokens=8", "eval.batch_size=2"],
 }
 
 
@@ -74,6 +79,9 @@ def test_kd_zero_matches_local(stage, tmp_path, local_runs):
     assert [s for s, _ in ref] == [s for s, _ in got] == list(range(1, 7))
     for (_, a), (_, b) in zip(ref, got):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    (_, a), = losses(local_runs["kd"], "dev/loss")
+    (_, b), = losses(out, "dev/loss")
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)  # token mean over the 33 records, the padding repeat unseen
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -87,4 +95,9 @@ def test_minillm_zero3_student_and_teacher_match_local(tmp_path, local_runs):
         assert [s for s, _ in ref] == [s for s, _ in got] == [1, 2, 3, 4], key
         for (_, a), (_, b) in zip(ref, got):
             assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key
+    # dev metrics over an uneven split: the padding repeat on rank 1 must not count
+    for key in ("dev/rougeL", "dev/reverse_kl_k3", "dev/teacher_logprob"):
+        ref, got = losses(local_runs["minillm"], key), losses(out, key)
+        assert [s for s, _ in ref] == [s for s, _ in got] == [4], key
+        assert got[0][1] == pytest.approx(ref[0][1], rel=1e-4, abs=1e-5), key
     assert (out / "final" / "model.safetensors").is_file()

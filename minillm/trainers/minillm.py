@@ -396,6 +396,10 @@ class MiniLLMTrainer:
         generator.manual_seed(e.seed + strategy.rank)
         # [Σ k3 per sequence, number of sequences, Σ teacher log-prob over tokens, number of tokens]
         texts, sums = [], torch.zeros(4, dtype=torch.float64, device=strategy.device)
+        # the last rank's share is padded with repeats of the last prompt (equal collective calls): weight them 0
+        real = torch.tensor([float(strategy.rank * per_rank + i < count) for i in range(per_rank)],
+                            dtype=torch.float64, device=strategy.device)
+        offset = 0
         for batch in loader:
             prompt_ids = batch["input_ids"].to(strategy.device)
             prompt_mask = batch["attention_mask"].to(strategy.device)
@@ -413,9 +417,11 @@ class MiniLLMTrainer:
                     s_lp = teacher_forced_logprobs(self.student, prompt_ids, prompt_mask, sample.response_ids,
                                                    sample.response_mask)
                 mask = sample.response_mask.float()
-                k3 = losses.k3_reverse_kl(s_lp, t_lp, mask)
-                sums += torch.stack([k3.sum().double(), torch.tensor(k3.numel(), dtype=torch.float64),
-                                     (t_lp * mask).sum().double(), mask.sum().double()]).to(sums.device)
+                w = real[offset:offset + mask.shape[0]]
+                per_row = torch.stack([losses.k3_reverse_kl(s_lp, t_lp, mask), torch.ones_like(mask[:, 0]),
+                                       (t_lp * mask).sum(-1), mask.sum(-1)], dim=1)  # [B, 4]
+                sums += (per_row.to(sums) * w[:, None]).sum(0)
+            offset += prompt_ids.shape[0]
         references = [prompts[i]["references"] for i in mine]
         gathered = [p for part in strategy.all_gather_object(list(zip(mine, texts, references))) for p in part]
         unique = {i: (x, ref) for i, x, ref in gathered}

@@ -225,10 +225,18 @@ class SFTTrainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=strategy.device)
         indices = list(range(strategy.rank, len(self.data.dev), strategy.world_size))
+        # Every rank runs the same number of forwards (ZeRO-3 parameter gathers are collective): a short share
+        # is padded with repeats whose labels are masked, so they add no token to the loss.
+        real = len(indices)
+        indices += indices[-1:] * (-(-len(self.data.dev) // strategy.world_size) - real)
         loader = DataLoader(torch.utils.data.Subset(self.data.dev, indices), batch_size=e.batch_size,
                             collate_fn=self.data.sft_collator)
+        offset = 0
         for batch in loader:
             batch = to_device(batch, strategy.device)
+            rows = torch.arange(offset, offset + batch["labels"].shape[0], device=strategy.device)
+            offset += batch["labels"].shape[0]
+            batch["labels"] = batch["labels"].masked_fill((rows >= real)[:, None], -100)
             with strategy.autocast():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             if self.alignment is not None:
