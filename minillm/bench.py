@@ -29,17 +29,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any, int | None]:
-    """(seconds, result, peak bytes allocated during the call on CUDA or None)."""
+def _timed(device: torch.device, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any, int | None]:
+    """(median seconds over ``repeats`` calls after one untimed warm-up call, the last result, peak bytes
+    allocated on CUDA or None). The warm-up keeps one-time costs (CUDA context, kernel selection, allocator
+    growth) out of every measurement, so the path measured first is not penalised."""
+    fn()
+    times, out = [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    seconds = time.perf_counter() - start
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return seconds, out, peak
+    return sorted(times)[len(times) // 2], out, peak
 
 
 def _device_info(device: torch.device, table: dict) -> dict:
@@ -101,7 +106,8 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         "setup": {"preset": args.preset, "student": args.student_path or s_name, "teacher": args.teacher_path or t_name,
                   "student_params": n_s, "teacher_params": n_t, "batch": batch, "prompt_len": prompt_len,
                   "new_tokens": new_tokens, "train_batch": train_batch, "alpha": args.alpha,
-                  "chunk_size": args.chunk_size},
+                  "chunk_size": args.chunk_size, "repeats": args.repeats,
+                  "timing": "median of `repeats` runs after one untimed warm-up"},
         "phases": {},
     }
     phases = result["phases"]
@@ -113,26 +119,39 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                 "student_forwards": s_forwards, "teacher_forwards": t_forwards,
                 "fraction_of_bandwidth_limit": _fraction(limit, seconds)}
 
+    repeats = args.repeats
+
+    def seeded() -> torch.Generator:  # every repeat draws the same coins and tokens
+        return torch.Generator(device=device).manual_seed(args.seed)
+
     rollout: dict[str, Any] = {}
     if not args.skip_naive:
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        secs, _, peak = _timed(device, lambda: mixed_sample(student, teacher, prompts, prompt_mask, generator=gen,
-                                                            **common))
+        secs, _, peak = _timed(device, lambda: mixed_sample(student, teacher, prompts, prompt_mask,
+                                                            generator=seeded(), **common), repeats)
         rollout["naive"] = rollout_entry(secs, peak, new_tokens, new_tokens if args.alpha > 0 else 0)
+
+    def hf_generate():  # the student alone through HF generate: the bar the fast teacher-mixed engine must beat
+        with torch.no_grad():
+            torch.manual_seed(args.seed)
+            return student.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    secs, _, peak = _timed(device, hf_generate, repeats)
+    rollout["hf_generate_student_only"] = rollout_entry(secs, peak, new_tokens, 0)
     variants = [("fast_eager", dict(static_cache=False, cuda_graphs=False))]
     if device.type == "cuda" and not args.no_graphs:
         variants.append(("fast_cuda_graphs", dict(static_cache=True, cuda_graphs=True)))
-    for name, options in variants:
-        if options.get("cuda_graphs"):  # compile and capture outside the timing
-            fast_mixed_sample(student, teacher, prompts, prompt_mask, score=False, **common, **options)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
+    for name, options in variants:  # the warm-up call of _timed also compiles and captures the CUDA graphs
         secs, out, peak = _timed(device, lambda: fast_mixed_sample(student, teacher, prompts, prompt_mask,
-                                                                   generator=gen, score=False, **common, **options))
+                                                                   generator=seeded(), score=False, **common,
+                                                                   **options), repeats)
         rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
+    fast_names = [k for k in rollout if k.startswith("fast")]
     if "naive" in rollout:
-        rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / v["seconds"] for k, v in rollout.items()
-                                       if k.startswith("fast")}
+        rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
+    rollout["speedup_vs_hf_generate_student_only"] = {
+        k: rollout["hf_generate_student_only"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
     phases["rollout"] = rollout
 
     # ------------------------------------------------------------------ scoring, training, single-step KL
@@ -160,8 +179,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
 
     scoring = {}
     for name, chunked in (("plain", False), ("chunked", True)):
-        score(chunked)  # warm-up
-        secs, _, peak = _timed(device, lambda: score(chunked))
+        secs, _, peak = _timed(device, lambda: score(chunked), repeats)
         scoring[name] = flops_entry(secs, peak, n_t, 2)
     phases["teacher_scoring"] = scoring
 
@@ -185,8 +203,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
 
     training = {}
     for name, chunked in (("plain", False), ("chunked", True)):
-        train_step(chunked)
-        secs, _, peak = _timed(device, lambda: train_step(chunked))
+        secs, _, peak = _timed(device, lambda: train_step(chunked), repeats)
         training[name] = flops_entry(secs, peak, n_s, 6)
         training[name]["note"] = "student fwd+bwd + teacher fwd (FLOP limit counts the student only)"
     phases["training_step"] = training
@@ -209,8 +226,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
 
     single = {}
     for name, chunked in (("plain", False), ("chunked", True)):
-        kl_step(chunked)
-        secs, _, peak = _timed(device, lambda: kl_step(chunked))
+        secs, _, peak = _timed(device, lambda: kl_step(chunked), repeats)
         single[name] = {"seconds": secs, "tokens_per_s": positions / secs, "peak_memory_bytes": peak}
     phases["single_step_kl"] = single
 
@@ -219,21 +235,40 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         with torch.no_grad():
             return response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)[0]
 
-    teacher_forward()
-    secs, hidden, _ = _timed(device, teacher_forward)
+    secs, hidden, _ = _timed(device, teacher_forward, repeats)
     cached = hidden.to(torch.bfloat16)
     phases["teacher_reuse"] = {
         "teacher_forward_seconds_per_micro_batch": secs,
         "saved_seconds_per_phase_per_micro_batch_at_4_ppo_epochs": 4 * secs,
         "cached_hidden_bytes_per_micro_batch_bf16": cached.numel() * cached.element_size(),
         "cached_logits_bytes_per_micro_batch_bf16": r_ids.numel() * vocab * 2,
-        "note": "caching the teacher's last hidden states (bf16) at scoring replaces the per-micro-step teacher "
-                "forward on rollouts by a head matmul per chunk; measured here, not yet wired into the trainer",
+        "note": "the trainer keeps the teacher's last hidden states from scoring (minillm.reuse_teacher), replacing "
+                "the per-micro-step teacher forward on rollouts by a head matmul per chunk",
     }
+
+    # ------------------------------------------------------------------ one whole phase, composed from the above
+    # A phase: `batch` rollouts, scored in micro-batches of `train_batch`, then `ppo_epochs` passes of training
+    # micro-steps. Naive: teacher-every-step rollout, plain losses, the teacher re-run at every micro-step. Fast:
+    # the fastest engine, chunked losses, and the teacher forward of each training micro-step replaced by the
+    # reused hidden states. The PT loss (a corpus batch per micro-step) is the same in both and left out.
+    micro = batch / train_batch
+    fastest = min(fast_names, key=lambda k: rollout[k]["seconds"])
+    fast_train = max(training["chunked"]["seconds"] - secs, 0.0)  # secs: one teacher forward per micro-batch
+    phase_fast = rollout[fastest]["seconds"] + micro * (scoring["chunked"]["seconds"]
+                                                        + args.ppo_epochs * fast_train)
+    phase = {"rollouts": batch, "micro_batch": train_batch, "ppo_epochs": args.ppo_epochs,
+             "fast_seconds": phase_fast, "fast_rollout_variant": fastest}
+    if "naive" in rollout:
+        naive_learn = scoring["plain"]["seconds"] + args.ppo_epochs * training["plain"]["seconds"]
+        phase["naive_seconds"] = rollout["naive"]["seconds"] + micro * naive_learn
+        phase["speedup"] = phase["naive_seconds"] / phase_fast
+    phase["note"] = ("composed from the measured phases above (rollout + micro-batches x (scoring + ppo_epochs x "
+                     "training step)); the PT loss is excluded from both")
+    phases["phase_estimate"] = phase
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result["process_max_rss_bytes"] = maxrss
     result["finite"] = all(math.isfinite(v["seconds"]) for p in ("teacher_scoring", "training_step")
-                           for v in phases[p].values())
+                           for v in phases[p].values()) and math.isfinite(phase_fast)
     return result
 
 

@@ -24,7 +24,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 def test_tiny_preset_writes_consistent_json(tmp_path):
     path = tmp_path / "bench.json"
     assert main(["--preset", "tiny", "--batch", "4", "--new-tokens", "8", "--train-batch", "2", "--chunk-size", "16",
-                 "--alpha", "0.5", "--output", str(path)]) == 0
+                 "--alpha", "0.5", "--repeats", "2", "--output", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["device"]["type"] == "cpu" and result["device"]["name"]
     assert result["device"]["peak_bandwidth_Bps"] is None and "unknown" in result["device"]["note"]
@@ -32,10 +32,15 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     assert (setup["batch"], setup["new_tokens"], setup["train_batch"], setup["alpha"]) == (4, 8, 2, 0.5)
     assert setup["student_params"] < setup["teacher_params"]
     phases = result["phases"]
-    assert set(phases) == {"rollout", "teacher_scoring", "training_step", "single_step_kl", "teacher_reuse"}
+    assert set(phases) == {"rollout", "teacher_scoring", "training_step", "single_step_kl", "teacher_reuse",
+                           "phase_estimate"}
+    assert setup["repeats"] == 2
     rollout = phases["rollout"]
-    naive, fast = rollout["naive"], rollout["fast_eager"]
-    for entry in (naive, fast):
+    naive, fast, hf = rollout["naive"], rollout["fast_eager"], rollout["hf_generate_student_only"]
+    assert hf["teacher_forwards"] == 0 and hf["student_forwards"] == 8
+    speedup_vs_hf = rollout["speedup_vs_hf_generate_student_only"]["fast_eager"]
+    assert speedup_vs_hf == pytest.approx(hf["seconds"] / fast["seconds"])
+    for entry in (naive, fast, hf):
         assert entry["tokens_per_s"] * entry["seconds"] == pytest.approx(4 * 8)
         assert entry["fraction_of_bandwidth_limit"] is None  # CPU: unknown, never invented
     assert naive["teacher_forwards"] == 8 and naive["student_forwards"] == 8
@@ -50,6 +55,14 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     reuse = phases["teacher_reuse"]
     assert reuse["cached_hidden_bytes_per_micro_batch_bf16"] == 2 * 8 * 128 * 2  # B × L × H_teacher × 2 bytes
     assert reuse["cached_logits_bytes_per_micro_batch_bf16"] == 2 * 8 * 512 * 2  # B × L × V × 2 bytes
+    # the whole-phase estimate is composed exactly from the measured parts (4 rollouts = 2 micro-batches, 4 epochs)
+    phase, scoring, training = phases["phase_estimate"], phases["teacher_scoring"], phases["training_step"]
+    assert phase["naive_seconds"] == pytest.approx(
+        naive["seconds"] + 2 * (scoring["plain"]["seconds"] + 4 * training["plain"]["seconds"]))
+    teacher = reuse["teacher_forward_seconds_per_micro_batch"]
+    assert phase["fast_seconds"] == pytest.approx(
+        fast["seconds"] + 2 * (scoring["chunked"]["seconds"] + 4 * max(training["chunked"]["seconds"] - teacher, 0)))
+    assert phase["speedup"] == pytest.approx(phase["naive_seconds"] / phase["fast_seconds"])
     assert result["finite"] is True
 
 

@@ -82,6 +82,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rollout")
     p.add_argument("--skip-naive", action="store_true", help="skip the naive rollout (it is the slowest phase)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per measurement after one untimed warm-up; the median is reported (default 3)")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs of the whole-phase estimate (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON result here (default: print only)")
     return p
