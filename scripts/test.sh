@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/_venv.sh
 . scripts/_venv.sh
-ensure_venv test.sh test "minillm, pytest, deepspeed, rouge_score, matplotlib"
+ensure_venv test.sh test "minillm, pytest, deepspeed, rouge_score, matplotlib, accelerate"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 python -m pytest -q "$@"
