@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from minillm.config import DataConfig
-from minillm.data import (IGNORE_INDEX, DataError, InfiniteBatches, PackedCorpus, PromptCollator, ResumableSampler,
+from minillm.data import (DataError, InfiniteBatches, PackedCorpus, PromptCollator, ResumableSampler,
                           SFTCollator, build_instruction_data, build_prompt_dataset, load_or_pack_corpus,
                           load_records, pack_corpus, reference_prompt, render_prompt, token_dtype)
 from minillm.data.instruction import DataStats, PROMPT_TOO_LONG, SFTDataset, tokenize_records

@@ -223,7 +223,7 @@ class MiniLLMTrainer:
 
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
-        cfg, strategy, m, r = self.cfg, self.strategy, self.cfg.minillm, self.cfg.rollout
+        strategy, m, r = self.strategy, self.cfg.minillm, self.cfg.rollout
         if m.objective == "ranking":  # the paper's ranking alternative (minillm.trainers.ranking)
             return ranking_micro_batch_loss(self, mb)
         mask = mb.response_mask
