@@ -229,6 +229,10 @@ class MiniLLMConfig:
     ptx_coef: float = _f(1.0, "Weight of the pre-training loss (needs data.pretrain; 0: off).")
     pt_kd_ratio: float = _f(0.5, "PT loss = (1 - r)*CE + r*word-level KD from the teacher on the corpus.")
     pt_micro_batch_size: int = _f(-1, "Pre-training sequences per micro-step (-1: train.micro_batch_size).")
+    pt_teacher_cache: Optional[str] = _f(
+        None, "A teacher top-k cache of data.pretrain (minillm-teacher-cache): the PT loss's KD half reads the "
+              "teacher's distributions from it instead of running the teacher (top-k kept, the tail mass spread "
+              "evenly over the rest; exact when k = V).")
     dev_reverse_kl: bool = _f(True, "Log the length-normalised k3 reverse-KL estimate on dev samples.")
     chunked_losses: bool = _f(True, "Vocabulary-wide terms (token log-probs, single-step KL, PT loss, scoring) from "
                               "hidden states + LM head, loss_chunk_size positions at a time (no [B, L, V] fp32 "
@@ -346,6 +350,9 @@ class RunConfig:
                 fail("minillm.ppo_epochs", "must be >= 1")
             if m.reward_scale <= 0:
                 fail("minillm.reward_scale", "must be positive")
+            if m.pt_teacher_cache is not None and (d.pretrain is None or m.ptx_coef <= 0 or m.pt_kd_ratio <= 0):
+                fail("minillm.pt_teacher_cache", "is only read by the PT loss's KD half: it needs data.pretrain, "
+                     "minillm.ptx_coef > 0 and minillm.pt_kd_ratio > 0")
         self._resolve_student_data(fail)
         self._resolve_minillm_objective(fail, world_size)
         if self.eval.batch_size <= 0:

@@ -237,7 +237,7 @@ def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathL
 class PackedCorpus(Dataset):
     """A packed corpus folder, memory-mapped (no copy in RAM).
 
-    Items are ``{input_ids: chunk[:-1], labels: chunk[1:]}`` (torch.long, [seq_length − 1] each): every
+    Items are ``{input_ids: chunk[:-1], labels: chunk[1:], index: i}`` (torch.long, [seq_length − 1] each): every
     position is scored, as in the reference's LM loader. The memory map is opened lazily in each process,
     so the dataset pickles cheaply into DataLoader workers.
     """
@@ -280,7 +280,7 @@ class PackedCorpus(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         chunk = torch.from_numpy(np.asarray(self.tokens[i], dtype=np.int64))
-        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+        return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": i}  # index: the chunk (teacher cache key)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Fail when the corpus was packed with a different vocabulary than ``tokenizer``'s."""

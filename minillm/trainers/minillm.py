@@ -86,6 +86,15 @@ class MiniLLMTrainer:
             self.corpus = load_or_pack_corpus(config.data, tokenizer)
             self.pt_sampler = ResumableSampler(len(self.corpus), seed=config.seed + 1, rank=strategy.rank,
                                                world_size=strategy.world_size, shuffle=True, drop_last=True)
+        # The teacher's distributions on the corpus, computed offline (minillm-teacher-cache): no teacher forward on
+        # pre-training batches. None: the teacher runs on each PT micro-batch.
+        self.pt_cache = None
+        if self.use_pt and m.pt_teacher_cache is not None:
+            from ..data.teacher_cache import TeacherTopKCache
+
+            self.pt_cache = TeacherTopKCache(m.pt_teacher_cache)
+            rows = alignment.vocab_size if alignment is not None else teacher.get_output_embeddings().weight.shape[0]
+            self.pt_cache.check(self.corpus, rows)
 
         from ..optim import build_optimizer, build_scheduler
 
@@ -277,11 +286,13 @@ class MiniLLMTrainer:
                 with strategy.autocast():
                     pt_logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
                 with torch.no_grad():
-                    pt_t_logits = self.teacher(input_ids=pt_batch["input_ids"]).logits.float() \
-                        if m.pt_kd_ratio > 0 else None
-                pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"],
-                                    self._trim(pt_t_logits) if pt_t_logits is not None else None,
-                                    kd_ratio=m.pt_kd_ratio)
+                    if self.pt_cache is not None:  # log-probs are logits of the same distribution
+                        pt_t_logits = self.pt_cache.dense(pt_batch["index"], device=strategy.device)
+                    elif m.pt_kd_ratio > 0:
+                        pt_t_logits = self._trim(self.teacher(input_ids=pt_batch["input_ids"]).logits.float())
+                    else:
+                        pt_t_logits = None
+                pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"], pt_t_logits, kd_ratio=m.pt_kd_ratio)
             loss = loss + m.ptx_coef * pt
             parts["pt_loss"] = float(pt.detach())
         with torch.no_grad():
@@ -295,14 +306,16 @@ class MiniLLMTrainer:
         """The PT loss from hidden states + LM heads, ``chunk`` positions at a time (equals ``losses.pt_loss``)."""
         strategy, m = self.strategy, self.cfg.minillm
         hidden, head = hidden_and_head(self.student, pt_batch["input_ids"], trim=self._trim, autocast=strategy.autocast)
-        t_hidden = t_head = None
-        if m.pt_kd_ratio > 0:
+        t_hidden = t_head = t_logprobs = None
+        if self.pt_cache is not None:  # CPU-resident; each chunk's rows move to the device inside the loss
+            t_logprobs = self.pt_cache.dense(pt_batch["index"])
+        elif m.pt_kd_ratio > 0:
             with torch.no_grad():
                 t_hidden, t_head = hidden_and_head(self.teacher, pt_batch["input_ids"], trim=self._trim,
                                                    autocast=strategy.autocast)
         labels = pt_batch["labels"]
         return losses.chunked_pt_loss(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head,
-                                      kd_ratio=m.pt_kd_ratio, chunk_size=chunk,
+                                      teacher_logprobs=t_logprobs, kd_ratio=m.pt_kd_ratio, chunk_size=chunk,
                                       num_chunks=global_chunk_count(labels != losses.IGNORE_INDEX, chunk, strategy))
 
     def _permutation(self, n: int) -> torch.Tensor:

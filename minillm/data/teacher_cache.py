@@ -1,0 +1,149 @@
+"""The teacher's outputs on the pre-training corpus, computed once offline and read back (DESIGN §7).
+
+The PT loss's KD half, −Σ_v p_v log q_v on a corpus chunk, needs the teacher's distribution at every position. The
+corpus is fixed data, so instead of a teacher forward at every MiniLLM micro-step the distributions can be computed
+once and stored, the way off-policy KD caches do. Full rows cost V values per position, so the cache keeps the
+teacher's **top-k** log-probs and ids per position; reading back, the remaining mass p_tail = 1 − Σ_topk p_v is
+spread evenly over the V − k other entries (:func:`expand_topk`). That is a documented approximation of the
+teacher's tail; with k = V nothing is dropped and the loss is the online one to storage precision (fp32 storage:
+fp32 rounding).
+
+Layout of a cache folder (written to a temporary folder, then renamed, so a crash leaves no half cache):
+
+- ``teacher_topk.json``: format, k, vocabulary size, storage dtype, the corpus' chunk count and sequence length,
+  the teacher's path;
+- ``topk_ids.npy`` int32 [num_chunks, seq_length − 1, k] and ``topk_logprobs.npy`` float16/float32 [same]: row t of
+  a chunk is the teacher's distribution predicting ``labels[t]`` (= chunk[t + 1]), as :class:`PackedCorpus` items.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .pretrain import PackedCorpus
+from .records import DataError
+
+META_FILE = "teacher_topk.json"
+FORMAT = "minillm-teacher-topk-v1"
+STORAGE = {"fp16": np.float16, "fp32": np.float32}
+
+
+def expand_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> Tensor:
+    """Dense log-probs [..., V] from the top-k ids/log-probs [..., k].
+
+    The kept entries are as stored (renormalised in fp32); the tail mass 1 − Σ_k p is spread evenly over the other
+    V − k entries (−inf there when k = V or no mass is left)."""
+    if ids.shape != logprobs.shape:
+        raise ValueError(f"expand_topk: ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ")
+    k = ids.shape[-1]
+    if k > vocab_size:
+        raise ValueError(f"expand_topk: k={k} exceeds the vocabulary size {vocab_size}")
+    lp = logprobs.float()
+    kept = torch.logsumexp(lp, dim=-1, keepdim=True)  # log Σ_topk p (≤ 0 up to storage rounding)
+    if k < vocab_size:
+        tail = torch.log(-torch.expm1(kept.clamp(max=0.0))) - math.log(vocab_size - k)  # log(p_tail / (V − k))
+    else:
+        tail = torch.full_like(kept, -math.inf)
+    dense = tail.expand(*lp.shape[:-1], vocab_size).clone()
+    dense.scatter_(-1, ids.long(), lp)
+    return torch.log_softmax(dense, dim=-1)  # storage rounding: make it a distribution again
+
+
+@torch.no_grad()
+def build_teacher_topk_cache(corpus: PackedCorpus, teacher, out_dir: str | os.PathLike, *, top_k: int,
+                             batch_size: int = 8, storage: str = "fp16", device: torch.device | str | None = None,
+                             trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None,
+                             progress: bool = False, teacher_name: str = "") -> Path:
+    """Run ``teacher`` over every chunk of ``corpus`` once and store its top-k log-probs per position.
+
+    ``trim`` cuts padded vocabulary rows (:class:`minillm.models.VocabAlignment`), as the trainers do.
+    Returns the cache folder. An existing folder is replaced only when complete (temp folder, then rename).
+    """
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {sorted(STORAGE)}, got {storage!r}")
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    n, length = len(corpus), corpus.seq_length - 1
+    was_training = teacher.training
+    teacher.eval()
+    ids_map = logp_map = None
+    vocab = None
+    chunks = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="teacher top-k", unit="batch")
+    for start in chunks:
+        inputs = torch.stack([corpus[i]["input_ids"] for i in range(start, min(start + batch_size, n))]).to(device)
+        ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
+        with ctx:
+            logits = trim(teacher(input_ids=inputs).logits).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        if vocab is None:
+            vocab = logp.shape[-1]
+            if not 1 <= top_k <= vocab:
+                raise ValueError(f"top_k={top_k} must lie in [1, {vocab}] (the teacher's vocabulary)")
+            shape = (n, length, top_k)
+            ids_map = np.lib.format.open_memmap(tmp / "topk_ids.npy", mode="w+", dtype=np.int32, shape=shape)
+            logp_map = np.lib.format.open_memmap(tmp / "topk_logprobs.npy", mode="w+", dtype=STORAGE[storage],
+                                                 shape=shape)
+        values, indices = logp.topk(top_k, dim=-1)
+        ids_map[start:start + len(inputs)] = indices.cpu().numpy().astype(np.int32)
+        logp_map[start:start + len(inputs)] = values.cpu().numpy().astype(STORAGE[storage])
+    teacher.train(was_training)
+    ids_map.flush()
+    logp_map.flush()
+    meta = {"format": FORMAT, "top_k": top_k, "vocab_size": vocab, "storage": storage, "num_chunks": n,
+            "seq_length": corpus.seq_length, "corpus": str(corpus.path), "teacher": teacher_name}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class TeacherTopKCache:
+    """A cache folder written by :func:`build_teacher_topk_cache`, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise DataError(f"`{self.path}` is not a teacher top-k cache (no {META_FILE}); build it with "
+                            "`minillm-teacher-cache --corpus DIR --teacher DIR --top-k K --out DIR`")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: not a {FORMAT} metadata file")
+        self.ids = np.load(self.path / "topk_ids.npy", mmap_mode="r")
+        self.logprobs = np.load(self.path / "topk_logprobs.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return int(self.meta["num_chunks"])
+
+    def check(self, corpus: PackedCorpus, vocab_size: int) -> None:
+        """Fail clearly when the cache was built for another corpus layout or vocabulary."""
+        for key, want in (("num_chunks", len(corpus)), ("seq_length", corpus.seq_length), ("vocab_size", vocab_size)):
+            if int(self.meta[key]) != int(want):
+                raise DataError(f"{self.path / META_FILE}: {key}={self.meta[key]}, but the run has {want}; rebuild "
+                                "the cache for this corpus and teacher (minillm.pt_teacher_cache)")
+
+    def dense(self, chunk_indices: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> Tensor:
+        """[B, seq_length − 1, V] fp32 teacher log-probs of the given chunks (see :func:`expand_topk`)."""
+        rows = [int(i) for i in chunk_indices]
+        ids = torch.from_numpy(np.stack([self.ids[i] for i in rows])).to(device)
+        logp = torch.from_numpy(np.stack([self.logprobs[i] for i in rows]).astype(np.float32)).to(device)
+        return expand_topk(ids, logp, int(self.meta["vocab_size"]))
+
+
+__all__ = ["build_teacher_topk_cache", "expand_topk", "TeacherTopKCache"]
