@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_sampling import (EOS, PAD, bigram_llama, chi_square, chi_square_or_impossible, critical_value,
+from test_sampling import (EOS, PAD, batch_of, bigram_llama, chi_square, chi_square_or_impossible, critical_value,
                            exact_next_token, left_padded_prompts, tiny_gpt2, tiny_llama)
 
 from minillm.engine import FastSampleOutput, fast_mixed_sample, sample_rollouts
@@ -43,17 +43,6 @@ def assert_logprobs_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(torch.isinf(actual), torch.isinf(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite], atol=1e-5, rtol=1e-5)
-
-
-def batch_of(prompts: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` copies of each prompt, left-padded to the longest."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((rows * len(prompts), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i * rows:(i + 1) * rows, width - len(p):] = p
-        mask[i * rows:(i + 1) * rows, width - len(p):] = 1
-    return ids, mask
 
 
 def seed_with_coins(pattern: list[bool], alpha: float) -> int:

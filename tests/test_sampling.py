@@ -47,6 +47,17 @@ def tiny_gpt2(vocab: int, seed: int, embed_std: float = 0.3, dropout: float = 0.
     return model.eval()
 
 
+def batch_of(prompts: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` copies of each prompt, left-padded to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((rows * len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i * rows:(i + 1) * rows, width - len(p):] = p
+        mask[i * rows:(i + 1) * rows, width - len(p):] = 1
+    return ids, mask
+
+
 def left_padded_prompts(vocab: int, lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max(lengths)] prompts of tokens in [2, vocab), left-padded with PAD, and their masks."""
     g = torch.Generator().manual_seed(seed)
@@ -325,12 +336,7 @@ def dist_models():
 def test_mixed_sample_follows_p_tilde(dist_models, alpha, settings):
     student, teacher, prompts = dist_models
     vocab, rows = DIST_VOCAB, DIST_ROWS
-    width = max(len(p) for p in prompts)
-    ids = torch.full((rows * len(prompts), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i * rows:(i + 1) * rows, width - len(p):] = p
-        mask[i * rows:(i + 1) * rows, width - len(p):] = 1
+    ids, mask = batch_of(prompts, rows)
     generator = torch.Generator().manual_seed(1000 + int(alpha * 10))
     out = mixed_sample(student, teacher if alpha > 0 else None, ids, mask, max_new_tokens=2, alpha=alpha,
                        eos_token_id=EOS, pad_token_id=PAD, generator=generator, **settings)
