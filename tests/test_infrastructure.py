@@ -189,3 +189,17 @@ def test_local_strategy_accumulates_and_clips(tmp_path):
     strategy.step()
     skipped = strategy.backward(model(x).sum()) or strategy.step()
     assert skipped.skipped and torch.allclose(model.weight, -x * 0.5 / 3.0)  # a non-finite gradient is dropped
+
+
+def test_resume_with_another_world_size_fails_before_touching_the_model(tmp_path):
+    from minillm.checkpoint import save_trainer_state
+    from minillm.trainers.common import load_checkpoint
+
+    save_trainer_state(tmp_path, {"step": 3, "world_size": 2}, is_main=True)
+
+    class Strategy(Solo):
+        def load_checkpoint(self, directory):
+            raise AssertionError("the engine state must not be loaded")
+
+    with pytest.raises(ValueError, match="saved with 2 ranks, resuming with 1"):
+        load_checkpoint(tmp_path, Strategy())

@@ -167,8 +167,11 @@ def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int
 
 def load_checkpoint(directory: Path, strategy) -> dict:
     """Restore engine/optimizer state and this rank's RNG; return the trainer state."""
-    strategy.load_checkpoint(directory)
     state = load_trainer_state(directory)
+    if state["world_size"] != strategy.world_size:  # data cursors, RNG and buffers are per rank
+        raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
+                         f"{strategy.world_size}; exact resume needs the same world size")
+    strategy.load_checkpoint(directory)
     rng_file = directory / f"rng-rank{strategy.rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file}: missing; was the checkpoint written with a different world size?")

@@ -474,9 +474,6 @@ class MiniLLMTrainer:
 
     def _resume(self, directory: Path) -> None:
         state = load_checkpoint(directory, self.strategy)
-        if state["world_size"] != self.strategy.world_size:
-            raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
-                             f"{self.strategy.world_size}; exact resume needs the same world size")
         self.step, self.phase = int(state["step"]), int(state["phase"])
         self.ppo_epoch, self.micro_index = int(state["ppo_epoch"]), int(state["micro_index"])
         self.prompt_sampler.load_state_dict(state["prompt_sampler"])

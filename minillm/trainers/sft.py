@@ -292,9 +292,6 @@ class SFTTrainer:
 
     def _resume(self, directory: Path) -> None:
         state = load_checkpoint(directory, self.strategy)
-        if state["world_size"] != self.strategy.world_size:
-            raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
-                             f"{self.strategy.world_size}; exact resume needs the same world size")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.best.load_state_dict(state["best"])
