@@ -36,16 +36,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    import torch
-
-    from ..config import ModelConfig
+    from ..config import ModelConfig, StrategyConfig
     from ..data.pretrain import PackedCorpus
     from ..data.records import DataError
     from ..data.teacher_cache import build_teacher_topk_cache
     from ..models import load_model
+    from ..strategy import _pick_device
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = _pick_device(StrategyConfig(device=args.device))
     try:
         corpus = PackedCorpus(args.corpus)
         teacher = load_model(ModelConfig(path=args.teacher, dtype=args.dtype, trust_remote_code=args.trust_remote_code),
