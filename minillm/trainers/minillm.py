@@ -221,14 +221,15 @@ class MiniLLMTrainer:
         k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
         token_sums = {"reward": buffer.rewards, "teacher_logprob": buffer.teacher_logprobs,
                       "student_logprob": buffer.old_logprobs, "weight": buffer.weights}
-        names = list(token_sums) + ["reverse_kl_k3", "response_length", "tokens"]
+        # [Σ per token-metric ..., Σ k3 per row, response tokens, all tokens, rows]
         totals = torch.stack([(v * mask).sum() for v in token_sums.values()] + [
-            k3.sum(), mask.sum(), torch.tensor(tokens), mask.sum(), torch.tensor(float(len(buffer)))]).double()
+            k3.sum(), mask.sum(), torch.tensor(tokens), torch.tensor(float(len(buffer)))]).double()
         self.strategy.all_reduce(totals, "sum")
-        num_tokens, num_rows = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
-        values = [t / num_tokens for t in totals[:len(token_sums)]]
-        values += [totals[len(token_sums)] / num_rows, totals[len(token_sums) + 1] / num_rows, totals[-3]]
-        return {f"rollout/{k}": float(v) for k, v in zip(names, values)}
+        *sums, k3_sum, response_tokens, all_tokens, rows = totals
+        stats = {k: v / response_tokens.clamp(min=1) for k, v in zip(token_sums, sums)}
+        stats.update(reverse_kl_k3=k3_sum / rows.clamp(min=1), response_length=response_tokens / rows.clamp(min=1),
+                     tokens=all_tokens)
+        return {f"rollout/{k}": float(v) for k, v in stats.items()}
 
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
