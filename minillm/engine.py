@@ -27,6 +27,8 @@ mask is one fixed [B, P + max_new_tokens] buffer (left padding zeroed, every res
 the slots not written yet) and positions are passed explicitly, so single-token steps have static shapes and
 ``cuda_graphs`` can run them through the model's own ``get_compiled_call`` (``torch.compile``,
 mode "reduce-overhead", the path HF ``generate`` uses). Multi-token catch-ups run eagerly on the same cache.
+Prompts are left-padded to a multiple of :data:`STATIC_PROMPT_BUCKET` columns first, so batches of different prompt
+widths share decode shapes and the compiled steps are not recompiled per batch.
 On CPU, and for other models, a ``DynamicCache`` and eager forwards give the same results.
 """
 
@@ -44,9 +46,25 @@ from .sampling import (SampleOutput, _accepts_logits_to_keep, _check_prompts, _e
                        _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
                        process_logits)
 
-__all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "ENGINES"]
+__all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "left_pad_to_bucket", "ENGINES"]
 
 ENGINES = ("naive", "fast")
+
+# Static caches are sized (prompt width + max_new_tokens). Rounding the prompt width up to a multiple of this (extra
+# left padding, masked like any other) keeps the number of distinct decode shapes small, so compiled CUDA-graph
+# steps are reused across rollout batches instead of recompiled for every prompt width.
+STATIC_PROMPT_BUCKET = 64
+
+
+def left_pad_to_bucket(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int,
+                       bucket: int = STATIC_PROMPT_BUCKET) -> tuple[Tensor, Tensor]:
+    """Left-pad [B, P] prompts with masked ``pad_token_id`` columns to the next multiple of ``bucket`` columns.
+    Positions come from the mask, so the models see the same sequence: only the cache shape changes."""
+    extra = -input_ids.shape[1] % bucket
+    if extra == 0:
+        return input_ids, attention_mask
+    ids = torch.cat([input_ids.new_full((input_ids.shape[0], extra), int(pad_token_id)), input_ids], dim=1)
+    return ids, torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], dim=1)
 
 
 @dataclass
@@ -253,9 +271,10 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     check_every = 16 if cuda_graphs else 1
     steps = length
 
+    model_ids, model_mask = left_pad_to_bucket(ids, prompt_mask, pad_token_id, STATIC_PROMPT_BUCKET) if static_cache else (ids, prompt_mask)
     with _eval_mode(*models):
-        s_lm = _LazyLM(student, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp, vocab_size)
-        t_lm = _LazyLM(teacher, device, ids, prompt_mask, length, static_cache, cuda_graphs, warp, vocab_size) \
+        s_lm = _LazyLM(student, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size)
+        t_lm = _LazyLM(teacher, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size) \
             if use_teacher else None
         for t in range(length):
             lm = t_lm if teacher_turn[t] else s_lm

@@ -15,7 +15,7 @@ import torch
 from test_sampling import (EOS, PAD, batch_of, bigram_llama, chi_square, chi_square_or_impossible, critical_value,
                            exact_next_token, left_padded_prompts, tiny_gpt2, tiny_llama)
 
-from minillm.engine import FastSampleOutput, fast_mixed_sample, sample_rollouts
+from minillm.engine import FastSampleOutput, fast_mixed_sample, left_pad_to_bucket, sample_rollouts
 from minillm.sampling import mixed_sample, teacher_forced_logprobs
 
 WARPED = dict(temperature=0.7, top_k=6, top_p=0.9)
@@ -262,6 +262,47 @@ def test_sample_rollouts_dispatches(models):
     fast = sample_rollouts("fast", student, teacher, ids, mask, generator=torch.Generator().manual_seed(1), **common)
     assert type(naive).__name__ == "SampleOutput" and isinstance(fast, FastSampleOutput)
     assert torch.equal(naive.response_ids, fast.response_ids)
+
+
+def test_prompts_are_bucketed_so_static_shapes_repeat():
+    ids, mask = left_padded_prompts(VOCAB, [3, 5], seed=0)
+    padded_ids, padded_mask = left_pad_to_bucket(ids, mask, PAD, 8)
+    assert padded_ids.shape == (2, 8) and torch.equal(padded_ids[:, 3:], ids) and torch.equal(padded_mask[:, 3:], mask)
+    assert not padded_mask[:, :3].any() and (padded_ids[:, :3] == PAD).all()
+    assert left_pad_to_bucket(padded_ids, padded_mask, PAD, 8)[0] is padded_ids  # already a multiple: untouched
+
+
+def _compiled_rollout(student, teacher, lengths: list[int], seed: int):
+    ids, mask = left_padded_prompts(32, lengths, seed=seed)
+    return fast_mixed_sample(student, teacher, ids, mask, max_new_tokens=8, alpha=0.3, eos_token_id=None,
+                             pad_token_id=PAD, generator=torch.Generator().manual_seed(seed), static_cache=True,
+                             cuda_graphs=True)
+
+
+@pytest.mark.parametrize("bucket", [64, 1])
+def test_compiled_decode_steps_match_eager_and_are_not_recompiled_per_prompt_width(bucket, monkeypatch):
+    """The compiled path (HF's get_compiled_call: torch.compile, the CUDA-graph path on GPUs; plain inductor here)
+    gives the dynamic cache's tokens and log-probs, and a second batch of another prompt width reuses the compiled
+    step: with prompt bucketing turned off (bucket 1) that second batch recompiles, which this test catches."""
+    import torch._dynamo
+
+    monkeypatch.setattr("minillm.engine.STATIC_PROMPT_BUCKET", bucket)
+    torch._dynamo.reset()  # dynamo's per-function state (sizes seen, shapes made dynamic) must not leak in
+    student, teacher = tiny_llama(32, seed=1), tiny_llama(32, seed=2)
+    first = _compiled_rollout(student, teacher, [3, 5, 1], seed=0)
+    eager = fast_mixed_sample(student, teacher, *left_padded_prompts(32, [3, 5, 1], seed=0), max_new_tokens=8,
+                              alpha=0.3, eos_token_id=None, pad_token_id=PAD,
+                              generator=torch.Generator().manual_seed(0), static_cache=False, cuda_graphs=False)
+    assert torch.equal(first.response_ids, eager.response_ids)
+    assert_logprobs_close(first.student_logprobs, eager.student_logprobs)
+    assert_logprobs_close(first.teacher_logprobs, eager.teacher_logprobs)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        if bucket == 1:
+            with pytest.raises(Exception, match="[Rr]ecompil"):
+                _compiled_rollout(student, teacher, [7, 9, 2], seed=1)
+        else:
+            second = _compiled_rollout(student, teacher, [7, 9, 2], seed=1)
+            assert second.response_ids.shape == (3, 8)
 
 
 # --------------------------------------------------------------------------------------------- CUDA only
