@@ -111,6 +111,11 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         "phases": {},
     }
     phases = result["phases"]
+    if args.phase_only:
+        phases["phase_measured"] = _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
+                                                  train_batch)
+        result["finite"] = all(math.isfinite(v["seconds"]) for v in phases["phase_measured"]["variants"].values())
+        return result
 
     # ------------------------------------------------------------------ rollout
     def rollout_entry(seconds: float, peak, s_forwards: int, t_forwards: int) -> dict:
@@ -265,11 +270,29 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     phase["note"] = ("composed from the measured phases above (rollout + micro-batches x (scoring + ppo_epochs x "
                      "training step)); the PT loss is excluded from both")
     phases["phase_estimate"] = phase
+    if args.phase:
+        phases["phase_measured"] = _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
+                                                  train_batch)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result["process_max_rss_bytes"] = maxrss
     result["finite"] = all(math.isfinite(v["seconds"]) for p in ("teacher_scoring", "training_step")
                            for v in phases[p].values()) and math.isfinite(phase_fast)
     return result
+
+
+def _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens, train_batch) -> dict:
+    """One whole phase per configuration through the trainer (:mod:`minillm.bench_phase`). The models keep the
+    bench's dtype: on CUDA the student trains in bf16 weights under bf16 autocast, the compute DeepSpeed's bf16
+    mode does (its fp32 master weights live in the optimizer, which this leaves out)."""
+    from .bench_phase import PhaseSetup, measure_phases
+
+    rollouts = args.phase_rollouts or 4 * batch
+    setup = PhaseSetup(num_rollouts=rollouts, chunk_size=batch, micro_batch=train_batch, ppo_epochs=args.ppo_epochs,
+                       prompt_len=prompt_len, new_tokens=new_tokens, alpha=args.alpha,
+                       pt_seq_length=prompt_len + new_tokens + 1, loss_chunk_size=args.chunk_size,
+                       precision="bf16" if dtype == torch.bfloat16 else "fp32", cuda_graphs=not args.no_graphs,
+                       pt_cache_top_k=args.pt_cache_top_k, seed=args.seed)
+    return measure_phases(student, teacher, setup)
 
 
 __all__ = ["run_benchmark"]

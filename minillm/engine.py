@@ -42,9 +42,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .sampling import (SampleOutput, _accepts_logits_to_keep, _check_prompts, _eos_tensor, _eval_mode,
-                       _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
-                       process_logits)
+from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _check_prompts, _eos_tensor,
+                       _eval_mode, _model_device, _new_cache, check_sampling_args, mixed_sample,
+                       position_ids_from_mask, process_logits)
 
 __all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "left_pad_to_bucket", "ENGINES"]
 
@@ -90,17 +90,6 @@ def _compiled_call(model: torch.nn.Module):
         get = getattr(model, "get_compiled_call", None)
         _COMPILED[model] = get(None) if get is not None else torch.compile(model, mode="reduce-overhead")
     return _COMPILED[model]
-
-
-def _cache_keyword(model: torch.nn.Module) -> str:
-    """transformers ≥ 5.24 names the cache argument ``cache``; earlier versions ``past_key_values``."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _output_rows(model: torch.nn.Module) -> int:

@@ -106,6 +106,18 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` is deprecated); earlier versions
+    only know ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``forward`` takes ``logits_to_keep`` (HF ≥ 4.50 models), which avoids [B, P, V] prefill logits."""
     try:
@@ -156,17 +168,18 @@ class _CachedLM:
         self.vocab_size = vocab_size
         self.cache = _new_cache(model)
         self.keep_last_only = _accepts_logits_to_keep(model)
+        self.cache_kw = _cache_keyword(model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Feed the new tokens [B, S] (full mask [B, past+S], their positions [B, S]) → last logits [B, V] fp32."""
-        kwargs = {}
+        kwargs = {self.cache_kw: self.cache}
         if self.keep_last_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                         position_ids=position_ids.to(self.device), past_key_values=self.cache, use_cache=True,
-                         **kwargs)
-        if getattr(out, "past_key_values", None) is not None:  # models may hand back a new cache object
-            self.cache = out.past_key_values
+                         position_ids=position_ids.to(self.device), use_cache=True, **kwargs)
+        returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if returned is not None:  # models may hand back a new cache object
+            self.cache = returned
         logits = out.logits[:, -1]
         if self.vocab_size is not None:  # padded embedding rows are never real tokens: never draw them
             logits = logits[:, :self.vocab_size]

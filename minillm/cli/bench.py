@@ -11,6 +11,10 @@ plain vs chunked), the single-step KL alone from hidden states (plain vs chunked
 teacher's scoring across PPO epochs saves (the teacher forward each micro-step would otherwise repeat). Each
 reports tokens/s, peak memory (CUDA) and the fraction of the device's bandwidth (decoding) or bf16 FLOP limit
 (scoring, training) from a small table of known devices; on other devices the limit is reported as unknown.
+
+``--phase`` also runs one whole phase end to end through ``MiniLLMTrainer.run_phase`` per configuration (naive:
+teacher every step, plain losses, teacher re-runs; fast: the defaults), from the same weights and data, and
+reports it as ``phases.phase_measured`` next to the composed ``phases.phase_estimate``.
 """
 
 from __future__ import annotations
@@ -85,6 +89,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per measurement after one untimed warm-up; the median is reported (default 3)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs of the whole-phase estimate (default 4)")
+    p.add_argument("--phase", action="store_true",
+                   help="also run one whole phase end to end through MiniLLMTrainer per configuration (naive, fast; "
+                        "fast_pt_cache with --pt-cache-top-k) and report it as phases.phase_measured")
+    p.add_argument("--phase-only", action="store_true", help="measure only the whole phase (skip the parts)")
+    p.add_argument("--phase-rollouts", type=int, help="rollouts of the measured phase (default: 4 x batch)")
+    p.add_argument("--pt-cache-top-k", type=int, default=0,
+                   help="> 0: also time the phase with a teacher top-k cache of the pre-training chunks (built "
+                        "first, its build time reported separately)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON result here (default: print only)")
     return p

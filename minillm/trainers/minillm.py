@@ -49,10 +49,12 @@ class MiniLLMTrainer:
     """Train ``student`` to minimise KL(q_θ‖p) against the frozen ``teacher``.
 
     ``data`` is a :class:`minillm.data.InstructionData`; its training prompts are sampled, its dev prompts
-    evaluated. The pre-training corpus (``data.pretrain``) is loaded when ``minillm.ptx_coef > 0``.
+    evaluated. The pre-training corpus (``data.pretrain``) is loaded when ``minillm.ptx_coef > 0``; ``corpus``
+    passes one in instead (any dataset of ``{input_ids, labels, index}`` items like
+    :class:`minillm.data.PackedCorpus`, e.g. built in a notebook or a benchmark).
     """
 
-    def __init__(self, config: RunConfig, student, tokenizer, data, strategy, teacher, alignment=None):
+    def __init__(self, config: RunConfig, student, tokenizer, data, strategy, teacher, alignment=None, corpus=None):
         self.cfg = config
         self.tokenizer = tokenizer
         self.data = data
@@ -77,13 +79,13 @@ class MiniLLMTrainer:
 
         # The teacher's hidden states over a rollout, kept from scoring for every PPO epoch's single-step term.
         self._reuse_teacher = m.reuse_teacher and m.single_step and m.chunked_losses and m.objective == "pg"
-        self.use_pt = m.ptx_coef > 0 and config.data.pretrain is not None
-        if m.ptx_coef > 0 and config.data.pretrain is None:
+        self.use_pt = m.ptx_coef > 0 and (config.data.pretrain is not None or corpus is not None)
+        if m.ptx_coef > 0 and not self.use_pt:
             log.warning("minillm.ptx_coef=%s but data.pretrain is not set: the PT loss is off", m.ptx_coef)
         if self.use_pt:
             from ..data import load_or_pack_corpus
 
-            self.corpus = load_or_pack_corpus(config.data, tokenizer)
+            self.corpus = corpus if corpus is not None else load_or_pack_corpus(config.data, tokenizer)
             self.pt_sampler = ResumableSampler(len(self.corpus), seed=config.seed + 1, rank=strategy.rank,
                                                world_size=strategy.world_size, shuffle=True, drop_last=True)
         # The teacher's distributions on the corpus, computed offline (minillm-teacher-cache): no teacher forward on
@@ -345,17 +347,10 @@ class MiniLLMTrainer:
                 self.buffer = self.rollout_and_score()
                 self.ppo_epoch, self.micro_index = 0, 0
             perm = self._permutation(len(self.buffer))
-            size = t.micro_batch_size
             while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:
-                idx = perm[self.micro_index * size:(self.micro_index + 1) * size]
-                mb = self.buffer.select(idx).to(strategy.device)
-                with self.timer("learn"):
-                    loss, parts = self.micro_batch_loss(mb)
-                    result = guarded_micro_step(self, loss, parts)
-                self.micro_index += 1
+                result = self.learn_micro_step(perm)
                 if not result.stepped:
                     continue
-                self.step += 1
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
@@ -367,11 +362,7 @@ class MiniLLMTrainer:
                 if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                     return stop_early(self, bar)
             if self.micro_index >= self.micro_per_epoch:
-                self.micro_index = 0
-                self.ppo_epoch += 1
-                if self.ppo_epoch >= cfg.minillm.ppo_epochs:
-                    self.buffer, self.ppo_epoch = None, 0
-                    self.phase += 1
+                self._end_ppo_epoch()
         if bar is not None:
             bar.close()
         self.save()
@@ -379,6 +370,44 @@ class MiniLLMTrainer:
         self.metrics.close()
         return {"step": self.step, "phases": self.phase, "best": self.best.best, "best_step": self.best.best_step,
                 "nan_skips": self.nan_guard.skipped}
+
+    def learn_micro_step(self, perm: torch.Tensor):
+        """Micro-step ``micro_index`` of the current PPO epoch (``perm``: the epoch's order of the buffer), timed as
+        "learn"; counts the optimizer step when the strategy took one. Returns the strategy's StepResult."""
+        size = self.cfg.train.micro_batch_size
+        idx = perm[self.micro_index * size:(self.micro_index + 1) * size]
+        mb = self.buffer.select(idx).to(self.strategy.device)
+        with self.timer("learn"):
+            loss, parts = self.micro_batch_loss(mb)
+            result = guarded_micro_step(self, loss, parts)
+        self.micro_index += 1
+        if result.stepped:
+            self.step += 1
+        return result
+
+    def _end_ppo_epoch(self) -> None:
+        self.micro_index = 0
+        self.ppo_epoch += 1
+        if self.ppo_epoch >= self.cfg.minillm.ppo_epochs:
+            self.buffer, self.ppo_epoch = None, 0
+            self.phase += 1
+
+    def run_phase(self) -> dict[str, float]:
+        """One whole phase, as :meth:`train` runs it but without logging, evaluation or checkpoints (benchmarks,
+        notebooks): rollout and score, then every PPO epoch's micro-steps. Returns the phase's rollout statistics
+        and its ``time/rollout``, ``time/score`` and ``time/learn`` seconds."""
+        if self.buffer is not None or self.micro_index or self.ppo_epoch:
+            raise RuntimeError("MiniLLMTrainer.run_phase: a phase is in progress (resumed or interrupted train()); "
+                               "finish it with train() first")
+        self.timer.pop()
+        self.buffer = self.rollout_and_score()
+        while self.buffer is not None:
+            perm = self._permutation(len(self.buffer))
+            while self.micro_index < self.micro_per_epoch:
+                self.learn_micro_step(perm)
+            self._end_ppo_epoch()
+        self.window.pop()
+        return {**self._phase_stats, **self.timer.pop()}
 
     def _log(self, grad_norm: float | None) -> None:
         values = mean_over_ranks(self.strategy, self.window.pop(), self.strategy.device)
