@@ -152,7 +152,16 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                                                                    **options), repeats)
         rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
-    fast_names = [k for k in rollout if k.startswith("fast")]
+    if args.draft_tokens > 0:  # the speculative engine: independent rows, eager only
+        from .speculative import speculative_mixed_sample
+
+        secs, out, peak = _timed(device, lambda: speculative_mixed_sample(
+            student, teacher, prompts, prompt_mask, generator=seeded(), score=False, draft_tokens=args.draft_tokens,
+            static_cache=False, cuda_graphs=False, **common), repeats)
+        rollout["speculative_eager"] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
+        rollout["speculative_eager"].update(draft_tokens=args.draft_tokens, rounds=out.rounds,
+                                            acceptance=out.accepted_drafts / max(out.proposed_drafts, 1))
+    fast_names = [k for k in rollout if k.startswith(("fast", "speculative"))]
     if "naive" in rollout:
         rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
     rollout["speedup_vs_hf_generate_student_only"] = {
@@ -292,7 +301,7 @@ def _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
                        pt_seq_length=prompt_len + new_tokens + 1, loss_chunk_size=args.chunk_size,
                        precision="bf16" if dtype == torch.bfloat16 else "fp32", cuda_graphs=not args.no_graphs,
                        pt_cache_top_k=args.pt_cache_top_k, seed=args.seed)
-    return measure_phases(student, teacher, setup)
+    return measure_phases(student, teacher, setup, variants=tuple(args.phase_variants.split(",")))
 
 
 __all__ = ["run_benchmark"]

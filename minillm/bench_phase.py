@@ -10,6 +10,7 @@ prompts and pre-training chunks, in one process.
   on every rollout and pre-training micro-batch — what the reference does;
 * ``fast``: the coin engine (static caches + CUDA graphs on CUDA), chunked losses and the teacher's hidden states
   reused across PPO epochs — the defaults;
+* ``speculative`` (opt-in): ``fast`` with the speculative engine (student drafts, teacher verifies; eager);
 * ``fast_pt_cache`` (with ``pt_cache_top_k > 0``): ``fast`` plus a teacher top-k cache of the pre-training
   chunks (``minillm.pt_teacher_cache``), built once before timing (its build time is reported separately, as
   the offline cost it is).
@@ -36,6 +37,7 @@ __all__ = ["PhaseSetup", "RandomTokenCorpus", "random_prompts", "phase_config", 
 VARIANTS: dict[str, dict[str, Any]] = {
     "naive": {"rollout.engine": "naive", "minillm.chunked_losses": False, "minillm.reuse_teacher": False},
     "fast": {"rollout.engine": "fast", "minillm.chunked_losses": True, "minillm.reuse_teacher": True},
+    "speculative": {"rollout.engine": "speculative", "minillm.chunked_losses": True, "minillm.reuse_teacher": True},
 }
 
 

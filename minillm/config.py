@@ -202,10 +202,13 @@ class RolloutConfig:
     top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
     do_sample: bool = _f(True, "Draw y_t ~ p̃ (the method). False takes argmax p̃ per token: deterministic rollouts "
                          "for debugging and for comparing strategies, not for training.")
-    engine: Literal["naive", "fast"] = _f(
+    engine: Literal["naive", "fast", "speculative"] = _f(
         "fast", "fast = minillm.engine (one shared Bernoulli(alpha) coin per step picks the model that draws the "
         "token; the teacher runs only on its steps; exact p~ per sequence, rows of a batch share the coins); "
-        "naive = both models every step (minillm.sampling). Identical tokens when alpha is 0 or 1.")
+        "speculative = minillm.speculative (the student drafts rollout.draft_tokens tokens, the teacher verifies "
+        "them in one forward; exact p~ with independent rows; eager only); naive = both models every step "
+        "(minillm.sampling). fast and naive draw identical tokens when alpha is 0 or 1.")
+    draft_tokens: int = _f(4, "speculative engine: student draft tokens per teacher verification forward.")
     cuda_graphs: bool = _f(True, "fast engine on CUDA: static KV caches and CUDA-graph decode steps (torch.compile).")
 
 
@@ -343,6 +346,9 @@ class RunConfig:
                      f"micro-batches per rank, not a multiple of the {accumulation} accumulation steps")
             if not 0.0 <= r.teacher_mix_alpha <= 1.0:
                 fail("rollout.teacher_mix_alpha", "must be in [0, 1]")
+            if r.draft_tokens < 1:
+                fail("rollout.draft_tokens", f"must be >= 1 (student tokens per teacher verification), got "
+                     f"{r.draft_tokens}")
             if d.max_prompt_length + r.max_new_tokens > d.max_length:
                 fail("rollout.max_new_tokens", f"max_prompt_length + max_new_tokens = "
                      f"{d.max_prompt_length + r.max_new_tokens} exceeds data.max_length={d.max_length}")

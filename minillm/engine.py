@@ -48,7 +48,7 @@ from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _c
 
 __all__ = ["FastSampleOutput", "fast_mixed_sample", "sample_rollouts", "left_pad_to_bucket", "ENGINES"]
 
-ENGINES = ("naive", "fast")
+ENGINES = ("naive", "fast", "speculative")
 
 # Static caches are sized (prompt width + max_new_tokens). Rounding the prompt width up to a multiple of this (extra
 # left padding, masked like any other) keeps the number of distinct decode shapes small, so compiled CUDA-graph
@@ -303,13 +303,23 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
 
 
 def sample_rollouts(engine: str, student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
-                    attention_mask: Tensor, **kwargs) -> SampleOutput:
-    """Dispatch on ``rollout.engine``: ``naive`` (:func:`mixed_sample`, both models every step) or ``fast``
-    (:func:`fast_mixed_sample`; ``score`` is passed through, ``static_cache``/``cuda_graphs`` too)."""
+                    attention_mask: Tensor, *, draft_tokens: int = 4, **kwargs) -> SampleOutput:
+    """Dispatch on ``rollout.engine``: ``naive`` (:func:`mixed_sample`, both models every step), ``fast``
+    (:func:`fast_mixed_sample`; ``score`` is passed through, ``static_cache``/``cuda_graphs`` too) or
+    ``speculative`` (:func:`minillm.speculative.speculative_mixed_sample`, ``draft_tokens`` per round; independent
+    rows; eager only, so ``static_cache``/``cuda_graphs`` = None become False)."""
     if engine == "naive":
         for key in ("score", "static_cache", "cuda_graphs"):
             kwargs.pop(key, None)
         return mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
     if engine == "fast":
         return fast_mixed_sample(student, teacher, input_ids, attention_mask, **kwargs)
+    if engine == "speculative":
+        from .speculative import speculative_mixed_sample
+
+        for key in ("static_cache", "cuda_graphs"):
+            if kwargs.get(key) is None:
+                kwargs[key] = False
+        return speculative_mixed_sample(student, teacher, input_ids, attention_mask, draft_tokens=draft_tokens,
+                                        **kwargs)
     raise ValueError(f"minillm.engine: unknown rollout engine {engine!r}; choose one of {', '.join(ENGINES)}")

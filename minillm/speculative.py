@@ -43,8 +43,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .engine import _cache_keyword, _output_rows, fast_mixed_sample
-from .sampling import (SampleOutput, _accepts_logits_to_keep, _check_prompts, _check_vocab, _eos_tensor, _eval_mode,
+from .engine import _output_rows, fast_mixed_sample
+from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _check_prompts, _check_vocab, _eos_tensor, _eval_mode,
                        _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
                        process_logits)
 

@@ -48,6 +48,10 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     heads = round(fast["teacher_step_fraction"] * 8)
     assert fast["teacher_forwards"] == heads and fast["student_forwards"] <= 8 - heads + 1
     assert rollout["speedup_vs_naive"]["fast_eager"] == pytest.approx(naive["seconds"] / fast["seconds"])
+    spec = rollout["speculative_eager"]  # default 4 drafts per round; the teacher verifies once per round
+    assert spec["draft_tokens"] == 4 and spec["teacher_forwards"] == spec["rounds"] >= 2  # 8 tokens
+    assert 0.0 <= spec["acceptance"] <= 1.0 and spec["tokens_per_s"] * spec["seconds"] == pytest.approx(4 * 8)
+    assert rollout["speedup_vs_naive"]["speculative_eager"] == pytest.approx(naive["seconds"] / spec["seconds"])
     for name in ("teacher_scoring", "training_step", "single_step_kl"):
         assert set(phases[name]) == {"plain", "chunked"}
         for entry in phases[name].values():
@@ -60,8 +64,9 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     assert phase["naive_seconds"] == pytest.approx(
         naive["seconds"] + 2 * (scoring["plain"]["seconds"] + 4 * training["plain"]["seconds"]))
     teacher = reuse["teacher_forward_seconds_per_micro_batch"]
+    assert phase["fast_rollout_variant"] in ("fast_eager", "speculative_eager")
     assert phase["fast_seconds"] == pytest.approx(
-        fast["seconds"] + 2 * (scoring["chunked"]["seconds"] + 4 * max(training["chunked"]["seconds"] - teacher, 0)))
+        rollout[phase["fast_rollout_variant"]]["seconds"] + 2 * (scoring["chunked"]["seconds"] + 4 * max(training["chunked"]["seconds"] - teacher, 0)))
     assert phase["speedup"] == pytest.approx(phase["naive_seconds"] / phase["fast_seconds"])
     assert result["finite"] is True
 

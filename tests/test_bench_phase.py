@@ -35,26 +35,40 @@ def test_naive_and_fast_configurations_train_the_same_student_in_one_phase(model
     prompts = random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0)
     corpus = RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1)
     finals, stats = {}, {}
-    for variant in ("naive", "fast"):
+    for variant in ("naive", "fast", "speculative"):
         student = copy.deepcopy(student0)
         trainer = phase_trainer(student, teacher, setup, variant, str(tmp_path / variant), prompts, corpus)
         m = trainer.cfg.minillm
         assert (trainer.cfg.rollout.engine, m.chunked_losses, m.reuse_teacher) == \
-            (("naive", False, False) if variant == "naive" else ("fast", True, True))
+            (("naive", False, False) if variant == "naive" else (variant, True, True))
         stats[variant] = trainer.run_phase()
         # 8 rollouts / micro-batch 4 = 2 micro-steps per epoch, 2 epochs, one optimizer step each
         assert (trainer.step, trainer.phase, trainer.buffer, trainer.ppo_epoch, trainer.micro_index) == (4, 1, None, 0, 0)
         assert {"time/rollout", "time/score", "time/learn"} <= set(stats[variant])
         finals[variant] = student.state_dict()
         trainer.metrics.close()
-    assert stats["naive"]["rollout/response_length"] == stats["fast"]["rollout/response_length"] == 5.0
-    assert stats["naive"]["rollout/teacher_logprob"] == pytest.approx(stats["fast"]["rollout/teacher_logprob"],
-                                                                      abs=1e-5)
     moved = 0.0
-    for name, start in student0.state_dict().items():
-        torch.testing.assert_close(finals["fast"][name], finals["naive"][name], atol=2e-5, rtol=1e-4)
-        moved = max(moved, float((finals["naive"][name] - start).abs().max()))
+    for variant in ("fast", "speculative"):  # at alpha 0 and 1 every engine draws the naive loop's tokens
+        assert stats[variant]["rollout/response_length"] == stats["naive"]["rollout/response_length"] == 5.0
+        assert stats[variant]["rollout/teacher_logprob"] == pytest.approx(stats["naive"]["rollout/teacher_logprob"],
+                                                                          abs=1e-5)
+        for name, start in student0.state_dict().items():
+            torch.testing.assert_close(finals[variant][name], finals["naive"][name], atol=2e-5, rtol=1e-4)
+            moved = max(moved, float((finals["naive"][name] - start).abs().max()))
     assert moved > 1e-4  # the phase did train
+
+
+def test_speculative_engine_runs_a_phase_with_mixing(models, tmp_path):
+    """0 < alpha < 1: drafts are rejected and rows hold holes; the phase still trains on full-length rollouts."""
+    student, teacher = models
+    setup = PhaseSetup(alpha=0.5, **SETUP)
+    prompts = random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0)
+    corpus = RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1)
+    trainer = phase_trainer(copy.deepcopy(student), teacher, setup, "speculative", str(tmp_path), prompts, corpus)
+    stats = trainer.run_phase()
+    assert trainer.step == 4 and trainer.nan_guard.skipped == 0 and stats["rollout/response_length"] == 5.0
+    assert torch.isfinite(torch.tensor(stats["rollout/reverse_kl_k3"]))
+    trainer.metrics.close()
 
 
 def test_run_phase_refuses_to_start_inside_a_phase(models, tmp_path):

@@ -68,6 +68,11 @@ def test_cross_field_checks():
         load_config(None, ["student.path=s", "data.max_length=100", "data.max_prompt_length=200"])
     with pytest.raises(ConfigError, match="kd_ratio"):
         load_config(None, ["student.path=s", "kd.kd_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"rollout.draft_tokens.*>= 1"):
+        load_config(None, ["student.path=s", "teacher.path=t", "method=minillm", "rollout.draft_tokens=0",
+                           "data.train=x.jsonl"])
+    with pytest.raises(ConfigError, match=r"rollout.engine.*speculative"):
+        load_config(None, ["student.path=s", "rollout.engine=turbo"])
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         load_config(None, ["student.path=s", "train.gradient_accumulation_steps=3"])
     with pytest.raises(ConfigError, match=r"select_best_by.*eval.rouge is false"):

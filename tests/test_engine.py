@@ -262,6 +262,13 @@ def test_sample_rollouts_dispatches(models):
     fast = sample_rollouts("fast", student, teacher, ids, mask, generator=torch.Generator().manual_seed(1), **common)
     assert type(naive).__name__ == "SampleOutput" and isinstance(fast, FastSampleOutput)
     assert torch.equal(naive.response_ids, fast.response_ids)
+    # the speculative engine's own loop (at alpha 1 it hands over to the coin engine); no EOS: all 4 tokens drawn
+    common.update(alpha=0.0, eos_token_id=None)
+    naive = sample_rollouts("naive", student, None, ids, mask, generator=torch.Generator().manual_seed(1), **common)
+    spec = sample_rollouts("speculative", student, None, ids, mask, generator=torch.Generator().manual_seed(1),
+                           draft_tokens=3, static_cache=None, cuda_graphs=None, **common)
+    assert type(spec).__name__ == "SpeculativeSampleOutput" and spec.rounds == 2  # 4 tokens, 3 per round
+    assert torch.equal(naive.response_ids, spec.response_ids)
 
 
 def test_prompts_are_bucketed_so_static_shapes_repeat():

@@ -89,10 +89,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per measurement after one untimed warm-up; the median is reported (default 3)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs of the whole-phase estimate (default 4)")
+    p.add_argument("--draft-tokens", type=int, default=4,
+                   help="also time the speculative engine with this many draft tokens per round (0: skip; default 4)")
     p.add_argument("--phase", action="store_true",
                    help="also run one whole phase end to end through MiniLLMTrainer per configuration (naive, fast; "
                         "fast_pt_cache with --pt-cache-top-k) and report it as phases.phase_measured")
     p.add_argument("--phase-only", action="store_true", help="measure only the whole phase (skip the parts)")
+    p.add_argument("--phase-variants", default="naive,fast",
+                   help="comma-separated configurations of the measured phase: naive, fast, speculative "
+                        "(default naive,fast)")
     p.add_argument("--phase-rollouts", type=int, help="rollouts of the measured phase (default: 4 x batch)")
     p.add_argument("--pt-cache-top-k", type=int, default=0,
                    help="> 0: also time the phase with a teacher top-k cache of the pre-training chunks (built "

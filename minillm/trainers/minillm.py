@@ -149,7 +149,7 @@ class MiniLLMTrainer:
         graphs = r.cuda_graphs and not any(zero3(x) for x in (self.student, self.teacher) if x is not None)
         return sample_rollouts(r.engine, student, teacher, prompt_ids, prompt_mask, score=False, vocab_size=vocab,
                                static_cache=None if graphs else False, cuda_graphs=None if graphs else False,
-                               **kwargs)
+                               draft_tokens=r.draft_tokens, **kwargs)
 
     def _batches(self, dataset, sampler, batch_size, collate):
         while True:
