@@ -87,10 +87,15 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     s_name, t_name = args.student or s_name, args.teacher or t_name
     batch, prompt_len = args.batch or batch, args.prompt_len or prompt_len
     new_tokens, train_batch = args.new_tokens or new_tokens, args.train_batch or train_batch
+    info = _device_info(device, devices)
+    if args.kl_only:  # only the head sizes and the vocabulary matter: no model is built
+        return {"device": info, "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
+                "setup": {"preset": args.preset, "student": args.student_path or s_name,
+                          "teacher": args.teacher_path or t_name},
+                "phases": {"single_step_kl_target": _kl_target(args, shapes, s_name, t_name, device, dtype)}}
     student = _build(shapes.get(s_name), args.student_path, dtype, device, args.seed)
     teacher = _build(shapes.get(t_name), args.teacher_path, dtype, device, args.seed + 1)
     vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
-    info = _device_info(device, devices)
     bandwidth, flops = info["peak_bandwidth_Bps"], info["peak_bf16_flops"]
     n_s, n_t = _params(student), _params(teacher)
     elem = torch.finfo(dtype).bits // 8
@@ -101,8 +106,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     common = dict(max_new_tokens=new_tokens, alpha=args.alpha, eos_token_id=None, pad_token_id=0)
     result: dict[str, Any] = {
         "device": info, "dtype": str(dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version()},
+        "versions": _versions(),
         "setup": {"preset": args.preset, "student": args.student_path or s_name, "teacher": args.teacher_path or t_name,
                   "student_params": n_s, "teacher_params": n_t, "batch": batch, "prompt_len": prompt_len,
                   "new_tokens": new_tokens, "train_batch": train_batch, "alpha": args.alpha,
@@ -279,6 +283,8 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     phase["note"] = ("composed from the measured phases above (rollout + micro-batches x (scoring + ppo_epochs x "
                      "training step)); the PT loss is excluded from both")
     phases["phase_estimate"] = phase
+    if args.kl_target:
+        phases["single_step_kl_target"] = _kl_target(args, shapes, s_name, t_name, device, dtype)
     if args.phase:
         phases["phase_measured"] = _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
                                                   train_batch)
@@ -287,6 +293,36 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     result["finite"] = all(math.isfinite(v["seconds"]) for p in ("teacher_scoring", "training_step")
                            for v in phases[p].values()) and math.isfinite(phase_fast)
     return result
+
+
+def _versions() -> dict:
+    return {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "python": platform.python_version()}
+
+
+def _head_sizes(shape: tuple[str, dict] | None, path: str | None) -> tuple[int, int]:
+    """(hidden size feeding the LM head, vocabulary) of a named shape or a checkpoint, from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path) if path else AutoConfig.for_model(shape[0], **shape[1])
+    config = config.get_text_config()
+    hidden = getattr(config, "word_embed_proj_dim", None) or config.hidden_size  # OPT projects before its head
+    return int(hidden), int(config.vocab_size)
+
+
+def _kl_target(args, shapes, s_name, t_name, device, dtype) -> dict:
+    """The single-step KL at ``--kl-target BxL`` with the models' head sizes (:mod:`minillm.bench_kl`)."""
+    from .bench_kl import measure_kl_target
+
+    try:
+        batch, length = (int(x) for x in (args.kl_target or "16x512").lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"minillm-bench: --kl-target wants BATCHxLENGTH such as 16x512, got {args.kl_target!r}")
+    s_hidden, s_vocab = _head_sizes(shapes.get(s_name), args.student_path)
+    t_hidden, t_vocab = _head_sizes(shapes.get(t_name), args.teacher_path)
+    return measure_kl_target(batch=batch, length=length, vocab=min(s_vocab, t_vocab), student_hidden=s_hidden,
+                             teacher_hidden=t_hidden, chunk_size=args.chunk_size, device=str(device), dtype=dtype,
+                             repeats=args.repeats, seed=args.seed)
 
 
 def _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens, train_batch) -> dict:

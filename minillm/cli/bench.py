@@ -91,6 +91,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs of the whole-phase estimate (default 4)")
     p.add_argument("--draft-tokens", type=int, default=4,
                    help="also time the speculative engine with this many draft tokens per round (0: skip; default 4)")
+    p.add_argument("--kl-target", metavar="BxL",
+                   help="also measure the single-step KL alone at batch B x L tokens with the models' head sizes "
+                        "and vocabulary, plain vs chunked: peak memory and speed (the issue target: 16x512)")
+    p.add_argument("--kl-only", action="store_true",
+                   help="measure only --kl-target (default 16x512); builds no model, only heads of its sizes")
     p.add_argument("--phase", action="store_true",
                    help="also run one whole phase end to end through MiniLLMTrainer per configuration (naive, fast; "
                         "fast_pt_cache with --pt-cache-top-k) and report it as phases.phase_measured")
