@@ -196,6 +196,19 @@ class _LazyLM:
         return torch.stack([self.logprobs[j] for j in range(length)], dim=1)
 
 
+def check_engine_inputs(where: str, student: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        generator: torch.Generator | None, warp: dict) -> torch.device:
+    """The checks every sampling engine makes before any forward: left-padded prompts, valid warper settings, a
+    generator on the student's device type. Returns the student's device."""
+    _check_prompts(input_ids, attention_mask, where.rsplit(".", 1)[-1])
+    process_logits(torch.zeros(1, 1), **warp)
+    device = _model_device(student)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"{where}: the generator lives on {generator.device} but sampling runs on the student's "
+                         f"device {device}; create torch.Generator(device={str(device)!r})")
+    return device
+
+
 @torch.no_grad()
 def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
                       attention_mask: Tensor, *, max_new_tokens: int, alpha: float = 0.2, temperature: float = 1.0,
@@ -220,14 +233,9 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
         return mixed_sample(student, teacher, input_ids, attention_mask, max_new_tokens=max_new_tokens, alpha=alpha,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, generator=generator, do_sample=False, vocab_size=vocab_size)
-    _check_prompts(input_ids, attention_mask, "fast_mixed_sample")
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    process_logits(torch.zeros(1, 1), **warp)  # validate the warper settings before any forward
-
-    device = _model_device(student)
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"minillm.engine.fast_mixed_sample: the generator lives on {generator.device} but sampling "
-                         f"runs on the student's device {device}; create torch.Generator(device={str(device)!r})")
+    device = check_engine_inputs("minillm.engine.fast_mixed_sample", student, input_ids, attention_mask, generator,
+                                 warp)
     use_teacher = alpha > 0.0
     models = [student] + ([teacher] if use_teacher else [])
     if static_cache is None:

@@ -43,8 +43,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .engine import _output_rows, fast_mixed_sample
-from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _check_prompts, _check_vocab, _eos_tensor, _eval_mode,
+from .engine import _output_rows, check_engine_inputs, fast_mixed_sample
+from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _check_vocab, _eos_tensor, _eval_mode,
                        _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
                        process_logits)
 
@@ -148,13 +148,8 @@ def speculative_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module 
         return SpeculativeSampleOutput(**base, student_forwards=out.student_forwards,
                                        teacher_forwards=out.teacher_forwards, rounds=0, accepted_drafts=0,
                                        proposed_drafts=0)
-    _check_prompts(input_ids, attention_mask, "speculative_mixed_sample")
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    process_logits(torch.zeros(1, 1), **warp)  # validate the warper settings before any forward
-    device = _model_device(student)
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"{_WHERE}: the generator lives on {generator.device} but sampling runs on the student's "
-                         f"device {device}; create torch.Generator(device={str(device)!r})")
+    device = check_engine_inputs(_WHERE, student, input_ids, attention_mask, generator, warp)
     use_teacher = alpha > 0.0
     if use_teacher and vocab_size is None and _output_rows(student) != _output_rows(teacher):
         raise ValueError(f"{_WHERE}: the student has {_output_rows(student)} output rows and the teacher "

@@ -27,13 +27,7 @@ WARPED = dict(temperature=0.7, top_k=4, top_p=0.9)
 PROMPT = torch.tensor([4, 2, 5, 3, 2])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and many calls make it add up on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
