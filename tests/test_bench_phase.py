@@ -28,12 +28,17 @@ def models():
     return tiny_llama(VOCAB, seed=1), tiny_llama(VOCAB, seed=2, hidden_size=48, intermediate_size=96)
 
 
+def phase_data(setup: PhaseSetup):
+    """The prompts and PT chunks every test phase runs on."""
+    return (random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0),
+            RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_naive_and_fast_configurations_train_the_same_student_in_one_phase(models, alpha, tmp_path):
     student0, teacher = models
     setup = PhaseSetup(alpha=alpha, **SETUP)
-    prompts = random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0)
-    corpus = RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1)
+    prompts, corpus = phase_data(setup)
     finals, stats = {}, {}
     for variant in ("naive", "fast", "speculative"):
         student = copy.deepcopy(student0)
@@ -62,8 +67,7 @@ def test_speculative_engine_runs_a_phase_with_mixing(models, tmp_path):
     """0 < alpha < 1: drafts are rejected and rows hold holes; the phase still trains on full-length rollouts."""
     student, teacher = models
     setup = PhaseSetup(alpha=0.5, **SETUP)
-    prompts = random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0)
-    corpus = RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1)
+    prompts, corpus = phase_data(setup)
     trainer = phase_trainer(copy.deepcopy(student), teacher, setup, "speculative", str(tmp_path), prompts, corpus)
     stats = trainer.run_phase()
     assert trainer.step == 4 and trainer.nan_guard.skipped == 0 and stats["rollout/response_length"] == 5.0
@@ -74,8 +78,7 @@ def test_speculative_engine_runs_a_phase_with_mixing(models, tmp_path):
 def test_run_phase_refuses_to_start_inside_a_phase(models, tmp_path):
     student, teacher = models
     setup = PhaseSetup(alpha=0.2, **SETUP)
-    prompts = random_prompts(VOCAB, setup.num_rollouts, setup.prompt_len, seed=0)
-    corpus = RandomTokenCorpus(VOCAB, setup.pt_chunks_per_phase, setup.pt_seq_length, seed=1)
+    prompts, corpus = phase_data(setup)
     trainer = phase_trainer(copy.deepcopy(student), teacher, setup, "fast", str(tmp_path), prompts, corpus)
     trainer.micro_index = 1  # as after resuming mid-phase
     with pytest.raises(RuntimeError, match="phase is in progress"):
