@@ -133,3 +133,22 @@ def test_minillm_brings_the_student_closer_to_the_teacher(tmp_path):
     train = [r for r in rows if "train/loss" in r]
     assert all(k in train[0] for k in ("train/pg_loss", "train/single_step_kl", "train/pt_loss", "train/clip_fraction",
                                        "rollout/reward", "rollout/reverse_kl_k3", "time/rollout", "time/learn"))
+
+
+def test_multi_process_cli_run_skips_native_teardown_only_when_distributed(monkeypatch):
+    """A finished multi-rank run ends with os._exit (a rare gloo abort in C++ destructors would otherwise turn
+    it into rc != 0); a single-process run, and run() called from a notebook, return normally."""
+    import logging
+
+    from minillm.cli import train as cli
+
+    exits, shutdowns = [], []
+    monkeypatch.setattr(cli, "run", lambda cfg, resume=None: 0)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(logging, "shutdown", lambda: shutdowns.append(True))
+    argv = ["--config", str(REPO / "configs/tiny/sft.yaml"), "strategy.backend=deepspeed"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(argv) == 0 and exits == [] and shutdowns == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.main(argv)
+    assert exits == [0] and shutdowns == [True]

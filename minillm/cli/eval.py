@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import finish_process
+
 S = argparse.SUPPRESS  # flags the user did not give stay out of the namespace, so the YAML can set them
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nRouge-L (mean ± std over seeds {' '.join(map(str, settings.seeds))}); "
               f"results in {outcome.out_dir}/results.json\n")
         print(outcome.table, end="")
-    return 0
+    return finish_process(0)
 
 
 if __name__ == "__main__":

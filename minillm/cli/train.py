@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import finish_process
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minillm-train", description=__doc__,
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    return run(cfg, resume=args.resume)
+    return finish_process(run(cfg, resume=args.resume))
+
 
 
 def run(cfg, resume: str | None = None) -> int:
