@@ -25,7 +25,7 @@ from torch import Tensor
 from . import losses
 from .sampling import _accepts_logits_to_keep
 
-__all__ = ["hidden_and_head", "lm_head", "response_hidden", "global_chunk_count"]
+__all__ = ["LMHead", "hidden_and_head", "lm_head", "response_hidden", "global_chunk_count"]
 
 _VERIFIED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -36,7 +36,7 @@ def _unwrap(model):
 
 def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = None,
                     position_ids: Tensor | None = None, *, trim: Callable[[Tensor], Tensor] = lambda x: x,
-                    autocast=None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+                    autocast=None) -> tuple[Tensor, "LMHead"]:
     """One forward → (last hidden states [B, S, H], head ``h → trim(lm_head(h))``). Gradients flow as usual."""
     module = _unwrap(model)
     head = lm_head(model, trim=trim, autocast=autocast)  # fails before the forward when there is no head
@@ -58,7 +58,29 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
     return hidden, head
 
 
-def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None) -> Callable[[Tensor], Tensor]:
+class LMHead(torch.nn.Module):
+    """``h [N, H] → trim(lm_head(h)) / temperature`` through the model's own output-embedding module.
+
+    A module (not a closure) so the chunked losses can take its gradients in forward (:mod:`minillm.fused_head`);
+    the wrapped head stays the model's own submodule, so ZeRO-3 hooks fire and tied embeddings stay tied.
+    """
+
+    def __init__(self, head: torch.nn.Module, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None,
+                 temperature: float = 1.0):
+        super().__init__()
+        self.head, self.trim, self.autocast, self.temperature = head, trim, autocast, temperature
+
+    def forward(self, h: Tensor) -> Tensor:
+        with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
+            out = self.trim(self.head(h))
+        return out / self.temperature if self.temperature != 1.0 else out
+
+    def at_temperature(self, temperature: float) -> "LMHead":
+        """The same head with its logits divided by ``temperature``."""
+        return LMHead(self.head, self.trim, self.autocast, temperature)
+
+
+def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None) -> LMHead:
     """``h [N, H] → trim(lm_head(h))`` through the model's own output-embedding module (ZeRO-3 hooks fire).
 
     Used alone for hidden states kept from an earlier forward (the teacher's, reused across PPO epochs); that
@@ -69,17 +91,12 @@ def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=N
     if head_module is None:
         raise ValueError(f"minillm.chunking: {type(module).__name__} has no output embeddings (LM head); set "
                          "minillm.chunked_losses=false / kd.chunked=false for it")
-
-    def head(h: Tensor) -> Tensor:
-        with (autocast() if autocast is not None else contextlib.nullcontext()):
-            return trim(head_module(h))
-
-    return head
+    return LMHead(head_module, trim, autocast)
 
 
 def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,
                     trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None
-                    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+                    ) -> tuple[Tensor, "LMHead"]:
     """[B, L, H] hidden states whose head output predicts each response token (row t predicts y_t), and the head.
 
     The chunked twin of :func:`minillm.rollout.response_logits` (same inputs, positions and layout)."""

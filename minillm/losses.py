@@ -38,16 +38,19 @@ Memory
 ------
 The plain vocabulary-wide losses take ``[B, L, V]`` logits. Their ``chunked_*`` twins take hidden states
 ``[B, L, H]`` and a callable LM head ``head(h: [N, H]) -> [N, V]`` and walk the valid token positions chunk by
-chunk under non-reentrant activation checkpointing, so only one chunk's ``[chunk, V]`` logits (of each model)
-are alive at a time, in forward and in backward. Calling the real ``lm_head`` module keeps DeepSpeed ZeRO-3
-parameter hooks firing; ``num_chunks`` pads the number of head calls so every rank makes the same number
-(all-reduce the max of :func:`chunk_count` first). The price is one extra head forward per chunk in backward.
+chunk, so only one chunk's ``[chunk, V]`` logits (of each model) are alive at a time, in forward and in
+backward. The scalar losses (single-step KL, PT loss, divergences) take each chunk's gradients in its forward
+when the head is an ``nn.Module`` (:mod:`minillm.fused_head`): the plain loss's FLOPs, no recompute. Per-token
+log-probs, plain callables and ZeRO-3 partitioned heads use non-reentrant activation checkpointing instead,
+which reruns each chunk's student and teacher head in backward. Calling the real ``lm_head`` module keeps
+DeepSpeed ZeRO-3 parameter hooks firing; ``num_chunks`` pads the number of head calls so every rank makes the
+same number (all-reduce the max of :func:`chunk_count` first).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -383,16 +386,22 @@ def chunk_count(mask: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     return max(1, math.ceil(int((mask != 0).sum()) / chunk_size))
 
 
-def _run_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, student_head: Head, valid: Tensor,
-                extras: Sequence[Tensor], *, teacher_hidden: Tensor | None, teacher_head: Head | None,
-                teacher_logprobs: Tensor | None, need_teacher: bool, temperature: float, chunk_size: int,
-                num_chunks: int | None, caller: str) -> tuple[Tensor, Tensor]:
-    """Evaluate ``kernel(log_q [c, V], log_p [c, V] | None, *extras_c) -> [c]`` on the valid positions, chunk by chunk.
+class _ChunkPlan(NamedTuple):
+    """The valid rows of a chunked loss and how to evaluate one chunk of them."""
 
-    Returns (values [n], flat indices [n]) of the n valid positions of the [B, L] grid. Each chunk runs under
-    non-reentrant checkpointing: the chunk's logits are freed after its forward and recomputed (student and
-    teacher head) during backward, so at most one chunk's [c, V] tensors are alive at any time.
-    """
+    hidden: Tensor  # [n, H] student hidden rows at the valid positions
+    index: Tensor  # [n] their flat positions in the [B, L] grid
+    values: Callable[..., Tensor]  # (student logits [c, V], rows lo:hi of index, teacher hidden, *extras) -> [c(, k)]
+    args: Callable[[int, int], tuple]  # rows lo:hi of (index, teacher hidden | None, *extras)
+    bounds: list[tuple[int, int]]  # (lo, hi) per head call; calls past the data are empty slices
+
+
+def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: Tensor, extras: Sequence[Tensor], *,
+                 teacher_hidden: Tensor | None, teacher_head: Head | None, teacher_logprobs: Tensor | None,
+                 need_teacher: bool, temperature: float, chunk_size: int, num_chunks: int | None,
+                 caller: str) -> _ChunkPlan:
+    """Check the inputs of a chunked loss and gather its valid rows; ``kernel(log_q [c, V], log_p [c, V] | None,
+    *extras_c) -> [c(, k)]`` gives the per-position values."""
     if student_hidden.dim() < 2:
         raise ValueError(f"minillm.losses.{caller}: student_hidden must be [B, L, H], "
                          f"got {tuple(student_hidden.shape)}")
@@ -424,31 +433,82 @@ def _run_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, student_h
     t_flat = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]) if teacher_logprobs is not None \
         else None
 
-    def chunk_fn(h: Tensor, idx: Tensor, th: Tensor | None, *ex: Tensor) -> Tensor:
-        log_q = _log_softmax(student_head(h), temperature)
+    def values(student_logits: Tensor, idx: Tensor, th: Tensor | None, *ex: Tensor) -> Tensor:
+        log_q = _log_softmax(student_logits, temperature)
         log_p = None
         with torch.no_grad():
             if th is not None:
                 log_p = _log_softmax(teacher_head(th), temperature)
             elif t_flat is not None:  # cached log-probs (maybe bf16, maybe in pinned CPU memory): renormalised
                 rows = t_flat.index_select(0, idx.to(t_flat.device))  # in fp32 on the student's device, no T
-                log_p = _log_softmax(rows.to(h.device, non_blocking=True))
+                log_p = _log_softmax(rows.to(student_logits.device, non_blocking=True))
         if log_p is not None and log_p.shape[-1] != log_q.shape[-1]:
             raise ValueError(f"minillm.losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
                              f"{log_p.shape[-1]}; slice the heads' outputs to the shared vocabulary")
         return kernel(log_q, log_p, *ex)
 
+    def args(lo: int, hi: int) -> tuple:
+        return (index[lo:hi], None if t_hidden is None else t_hidden[lo:hi], *[e[lo:hi] for e in extras])
+
     n = index.numel()
     count = max(1, math.ceil(n / chunk_size), num_chunks or 0)
+    bounds = [(min(i * chunk_size, n), min((i + 1) * chunk_size, n)) for i in range(count)]
+    return _ChunkPlan(hidden, index, values, args, bounds)
+
+
+def _checkpointed_values(plan: _ChunkPlan, student_head: Head) -> Tensor:
+    """Per-position values [n(, k)], each chunk under non-reentrant checkpointing: its logits are freed after
+    its forward and recomputed (student and teacher head) in backward, so at most one chunk's [c, V] tensors
+    are alive at any time. Works with any callable head, ZeRO-3 partitioned ones included."""
+
+    def chunk_fn(h: Tensor, *rest: Tensor | None) -> Tensor:
+        return plan.values(student_head(h), *rest)
+
     outputs = []
-    for i in range(count):  # chunks past the data are empty slices: same head calls on every rank
-        lo, hi = min(i * chunk_size, n), min((i + 1) * chunk_size, n)
-        args = (hidden[lo:hi], index[lo:hi], None if t_hidden is None else t_hidden[lo:hi], *[e[lo:hi] for e in extras])
+    for lo, hi in plan.bounds:  # the same head calls on every rank, whatever its data
+        args = (plan.hidden[lo:hi], *plan.args(lo, hi))
         if torch.is_grad_enabled():
             outputs.append(checkpoint(chunk_fn, *args, use_reentrant=False))
         else:
             outputs.append(chunk_fn(*args))
-    return torch.cat(outputs), index
+    return torch.cat(outputs)
+
+
+def _weighted_sum(values: Tensor, coef: Tensor) -> Tensor:
+    """Σ coef·values over entries with coef ≠ 0 (others never leak in, even as inf/NaN) → scalar."""
+    values = _upcast(values)
+    coef = coef.to(values.dtype)
+    return torch.where(coef != 0, values * coef, torch.zeros_like(values)).sum()
+
+
+def _chunked_loss(plan: _ChunkPlan, student_head: Head, coef: Tensor, fused: bool | None, caller: str) -> Tensor:
+    """Σ coef·values over all chunks → scalar, a fixed linear combination of per-position values ``coef`` [n(, k)].
+
+    Fused (default where possible, :mod:`minillm.fused_head`): each chunk's gradients are taken in its forward
+    and backward only scales them, the plain loss's FLOPs. Otherwise checkpointed: both heads rerun per chunk
+    in backward. ``fused=None`` picks fused for ``nn.Module`` heads whose parameters are not ZeRO-3 partitioned
+    when a gradient is needed; ``True`` insists; ``False`` checkpoints.
+    """
+    from .fused_head import fusable_parameters, fused_chunk_loss
+
+    params = fusable_parameters(student_head)
+    if fused and params is None:
+        raise ValueError(f"minillm.losses.{caller}: fused=True needs an nn.Module student head whose parameters are "
+                         "not ZeRO-3 partitioned; pass fused=None to fall back to checkpointing")
+    wanted = torch.is_grad_enabled() and (plan.hidden.requires_grad or bool(params))
+    if params is not None and wanted and fused is not False:
+        def chunk_loss(student_logits: Tensor, lo: int, hi: int) -> Tensor:
+            return _weighted_sum(plan.values(student_logits, *plan.args(lo, hi)), coef[lo:hi])
+
+        return fused_chunk_loss(chunk_loss, plan.hidden, student_head, params, plan.bounds)
+    return _weighted_sum(_checkpointed_values(plan, student_head), coef)
+
+
+def _mean_coefficients(mask: Tensor, index: Tensor) -> Tensor:
+    """Per valid position, m_i / Σm: the weights of `masked_mean` over the valid rows (0 if Σm = 0)."""
+    m = mask.reshape(-1).index_select(0, index).to(torch.float64)
+    total = m.sum()
+    return m / torch.where(total != 0, total, torch.ones_like(total))
 
 
 def chunked_token_logprobs(hidden: Tensor, head: Head, tokens: Tensor, mask: Tensor | None = None, *,
@@ -464,9 +524,10 @@ def chunked_token_logprobs(hidden: Tensor, head: Head, tokens: Tensor, mask: Ten
     def kernel(log_q: Tensor, _log_p: None, tok: Tensor) -> Tensor:
         return log_q.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
-    values, index = _run_chunks(kernel, hidden, head, valid, [tokens.long()], teacher_hidden=None, teacher_head=None,
-                                teacher_logprobs=None, need_teacher=False, temperature=temperature,
-                                chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_token_logprobs")
+    plan = _plan_chunks(kernel, hidden, valid, [tokens.long()], teacher_hidden=None, teacher_head=None,
+                        teacher_logprobs=None, need_teacher=False, temperature=temperature, chunk_size=chunk_size,
+                        num_chunks=num_chunks, caller="chunked_token_logprobs")
+    values, index = _checkpointed_values(plan, head), plan.index
     out = values.new_zeros(tokens.numel()).index_copy(0, index, values)
     return out.reshape(tokens.shape)
 
@@ -475,7 +536,7 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
                            teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
                            teacher_logprobs: Tensor | None = None, temperature: float = 1.0,
                            weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                           num_chunks: int | None = None) -> Tensor:
+                           num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
     """`single_step_kl` from hidden states → scalar, one chunk of [chunk, V] logits alive at a time.
 
     Student: ``student_hidden`` [B, L, H] and ``student_head`` (e.g. the lm_head module). Teacher: either
@@ -493,17 +554,17 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
         kl = _kl_terms(log_q, log_p)
         return kl * w_c[0] if w_c else kl
 
-    values, index = _run_chunks(kernel, student_hidden, student_head, mask, extras, teacher_hidden=teacher_hidden,
-                                teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=True,
-                                temperature=temperature, chunk_size=chunk_size, num_chunks=num_chunks,
-                                caller="chunked_single_step_kl")
-    return masked_mean(values, mask.reshape(-1).index_select(0, index))
+    plan = _plan_chunks(kernel, student_hidden, mask, extras, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                        teacher_logprobs=teacher_logprobs, need_teacher=True, temperature=temperature,
+                        chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_single_step_kl")
+    return _chunked_loss(plan, student_head, _mean_coefficients(mask, plan.index), fused, "chunked_single_step_kl")
 
 
 def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
                     teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
                     teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None) -> Tensor:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
+                    fused: bool | None = None) -> Tensor:
     """`pt_loss` from hidden states → scalar; teacher as in `chunked_single_step_kl` (optional: plain CE)."""
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"minillm.losses.chunked_pt_loss: kd_ratio={kd_ratio} must lie in [0, 1]")
@@ -514,19 +575,21 @@ def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, 
         return torch.stack([ce, kd if kd is not None else torch.zeros_like(ce)], -1)
 
     valid = labels != IGNORE_INDEX
-    values, _ = _run_chunks(kernel, student_hidden, student_head, valid, [labels.long()],
-                            teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                            teacher_logprobs=teacher_logprobs, need_teacher=with_teacher, temperature=1.0,
-                            chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_pt_loss")
-    ones = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
-    return _combine_pt(values[:, 0], values[:, 1] if with_teacher else None, ones, kd_ratio)
+    plan = _plan_chunks(kernel, student_hidden, valid, [labels.long()], teacher_hidden=teacher_hidden,
+                        teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=with_teacher,
+                        temperature=1.0, chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_pt_loss")
+    # (1 − kd_ratio)·mean CE + kd_ratio·mean KD; a zero coefficient drops its column (no 0·inf at kd_ratio = 1)
+    n = max(1, plan.index.numel())
+    kd_weight = kd_ratio if with_teacher else 0.0
+    column = torch.tensor([(1.0 - kd_weight) / n, kd_weight / n], dtype=torch.float64, device=plan.index.device)
+    return _chunked_loss(plan, student_head, column.expand(plan.index.numel(), 2), fused, "chunked_pt_loss")
 
 
 def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor, kind: str, *,
                        teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
                        teacher_logprobs: Tensor | None = None, beta: float = 0.5, skew: float = 0.1,
                        temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       num_chunks: int | None = None) -> Tensor:
+                       num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
     """`divergence` from hidden states → scalar; ``temperature`` divides both heads' logits (equals
     ``divergence(s/T, t/T, ...)``); cached ``teacher_logprobs`` are used as given."""
     _check_divergence_args(kind, beta, skew)
@@ -534,11 +597,10 @@ def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor,
     def kernel(log_q: Tensor, log_p: Tensor) -> Tensor:
         return _divergence_terms(log_q, log_p, kind, beta, skew)
 
-    values, index = _run_chunks(kernel, student_hidden, student_head, mask, [], teacher_hidden=teacher_hidden,
-                                teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=True,
-                                temperature=temperature, chunk_size=chunk_size, num_chunks=num_chunks,
-                                caller="chunked_divergence")
-    return masked_mean(values, mask.reshape(-1).index_select(0, index))
+    plan = _plan_chunks(kernel, student_hidden, mask, [], teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                        teacher_logprobs=teacher_logprobs, need_teacher=True, temperature=temperature,
+                        chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_divergence")
+    return _chunked_loss(plan, student_head, _mean_coefficients(mask, plan.index), fused, "chunked_divergence")
 
 
 # ------------------------------------------------------------------------------ sequence-level (ranking alternative)

@@ -356,9 +356,12 @@ def assert_same(plain, chunked, hidden, head, atol=1e-12):
         assert torch.allclose(a, b, atol=atol, rtol=1e-10)
 
 
+@pytest.mark.parametrize("fused", [None, False])
 @pytest.mark.parametrize("chunk_size, num_chunks, expected_calls", [(4, None, 3), (4, 6, 6), (100, None, 1),
                                                                       (3, 2, 4)])
-def test_chunked_single_step_kl_equals_plain(setup, chunk_size, num_chunks, expected_calls):
+def test_chunked_single_step_kl_equals_plain(setup, chunk_size, num_chunks, expected_calls, fused):
+    """Both backward modes: fused (the default for module heads: gradients taken in forward, no head call in
+    backward) and checkpointed (each chunk's student and teacher head rerun once in backward)."""
     hidden, t_hidden, student, teacher, mask = setup
     hidden.requires_grad_(True)
     weights = torch.rand(B, T, dtype=torch.float64) + 0.5
@@ -366,10 +369,12 @@ def test_chunked_single_step_kl_equals_plain(setup, chunk_size, num_chunks, expe
         plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask, temperature=1.5, weights=w)
         student.calls = teacher.calls = 0
         chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
-                                           temperature=1.5, weights=w, chunk_size=chunk_size, num_chunks=num_chunks)
+                                           temperature=1.5, weights=w, chunk_size=chunk_size, num_chunks=num_chunks,
+                                           fused=fused)
         assert student.calls == teacher.calls == expected_calls  # 10 valid tokens: uneven last chunk
         assert_same(plain, chunked, hidden, student)
-        assert student.calls == teacher.calls == 2 * expected_calls  # recomputed once each in backward
+        reruns = 0 if fused is None else expected_calls
+        assert student.calls == teacher.calls == expected_calls + reruns
 
 
 def test_chunked_single_step_kl_with_cached_bf16_teacher_logprobs(setup):
@@ -387,25 +392,28 @@ def test_chunked_single_step_kl_with_cached_bf16_teacher_logprobs(setup):
         L.chunked_single_step_kl(hidden, student, mask)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", L.DIVERGENCES)
-def test_chunked_divergence_equals_plain(setup, kind):
+def test_chunked_divergence_equals_plain(setup, kind, fused):
     hidden, t_hidden, student, teacher, mask = setup
     hidden.requires_grad_(True)
     plain = L.divergence(student(hidden) / 2.0, teacher(t_hidden) / 2.0, mask, kind, beta=0.3, skew=0.2)
     chunked = L.chunked_divergence(hidden, student, mask, kind, teacher_hidden=t_hidden, teacher_head=teacher,
-                                   beta=0.3, skew=0.2, temperature=2.0, chunk_size=4, num_chunks=5)
+                                   beta=0.3, skew=0.2, temperature=2.0, chunk_size=4, num_chunks=5, fused=fused)
     assert_same(plain, chunked, hidden, student)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kd_ratio, with_teacher", [(0.5, True), (1.0, True), (0.5, False)])
-def test_chunked_pt_loss_equals_plain(setup, kd_ratio, with_teacher):
+def test_chunked_pt_loss_equals_plain(setup, kd_ratio, with_teacher, fused):
     hidden, t_hidden, student, teacher, mask = setup
     hidden.requires_grad_(True)
     labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
     labels[mask == 0] = -100
     t_kwargs = dict(teacher_hidden=t_hidden, teacher_head=teacher) if with_teacher else {}
     plain = L.pt_loss(student(hidden), labels, teacher(t_hidden) if with_teacher else None, kd_ratio=kd_ratio)
-    chunked = L.chunked_pt_loss(hidden, student, labels, kd_ratio=kd_ratio, chunk_size=3, num_chunks=5, **t_kwargs)
+    chunked = L.chunked_pt_loss(hidden, student, labels, kd_ratio=kd_ratio, chunk_size=3, num_chunks=5,
+                                fused=fused, **t_kwargs)
     assert_same(plain, chunked, hidden, student)
 
 
@@ -425,41 +433,90 @@ def test_chunked_token_logprobs_equals_plain(setup):
     assert torch.allclose(full, L.token_logprobs(student(hidden), tokens), atol=1e-12)
 
 
-def test_chunked_fully_masked_is_zero_and_backward_still_calls_the_head(setup):
+@pytest.mark.parametrize("fused, calls", [(False, 4), (None, 2)])
+def test_chunked_fully_masked_is_zero_and_every_rank_makes_the_same_head_calls(setup, fused, calls):
+    """2 empty chunks: 2 head calls in forward, and 2 more in a checkpointed backward (ZeRO-3 ranks stay in
+    step); the fused backward calls nothing."""
     hidden, t_hidden, student, teacher, _ = setup
     hidden.requires_grad_(True)
     none = torch.zeros(B, T)
     student.calls = 0
     out = L.chunked_single_step_kl(hidden, student, none, teacher_hidden=t_hidden, teacher_head=teacher,
-                                   num_chunks=2)
+                                   num_chunks=2, fused=fused)
     assert out.item() == 0.0
     g_hidden, g_weight, _ = grads(out, hidden, student)
     assert torch.equal(g_hidden, torch.zeros_like(g_hidden)) and torch.equal(g_weight, torch.zeros_like(g_weight))
-    assert student.calls == 4  # 2 empty chunks, forward and backward: ZeRO-3 ranks stay in step
+    assert student.calls == calls
     assert L.chunk_count(none, 4) == 1 and L.chunk_count(torch.ones(B, T), 4) == 4
 
 
-def test_chunked_keeps_no_full_vocabulary_tensor_for_backward():
-    """Memory: nothing saved for backward outside the checkpointed chunks is as large as one chunk's logits."""
+@pytest.mark.parametrize("fused", [None, False])
+def test_chunked_keeps_no_full_vocabulary_tensor_for_backward(fused):
+    """Memory: once the forward returns, nothing kept for backward is as large as one chunk's logits (the fused
+    path keeps parameter- and hidden-sized gradients, the checkpointed one the chunks' inputs)."""
+    import weakref
+
     g = torch.Generator().manual_seed(7)
-    n_b, n_t, vocab, chunk = 4, 16, 257, 8
+    n_b, n_t, vocab, chunk = 4, 16, 257, 16
     hidden = torch.randn(n_b, n_t, H, generator=g, requires_grad=True)
     head, t_head = torch.nn.Linear(H, vocab), torch.nn.Linear(HT, vocab)
     t_hidden = torch.randn(n_b, n_t, HT, generator=g)
     mask = torch.ones(n_b, n_t)
-    sizes = []
+    saved = []
 
     def pack(t):
-        sizes.append(t.numel())
+        saved.append((t.numel(), weakref.ref(t)))
         return t
 
+    def alive():
+        return [numel for numel, ref in saved if ref() is not None]
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        L.single_step_kl(head(hidden), t_head(t_hidden), mask)
-    assert max(sizes) >= n_b * n_t * vocab  # the plain loss keeps full [B, L, V] tensors
-    sizes.clear()
+        plain = L.single_step_kl(head(hidden), t_head(t_hidden), mask)
+    assert max(alive()) >= n_b * n_t * vocab  # the plain loss keeps full [B, L, V] tensors
+    del plain
+    saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = L.chunked_single_step_kl(hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
-                                       chunk_size=chunk)
-    assert max(sizes) < chunk * vocab
+                                       chunk_size=chunk, fused=fused)
+    assert saved and max(alive()) < chunk * vocab
     out.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+def test_fused_gradients_reach_parameter_hooks_once_in_backward_and_scale_with_the_incoming_gradient(setup):
+    """The fused path takes gradients in forward without touching ``.grad`` or firing parameter hooks; backward
+    delivers them once (a loss scale multiplies them, as DeepSpeed's fp16 scaler does)."""
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    fired = []
+    for name, param in student.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
+    chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+                                       chunk_size=4)
+    assert fired == [] and student.linear.weight.grad is None
+    (3.0 * chunked).backward()
+    assert sorted(fired) == ["linear.bias", "linear.weight"]
+    plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask)
+    g_hidden, g_weight, g_bias = torch.autograd.grad(3.0 * plain, [hidden, student.linear.weight, student.linear.bias])
+    assert torch.allclose(hidden.grad, g_hidden, atol=1e-12)
+    assert torch.allclose(student.linear.weight.grad, g_weight, atol=1e-12)
+    assert torch.allclose(student.linear.bias.grad, g_bias, atol=1e-12)
+
+
+def test_fused_falls_back_to_checkpointing_for_callables_and_zero3_partitioned_heads(setup):
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask)
+    with pytest.raises(ValueError, match="fused=True needs an nn.Module"):
+        L.chunked_single_step_kl(hidden, lambda h: student(h), mask, teacher_hidden=t_hidden, teacher_head=teacher,
+                                 fused=True)
+    student.linear.weight.ds_id = 0  # how DeepSpeed marks a ZeRO-3 partitioned parameter
+    try:
+        student.calls = 0
+        chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+                                           chunk_size=4)
+        assert_same(plain, chunked, hidden, student)
+        assert student.calls == 6  # 3 chunks, rerun in backward: checkpointed
+    finally:
+        del student.linear.weight.ds_id

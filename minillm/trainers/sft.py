@@ -144,8 +144,8 @@ class SFTTrainer:
             t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
         if kd.divergence == "fkl":  # -sum_v p_v log q_v at temperature T, as the plain path
             temp = kd.temperature
-            kd_term = losses.chunked_pt_loss(hidden, lambda h: head(h) / temp, labels, teacher_hidden=t_hidden,
-                                             teacher_head=lambda h: t_head(h) / temp, kd_ratio=1.0, **chunks)
+            kd_term = losses.chunked_pt_loss(hidden, head.at_temperature(temp), labels, teacher_hidden=t_hidden,
+                                             teacher_head=t_head.at_temperature(temp), kd_ratio=1.0, **chunks)
         else:
             kd_term = losses.chunked_divergence(hidden, head, mask, kd.divergence, teacher_hidden=t_hidden,
                                                 teacher_head=t_head, beta=kd.beta, skew=kd.skew,
