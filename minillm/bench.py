@@ -231,11 +231,11 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         t_hidden, t_head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
     s_hidden = s_hidden.detach().requires_grad_(True)
 
-    def kl_step(chunked: bool):
+    def kl_step(variant: str):
         s_hidden.grad = None
-        if chunked:
+        if variant != "plain":  # chunked: the default (fused) backward; chunked_checkpointed: heads rerun
             kl = losses.chunked_single_step_kl(s_hidden, s_head, r_mask, teacher_hidden=t_hidden,
-                                               teacher_head=t_head, chunk_size=chunk)
+                                               teacher_head=t_head, chunk_size=chunk, fused=variant == "chunked")
         else:
             with torch.no_grad():
                 t_logits = t_head(t_hidden)
@@ -243,8 +243,8 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         kl.backward()
 
     single = {}
-    for name, chunked in (("plain", False), ("chunked", True)):
-        secs, _, peak = _timed(device, lambda: kl_step(chunked), repeats)
+    for name in ("plain", "chunked", "chunked_checkpointed"):
+        secs, _, peak = _timed(device, lambda: kl_step(name), repeats)
         single[name] = {"seconds": secs, "tokens_per_s": positions / secs, "peak_memory_bytes": peak}
     phases["single_step_kl"] = single
 

@@ -46,13 +46,16 @@ def _inputs(batch: int, length: int, vocab: int, student_hidden: int, teacher_hi
     return s_hidden, t_hidden, s_head, t_head, mask
 
 
-def _step(chunked: bool, s_hidden, t_hidden, s_head, t_head, mask, chunk_size: int) -> float:
+VARIANTS = ("plain", "chunked", "chunked_checkpointed")  # chunked: the default (fused) backward
+
+
+def _step(variant: str, s_hidden, t_hidden, s_head, t_head, mask, chunk_size: int) -> float:
     """Forward + backward of the single-step KL (gradients into the student's hidden states and head)."""
     s_hidden.grad = None
     s_head.weight.grad = None
-    if chunked:
+    if variant != "plain":
         kl = losses.chunked_single_step_kl(s_hidden, s_head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
-                                           chunk_size=chunk_size)
+                                           chunk_size=chunk_size, fused=variant == "chunked")
     else:
         with torch.no_grad():
             t_logits = t_head(t_hidden)
@@ -66,7 +69,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(chunked: bool, batch: int, length: int, vocab: int, student_hidden: int, teacher_hidden: int,
+def _measure(variant: str, batch: int, length: int, vocab: int, student_hidden: int, teacher_hidden: int,
              chunk_size: int, device: str, dtype_name: str, repeats: int, seed: int) -> dict[str, Any]:
     """One variant in this process: median seconds of ``repeats`` steps after a warm-up, peak bytes above inputs."""
     dtype = getattr(torch, dtype_name)
@@ -78,7 +81,7 @@ def _measure(chunked: bool, batch: int, length: int, vocab: int, student_hidden:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the inputs are resident by now
-    value = _step(chunked, *args, chunk_size)  # warm-up: also the step whose peak is measured
+    value = _step(variant, *args, chunk_size)  # warm-up: also the step whose peak is measured
     _sync(device)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
@@ -88,45 +91,54 @@ def _measure(chunked: bool, batch: int, length: int, vocab: int, student_hidden:
     for _ in range(max(1, repeats)):
         _sync(device)
         start = time.perf_counter()
-        _step(chunked, *args, chunk_size)
+        _step(variant, *args, chunk_size)
         _sync(device)
         times.append(time.perf_counter() - start)
     return {"seconds": sorted(times)[len(times) // 2], "peak_bytes_above_inputs": int(peak), "kl": value,
             "peak_method": "cuda max_memory_allocated" if cuda else "ru_maxrss growth in a fresh process"}
 
 
-def _measure_in_child(chunked: bool, kwargs: dict) -> dict[str, Any]:
+def _measure_in_child(variant: str, kwargs: dict) -> dict[str, Any]:
     """:func:`_measure` in a fresh interpreter (a plain subprocess: unlike multiprocessing's spawn, it does not
     re-import the caller's main module, so it works from any script or notebook)."""
     code = ("import json, sys; from minillm.bench_kl import _measure; "
-            "print(json.dumps(_measure(sys.argv[1] == 'chunked', **json.loads(sys.argv[2]))))")
-    proc = subprocess.run([sys.executable, "-c", code, "chunked" if chunked else "plain", json.dumps(kwargs)],
-                          capture_output=True, text=True)
+            "print(json.dumps(_measure(sys.argv[1], **json.loads(sys.argv[2]))))")
+    proc = subprocess.run([sys.executable, "-c", code, variant, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"minillm.bench_kl: the {'chunked' if chunked else 'plain'} measurement process failed "
+        raise RuntimeError(f"minillm.bench_kl: the {variant} measurement process failed "
                            f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_kl_target(*, batch: int, length: int, vocab: int, student_hidden: int, teacher_hidden: int,
                       chunk_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 1,
-                      seed: int = 0) -> dict[str, Any]:
-    """Plain and chunked single-step KL at [batch, length, vocab]; their peak memory, seconds and the ratios."""
+                      seed: int = 0, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    """Plain and chunked single-step KL at [batch, length, vocab]; their peak memory, seconds and the ratios.
+
+    ``chunked`` is the default (fused) backward, ``chunked_checkpointed`` the one that reruns the heads in
+    backward (what ZeRO-3 partitioned heads use); ratios are against ``plain``, which always runs."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "chunked" not in variants:
+        raise ValueError(f"minillm.bench_kl: variants {sorted(variants)} must include 'chunked' and come from "
+                         f"{VARIANTS}")
     kwargs = dict(batch=batch, length=length, vocab=vocab, student_hidden=student_hidden,
                   teacher_hidden=teacher_hidden, chunk_size=chunk_size, device=device,
                   dtype_name=str(dtype).replace("torch.", ""), repeats=repeats, seed=seed)
     out: dict[str, Any] = {"shape": {"batch": batch, "length": length, "vocab": vocab,
                                      "student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                                      "chunk_size": chunk_size, "dtype": kwargs["dtype_name"]}}
-    for name, chunked in (("plain", False), ("chunked", True)):
+    for name in ("plain", *[v for v in VARIANTS[1:] if v in variants]):
         if device.startswith("cuda"):
-            out[name] = _measure(chunked, **kwargs)
+            out[name] = _measure(name, **kwargs)
             torch.cuda.empty_cache()
         else:  # a fresh process per variant: ru_maxrss is a lifetime peak
-            out[name] = _measure_in_child(chunked, kwargs)
-    plain, chunked = out["plain"], out["chunked"]
-    out["memory_ratio"] = chunked["peak_bytes_above_inputs"] / max(plain["peak_bytes_above_inputs"], 1)
-    out["speed_ratio"] = plain["seconds"] / chunked["seconds"]
+            out[name] = _measure_in_child(name, kwargs)
+    plain = out["plain"]
+    for name, prefix in (("chunked", ""), ("chunked_checkpointed", "checkpointed_")):
+        if name in out:
+            peak = out[name]["peak_bytes_above_inputs"]
+            out[f"{prefix}memory_ratio"] = peak / max(plain["peak_bytes_above_inputs"], 1)
+            out[f"{prefix}speed_ratio"] = plain["seconds"] / out[name]["seconds"]
     out["meets_target"] = out["memory_ratio"] <= 0.25 and out["speed_ratio"] >= 0.8
     out["target"] = "chunked peak <= 1/4 of plain, at >= 0.8x its speed"
     return out

@@ -136,7 +136,7 @@ def test_kl_target_chunked_needs_a_fraction_of_the_plain_memory():
     from minillm.bench_kl import measure_kl_target
 
     result = measure_kl_target(batch=16, length=512, vocab=16000, student_hidden=64, teacher_hidden=128,
-                               chunk_size=1024)
+                               chunk_size=1024, variants=("chunked",))
     plain, chunked = result["plain"], result["chunked"]
     assert chunked["kl"] == pytest.approx(plain["kl"], rel=1e-5)
     assert plain["peak_bytes_above_inputs"] > 8192 * 16000 * 4  # at least one fp32 [N, V] tensor
