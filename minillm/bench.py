@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import losses
+from . import chunked_losses, losses
 from .chunking import response_hidden
 from .engine import fast_mixed_sample
 from .rollout import response_logits
@@ -193,7 +193,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
             if not chunked:
                 return losses.token_logprobs(response_logits(teacher, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask
             hidden, head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
-            return losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
+            return chunked_losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
 
     scoring = {}
     for name, chunked in (("plain", False), ("chunked", True)):
@@ -201,7 +201,12 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         scoring[name] = flops_entry(secs, peak, n_t, 2)
     phases["teacher_scoring"] = scoring
 
+    with torch.no_grad():  # the PPO term's constants: old log-probs (ratio ≈ 1) and unit advantages
+        old_lp = losses.token_logprobs(response_logits(student, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask
+    advantages = torch.ones_like(old_lp)
+
     def train_step(chunked: bool):
+        """The trainer's micro-step without the PT term: PPO term + single-step KL, student fwd+bwd, teacher fwd."""
         student.zero_grad(set_to_none=True)
         with torch.no_grad():
             if chunked:
@@ -210,14 +215,15 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                 t_logits = response_logits(teacher, p_ids, p_mask, r_ids, autocast)
         if chunked:
             hidden, head = response_hidden(student, p_ids, p_mask, r_ids, autocast=autocast)
-            lp = losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
-            kl = losses.chunked_single_step_kl(hidden, head, r_mask, teacher_hidden=t_hidden, teacher_head=t_head,
-                                               chunk_size=chunk)
+            loss = chunked_losses.chunked_policy_loss(hidden, head, r_ids, r_mask, old_logprobs=old_lp,
+                                                      advantages=advantages, teacher_hidden=t_hidden,
+                                                      teacher_head=t_head, chunk_size=chunk).loss
         else:
             logits = response_logits(student, p_ids, p_mask, r_ids, autocast)
             lp = losses.token_logprobs(logits, r_ids) * r_mask
-            kl = losses.single_step_kl(logits, t_logits, r_mask)
-        (losses.masked_mean(-lp, r_mask) + kl).backward()
+            loss = losses.ppo_clip_loss(lp, old_lp, advantages, r_mask) + losses.single_step_kl(logits, t_logits,
+                                                                                                   r_mask)
+        loss.backward()
 
     training = {}
     for name, chunked in (("plain", False), ("chunked", True)):
@@ -234,7 +240,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     def kl_step(variant: str):
         s_hidden.grad = None
         if variant != "plain":  # chunked: the default (fused) backward; chunked_checkpointed: heads rerun
-            kl = losses.chunked_single_step_kl(s_hidden, s_head, r_mask, teacher_hidden=t_hidden,
+            kl = chunked_losses.chunked_single_step_kl(s_hidden, s_head, r_mask, teacher_hidden=t_hidden,
                                                teacher_head=t_head, chunk_size=chunk, fused=variant == "chunked")
         else:
             with torch.no_grad():

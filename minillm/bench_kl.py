@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import losses
+from . import chunked_losses, losses
 
 __all__ = ["measure_kl_target"]
 
@@ -54,7 +54,7 @@ def _step(variant: str, s_hidden, t_hidden, s_head, t_head, mask, chunk_size: in
     s_hidden.grad = None
     s_head.weight.grad = None
     if variant != "plain":
-        kl = losses.chunked_single_step_kl(s_hidden, s_head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
+        kl = chunked_losses.chunked_single_step_kl(s_hidden, s_head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
                                            chunk_size=chunk_size, fused=variant == "chunked")
     else:
         with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import losses
+from . import chunked_losses
 from .sampling import _accepts_logits_to_keep
 
 __all__ = ["LMHead", "hidden_and_head", "lm_head", "response_hidden", "global_chunk_count"]
@@ -110,7 +110,7 @@ def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
 
 def global_chunk_count(valid: Tensor, chunk_size: int, strategy=None) -> int:
     """Head calls for this mask, the max over data-parallel ranks (ZeRO-3 needs the same count everywhere)."""
-    count = losses.chunk_count(valid, chunk_size)
+    count = chunked_losses.chunk_count(valid, chunk_size)
     if strategy is None or getattr(strategy, "world_size", 1) <= 1:
         return count
     total = torch.tensor([count], dtype=torch.long, device=strategy.device)

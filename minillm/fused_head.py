@@ -1,6 +1,6 @@
 """Chunked head losses whose gradients are computed in the forward pass (no recompute in backward).
 
-A chunked vocabulary-wide loss (``minillm.losses.chunked_*``) that is a *fixed linear combination* of
+A chunked vocabulary-wide loss (``minillm.chunked_losses.chunked_*``) that is a *fixed linear combination* of
 per-position terms, loss = Σ_chunks ℓ_c(head(h_c)), has everything its gradient needs at forward time: the
 chunk's logits, the teacher's log-probabilities and the reduction weights. So each chunk runs its head
 forward and backward at once and keeps only ∂loss/∂h_c [c, H] and ∂loss/∂W (the head's parameters, summed

@@ -34,33 +34,21 @@ whitening, α = 0 and no clipping, the expected update of Σ_t [−A_t·ρ_t + K
 ∇KL(q_θ‖p) = (∇J)_Single + (∇J)_Long (the paper's gradient decomposition). ``tests/test_exactness.py``
 proves this by enumeration.
 
-Memory
-------
-The plain vocabulary-wide losses take ``[B, L, V]`` logits. Their ``chunked_*`` twins take hidden states
-``[B, L, H]`` and a callable LM head ``head(h: [N, H]) -> [N, V]`` and walk the valid token positions chunk by
-chunk, so only one chunk's ``[chunk, V]`` logits (of each model) are alive at a time, in forward and in
-backward. The scalar losses (single-step KL, PT loss, divergences) take each chunk's gradients in its forward
-when the head is an ``nn.Module`` (:mod:`minillm.fused_head`): the plain loss's FLOPs, no recompute. Per-token
-log-probs, plain callables and ZeRO-3 partitioned heads use non-reentrant activation checkpointing instead,
-which reruns each chunk's student and teacher head in backward. Calling the real ``lm_head`` module keeps
-DeepSpeed ZeRO-3 parameter hooks firing; ``num_chunks`` pads the number of head calls so every rank makes the
-same number (all-reduce the max of :func:`chunk_count` first).
+The memory-lean twins of the vocabulary-wide losses (hidden states + LM head, chunk by chunk) live in
+:mod:`minillm.chunked_losses`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
-Head = Callable[[Tensor], Tensor]
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: ~4 live [chunk, V] fp32 buffers, 0.8 GB at V = 50K
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -297,18 +285,24 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     """
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         _check_shape(name, t, logprobs.shape, "ppo_clip_loss (logprobs.shape)")
-    lp = _upcast(logprobs)
-    valid = mask != 0
-    log_ratio = torch.where(valid, lp - _upcast(old_logprobs).detach(), torch.zeros_like(lp))
-    ratio = log_ratio.exp()
     if weights is not None:
         _check_shape("weights", weights, logprobs.shape, "ppo_clip_loss (logprobs.shape)")
+    return masked_mean(_ppo_terms(logprobs, old_logprobs, advantages, mask, weights, clip_ratio), mask)
+
+
+def _ppo_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor | None,
+               clip_ratio: float | None) -> Tensor:
+    """Per position max(−A ρ, −A clip(ρ)) of `ppo_clip_loss` (any shape; the token mean is the caller's)."""
+    lp = _upcast(logprobs)
+    log_ratio = torch.where(mask != 0, lp - _upcast(old_logprobs).detach(), torch.zeros_like(lp))
+    ratio = log_ratio.exp()
+    if weights is not None:
         ratio = ratio * _upcast(weights).detach()
     adv = _upcast(advantages).detach()
     loss = -adv * ratio
     if clip_ratio is not None:
         loss = torch.maximum(loss, -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio))
-    return masked_mean(loss, mask)
+    return loss
 
 
 def single_step_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0,
@@ -374,233 +368,6 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kin
     _check_shape("mask", mask, student_logits.shape[:-1], "divergence (student_logits.shape[:-1])")
     terms = _divergence_terms(_log_softmax(student_logits), _log_softmax(teacher_logits.detach()), kind, beta, skew)
     return masked_mean(terms, mask)
-
-
-# ------------------------------------------------------------------------------------ chunked (memory-lean)
-def chunk_count(mask: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
-    """Head calls a chunked loss makes for this mask (``labels != -100`` for the PT loss) in its forward:
-    ⌈valid positions / chunk_size⌉, at least 1.
-
-    Under ZeRO-3, all-reduce the max of this over ranks and pass it as ``num_chunks`` (one host sync).
-    """
-    return max(1, math.ceil(int((mask != 0).sum()) / chunk_size))
-
-
-class _ChunkPlan(NamedTuple):
-    """The valid rows of a chunked loss and how to evaluate one chunk of them."""
-
-    hidden: Tensor  # [n, H] student hidden rows at the valid positions
-    index: Tensor  # [n] their flat positions in the [B, L] grid
-    values: Callable[..., Tensor]  # (student logits [c, V], rows lo:hi of index, teacher hidden, *extras) -> [c(, k)]
-    args: Callable[[int, int], tuple]  # rows lo:hi of (index, teacher hidden | None, *extras)
-    bounds: list[tuple[int, int]]  # (lo, hi) per head call; calls past the data are empty slices
-
-
-def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: Tensor, extras: Sequence[Tensor], *,
-                 teacher_hidden: Tensor | None, teacher_head: Head | None, teacher_logprobs: Tensor | None,
-                 need_teacher: bool, temperature: float, chunk_size: int, num_chunks: int | None,
-                 caller: str) -> _ChunkPlan:
-    """Check the inputs of a chunked loss and gather its valid rows; ``kernel(log_q [c, V], log_p [c, V] | None,
-    *extras_c) -> [c(, k)]`` gives the per-position values."""
-    if student_hidden.dim() < 2:
-        raise ValueError(f"minillm.losses.{caller}: student_hidden must be [B, L, H], "
-                         f"got {tuple(student_hidden.shape)}")
-    grid = student_hidden.shape[:-1]
-    _check_shape("mask/labels", valid, grid, f"{caller} (student_hidden.shape[:-1])")
-    if chunk_size < 1:
-        raise ValueError(f"minillm.losses.{caller}: chunk_size={chunk_size} must be ≥ 1")
-    if num_chunks is not None and num_chunks < 1:
-        raise ValueError(f"minillm.losses.{caller}: num_chunks={num_chunks} must be ≥ 1 or None")
-    has_head = teacher_hidden is not None or teacher_head is not None
-    if need_teacher:
-        incomplete_head = has_head and (teacher_hidden is None or teacher_head is None)
-        if has_head == (teacher_logprobs is not None) or incomplete_head:
-            raise ValueError(f"minillm.losses.{caller}: pass the teacher either as teacher_hidden + teacher_head or "
-                             "as precomputed teacher_logprobs [B, L, V], not both and not neither")
-    elif has_head or teacher_logprobs is not None:
-        raise ValueError(f"minillm.losses.{caller}: got teacher inputs this loss does not use")
-    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_logprobs", teacher_logprobs)):
-        if t is not None and tuple(t.shape[:-1]) != tuple(grid):
-            raise ValueError(f"minillm.losses.{caller}: `{name}` has shape {tuple(t.shape)}; its leading dims must "
-                             f"match student_hidden's {tuple(grid)}")
-
-    index = (valid.reshape(-1) != 0).nonzero().squeeze(-1)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
-    extras = [e.reshape(-1).index_select(0, index) for e in extras]
-    t_hidden = None
-    if teacher_hidden is not None:
-        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-    t_flat = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]) if teacher_logprobs is not None \
-        else None
-
-    def values(student_logits: Tensor, idx: Tensor, th: Tensor | None, *ex: Tensor) -> Tensor:
-        log_q = _log_softmax(student_logits, temperature)
-        log_p = None
-        with torch.no_grad():
-            if th is not None:
-                log_p = _log_softmax(teacher_head(th), temperature)
-            elif t_flat is not None:  # cached log-probs (maybe bf16, maybe in pinned CPU memory): renormalised
-                rows = t_flat.index_select(0, idx.to(t_flat.device))  # in fp32 on the student's device, no T
-                log_p = _log_softmax(rows.to(student_logits.device, non_blocking=True))
-        if log_p is not None and log_p.shape[-1] != log_q.shape[-1]:
-            raise ValueError(f"minillm.losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
-                             f"{log_p.shape[-1]}; slice the heads' outputs to the shared vocabulary")
-        return kernel(log_q, log_p, *ex)
-
-    def args(lo: int, hi: int) -> tuple:
-        return (index[lo:hi], None if t_hidden is None else t_hidden[lo:hi], *[e[lo:hi] for e in extras])
-
-    n = index.numel()
-    count = max(1, math.ceil(n / chunk_size), num_chunks or 0)
-    bounds = [(min(i * chunk_size, n), min((i + 1) * chunk_size, n)) for i in range(count)]
-    return _ChunkPlan(hidden, index, values, args, bounds)
-
-
-def _checkpointed_values(plan: _ChunkPlan, student_head: Head) -> Tensor:
-    """Per-position values [n(, k)], each chunk under non-reentrant checkpointing: its logits are freed after
-    its forward and recomputed (student and teacher head) in backward, so at most one chunk's [c, V] tensors
-    are alive at any time. Works with any callable head, ZeRO-3 partitioned ones included."""
-
-    def chunk_fn(h: Tensor, *rest: Tensor | None) -> Tensor:
-        return plan.values(student_head(h), *rest)
-
-    outputs = []
-    for lo, hi in plan.bounds:  # the same head calls on every rank, whatever its data
-        args = (plan.hidden[lo:hi], *plan.args(lo, hi))
-        if torch.is_grad_enabled():
-            outputs.append(checkpoint(chunk_fn, *args, use_reentrant=False))
-        else:
-            outputs.append(chunk_fn(*args))
-    return torch.cat(outputs)
-
-
-def _weighted_sum(values: Tensor, coef: Tensor) -> Tensor:
-    """Σ coef·values over entries with coef ≠ 0 (others never leak in, even as inf/NaN) → scalar."""
-    values = _upcast(values)
-    coef = coef.to(values.dtype)
-    return torch.where(coef != 0, values * coef, torch.zeros_like(values)).sum()
-
-
-def _chunked_loss(plan: _ChunkPlan, student_head: Head, coef: Tensor, fused: bool | None, caller: str) -> Tensor:
-    """Σ coef·values over all chunks → scalar, a fixed linear combination of per-position values ``coef`` [n(, k)].
-
-    Fused (default where possible, :mod:`minillm.fused_head`): each chunk's gradients are taken in its forward
-    and backward only scales them, the plain loss's FLOPs. Otherwise checkpointed: both heads rerun per chunk
-    in backward. ``fused=None`` picks fused for ``nn.Module`` heads whose parameters are not ZeRO-3 partitioned
-    when a gradient is needed; ``True`` insists; ``False`` checkpoints.
-    """
-    from .fused_head import fusable_parameters, fused_chunk_loss
-
-    params = fusable_parameters(student_head)
-    if fused and params is None:
-        raise ValueError(f"minillm.losses.{caller}: fused=True needs an nn.Module student head whose parameters are "
-                         "not ZeRO-3 partitioned; pass fused=None to fall back to checkpointing")
-    wanted = torch.is_grad_enabled() and (plan.hidden.requires_grad or bool(params))
-    if params is not None and wanted and fused is not False:
-        def chunk_loss(student_logits: Tensor, lo: int, hi: int) -> Tensor:
-            return _weighted_sum(plan.values(student_logits, *plan.args(lo, hi)), coef[lo:hi])
-
-        return fused_chunk_loss(chunk_loss, plan.hidden, student_head, params, plan.bounds)
-    return _weighted_sum(_checkpointed_values(plan, student_head), coef)
-
-
-def _mean_coefficients(mask: Tensor, index: Tensor) -> Tensor:
-    """Per valid position, m_i / Σm: the weights of `masked_mean` over the valid rows (0 if Σm = 0)."""
-    m = mask.reshape(-1).index_select(0, index).to(torch.float64)
-    total = m.sum()
-    return m / torch.where(total != 0, total, torch.ones_like(total))
-
-
-def chunked_token_logprobs(hidden: Tensor, head: Head, tokens: Tensor, mask: Tensor | None = None, *,
-                           temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                           num_chunks: int | None = None) -> Tensor:
-    """`token_logprobs` from hidden states [B, L, H] and ``head`` → [B, L], 0 where mask = 0 (not computed there).
-
-    Use it for teacher and student scoring; under ``torch.no_grad`` no checkpointing happens.
-    """
-    _check_shape("tokens", tokens, hidden.shape[:-1], "chunked_token_logprobs (hidden.shape[:-1])")
-    valid = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
-
-    def kernel(log_q: Tensor, _log_p: None, tok: Tensor) -> Tensor:
-        return log_q.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-
-    plan = _plan_chunks(kernel, hidden, valid, [tokens.long()], teacher_hidden=None, teacher_head=None,
-                        teacher_logprobs=None, need_teacher=False, temperature=temperature, chunk_size=chunk_size,
-                        num_chunks=num_chunks, caller="chunked_token_logprobs")
-    values, index = _checkpointed_values(plan, head), plan.index
-    out = values.new_zeros(tokens.numel()).index_copy(0, index, values)
-    return out.reshape(tokens.shape)
-
-
-def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Tensor, *,
-                           teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                           teacher_logprobs: Tensor | None = None, temperature: float = 1.0,
-                           weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                           num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
-    """`single_step_kl` from hidden states → scalar, one chunk of [chunk, V] logits alive at a time.
-
-    Student: ``student_hidden`` [B, L, H] and ``student_head`` (e.g. the lm_head module). Teacher: either
-    ``teacher_hidden`` [B, L, H_t] + ``teacher_head``, both logits divided by ``temperature``; or
-    ``teacher_logprobs`` [B, L, V] cached at scoring time (any float dtype, on the student's device or in
-    pinned CPU memory, already at the temperature; renormalised in fp32). Only positions with mask ≠ 0 are
-    evaluated; each chunk's rows of the cache are moved to the device inside the chunk.
-    """
-    extras = []
-    if weights is not None:
-        _check_shape("weights", weights, mask.shape, "chunked_single_step_kl (mask.shape)")
-        extras = [_upcast(weights).detach()]
-
-    def kernel(log_q: Tensor, log_p: Tensor, *w_c: Tensor) -> Tensor:
-        kl = _kl_terms(log_q, log_p)
-        return kl * w_c[0] if w_c else kl
-
-    plan = _plan_chunks(kernel, student_hidden, mask, extras, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                        teacher_logprobs=teacher_logprobs, need_teacher=True, temperature=temperature,
-                        chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_single_step_kl")
-    return _chunked_loss(plan, student_head, _mean_coefficients(mask, plan.index), fused, "chunked_single_step_kl")
-
-
-def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
-                    teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                    teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
-                    fused: bool | None = None) -> Tensor:
-    """`pt_loss` from hidden states → scalar; teacher as in `chunked_single_step_kl` (optional: plain CE)."""
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"minillm.losses.chunked_pt_loss: kd_ratio={kd_ratio} must lie in [0, 1]")
-    with_teacher = teacher_hidden is not None or teacher_head is not None or teacher_logprobs is not None
-
-    def kernel(log_q: Tensor, log_p: Tensor | None, lab: Tensor) -> Tensor:
-        ce, kd = _pt_terms(log_q, log_p, lab)
-        return torch.stack([ce, kd if kd is not None else torch.zeros_like(ce)], -1)
-
-    valid = labels != IGNORE_INDEX
-    plan = _plan_chunks(kernel, student_hidden, valid, [labels.long()], teacher_hidden=teacher_hidden,
-                        teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=with_teacher,
-                        temperature=1.0, chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_pt_loss")
-    # (1 − kd_ratio)·mean CE + kd_ratio·mean KD; a zero coefficient drops its column (no 0·inf at kd_ratio = 1)
-    n = max(1, plan.index.numel())
-    kd_weight = kd_ratio if with_teacher else 0.0
-    column = torch.tensor([(1.0 - kd_weight) / n, kd_weight / n], dtype=torch.float64, device=plan.index.device)
-    return _chunked_loss(plan, student_head, column.expand(plan.index.numel(), 2), fused, "chunked_pt_loss")
-
-
-def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor, kind: str, *,
-                       teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                       teacher_logprobs: Tensor | None = None, beta: float = 0.5, skew: float = 0.1,
-                       temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
-    """`divergence` from hidden states → scalar; ``temperature`` divides both heads' logits (equals
-    ``divergence(s/T, t/T, ...)``); cached ``teacher_logprobs`` are used as given."""
-    _check_divergence_args(kind, beta, skew)
-
-    def kernel(log_q: Tensor, log_p: Tensor) -> Tensor:
-        return _divergence_terms(log_q, log_p, kind, beta, skew)
-
-    plan = _plan_chunks(kernel, student_hidden, mask, [], teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                        teacher_logprobs=teacher_logprobs, need_teacher=True, temperature=temperature,
-                        chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_divergence")
-    return _chunked_loss(plan, student_head, _mean_coefficients(mask, plan.index), fused, "chunked_divergence")
 
 
 # ------------------------------------------------------------------------------ sequence-level (ranking alternative)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import losses
+from . import chunked_losses, losses
 
 
 @dataclass
@@ -130,7 +130,7 @@ def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, re
         hidden, head = response_hidden(model, prompt_ids, prompt_mask, response_ids, trim=trim, autocast=autocast)
         if keep:
             kept["teacher_hidden"] = hidden.detach()
-        return losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=temperature,
+        return chunked_losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=temperature,
                                              chunk_size=chunk_size, num_chunks=num_chunks)
 
     old = logprobs(student)

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from minillm import chunked_losses as CL
 from minillm import losses as L
 
 LN2 = math.log(2.0)
@@ -368,7 +369,7 @@ def test_chunked_single_step_kl_equals_plain(setup, chunk_size, num_chunks, expe
     for w in (None, weights):
         plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask, temperature=1.5, weights=w)
         student.calls = teacher.calls = 0
-        chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+        chunked = CL.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
                                            temperature=1.5, weights=w, chunk_size=chunk_size, num_chunks=num_chunks,
                                            fused=fused)
         assert student.calls == teacher.calls == expected_calls  # 10 valid tokens: uneven last chunk
@@ -383,13 +384,13 @@ def test_chunked_single_step_kl_with_cached_bf16_teacher_logprobs(setup):
     with torch.no_grad():
         cached = torch.log_softmax(teacher(t_hidden), -1).bfloat16()  # as cached at scoring time
     plain = L.single_step_kl(student(hidden), cached, mask)
-    chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, chunk_size=4)
+    chunked = CL.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, chunk_size=4)
     assert_same(plain, chunked, hidden, student)
     with pytest.raises(ValueError, match="either"):
-        L.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, teacher_hidden=t_hidden,
+        CL.chunked_single_step_kl(hidden, student, mask, teacher_logprobs=cached, teacher_hidden=t_hidden,
                                  teacher_head=teacher)
     with pytest.raises(ValueError, match="either"):
-        L.chunked_single_step_kl(hidden, student, mask)
+        CL.chunked_single_step_kl(hidden, student, mask)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -398,7 +399,7 @@ def test_chunked_divergence_equals_plain(setup, kind, fused):
     hidden, t_hidden, student, teacher, mask = setup
     hidden.requires_grad_(True)
     plain = L.divergence(student(hidden) / 2.0, teacher(t_hidden) / 2.0, mask, kind, beta=0.3, skew=0.2)
-    chunked = L.chunked_divergence(hidden, student, mask, kind, teacher_hidden=t_hidden, teacher_head=teacher,
+    chunked = CL.chunked_divergence(hidden, student, mask, kind, teacher_hidden=t_hidden, teacher_head=teacher,
                                    beta=0.3, skew=0.2, temperature=2.0, chunk_size=4, num_chunks=5, fused=fused)
     assert_same(plain, chunked, hidden, student)
 
@@ -412,7 +413,7 @@ def test_chunked_pt_loss_equals_plain(setup, kd_ratio, with_teacher, fused):
     labels[mask == 0] = -100
     t_kwargs = dict(teacher_hidden=t_hidden, teacher_head=teacher) if with_teacher else {}
     plain = L.pt_loss(student(hidden), labels, teacher(t_hidden) if with_teacher else None, kd_ratio=kd_ratio)
-    chunked = L.chunked_pt_loss(hidden, student, labels, kd_ratio=kd_ratio, chunk_size=3, num_chunks=5,
+    chunked = CL.chunked_pt_loss(hidden, student, labels, kd_ratio=kd_ratio, chunk_size=3, num_chunks=5,
                                 fused=fused, **t_kwargs)
     assert_same(plain, chunked, hidden, student)
 
@@ -422,13 +423,13 @@ def test_chunked_token_logprobs_equals_plain(setup):
     hidden.requires_grad_(True)
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(6))
     plain = L.token_logprobs(student(hidden), tokens, temperature=0.7) * mask
-    chunked = L.chunked_token_logprobs(hidden, student, tokens, mask, temperature=0.7, chunk_size=4)
+    chunked = CL.chunked_token_logprobs(hidden, student, tokens, mask, temperature=0.7, chunk_size=4)
     assert torch.allclose(chunked, plain, atol=1e-12)
     probe = torch.randn(B, T, dtype=torch.float64)  # a generic downstream use of the log-probs
     assert_same((plain * probe).sum(), (chunked * probe).sum(), hidden, student)
     with torch.no_grad():  # scoring: no checkpointing, one call per chunk, all positions without a mask
         student.calls = 0
-        full = L.chunked_token_logprobs(hidden, student, tokens, chunk_size=4, num_chunks=6)
+        full = CL.chunked_token_logprobs(hidden, student, tokens, chunk_size=4, num_chunks=6)
     assert student.calls == 6
     assert torch.allclose(full, L.token_logprobs(student(hidden), tokens), atol=1e-12)
 
@@ -441,13 +442,13 @@ def test_chunked_fully_masked_is_zero_and_every_rank_makes_the_same_head_calls(s
     hidden.requires_grad_(True)
     none = torch.zeros(B, T)
     student.calls = 0
-    out = L.chunked_single_step_kl(hidden, student, none, teacher_hidden=t_hidden, teacher_head=teacher,
+    out = CL.chunked_single_step_kl(hidden, student, none, teacher_hidden=t_hidden, teacher_head=teacher,
                                    num_chunks=2, fused=fused)
     assert out.item() == 0.0
     g_hidden, g_weight, _ = grads(out, hidden, student)
     assert torch.equal(g_hidden, torch.zeros_like(g_hidden)) and torch.equal(g_weight, torch.zeros_like(g_weight))
     assert student.calls == calls
-    assert L.chunk_count(none, 4) == 1 and L.chunk_count(torch.ones(B, T), 4) == 4
+    assert CL.chunk_count(none, 4) == 1 and CL.chunk_count(torch.ones(B, T), 4) == 4
 
 
 @pytest.mark.parametrize("fused", [None, False])
@@ -477,7 +478,7 @@ def test_chunked_keeps_no_full_vocabulary_tensor_for_backward(fused):
     del plain
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = L.chunked_single_step_kl(hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
+        out = CL.chunked_single_step_kl(hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head,
                                        chunk_size=chunk, fused=fused)
     assert saved and max(alive()) < chunk * vocab
     out.backward()
@@ -492,7 +493,7 @@ def test_fused_gradients_reach_parameter_hooks_once_in_backward_and_scale_with_t
     fired = []
     for name, param in student.named_parameters():
         param.register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
-    chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+    chunked = CL.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
                                        chunk_size=4)
     assert fired == [] and student.linear.weight.grad is None
     (3.0 * chunked).backward()
@@ -509,14 +510,57 @@ def test_fused_falls_back_to_checkpointing_for_callables_and_zero3_partitioned_h
     hidden.requires_grad_(True)
     plain = L.single_step_kl(student(hidden), teacher(t_hidden), mask)
     with pytest.raises(ValueError, match="fused=True needs an nn.Module"):
-        L.chunked_single_step_kl(hidden, lambda h: student(h), mask, teacher_hidden=t_hidden, teacher_head=teacher,
+        CL.chunked_single_step_kl(hidden, lambda h: student(h), mask, teacher_hidden=t_hidden, teacher_head=teacher,
                                  fused=True)
     student.linear.weight.ds_id = 0  # how DeepSpeed marks a ZeRO-3 partitioned parameter
     try:
         student.calls = 0
-        chunked = L.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
+        chunked = CL.chunked_single_step_kl(hidden, student, mask, teacher_hidden=t_hidden, teacher_head=teacher,
                                            chunk_size=4)
         assert_same(plain, chunked, hidden, student)
         assert student.calls == 6  # 3 chunks, rerun in backward: checkpointed
     finally:
         del student.linear.weight.ds_id
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("pg_coef, with_teacher, kl_weighted", [(1.0, True, False), (1.0, True, True),
+                                                                (0.0, True, False), (1.0, False, False)])
+def test_chunked_policy_loss_equals_the_plain_ppo_term_plus_single_step_kl(setup, fused, pg_coef, with_teacher,
+                                                                           kl_weighted):
+    """One pass over the head gives pg_coef·ppo_clip_loss + single_step_kl (values, gradients, the logged parts
+    and the clip fraction as the trainer computes it) and calls each head once per chunk (plus once more per
+    chunk in a checkpointed backward)."""
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    g = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    old = L.token_logprobs(student(hidden).detach(), tokens, 0.8) + 0.3 * torch.randn(B, T, generator=g,
+                                                                                     dtype=torch.float64)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    s_logits = student(hidden)
+    lp = L.token_logprobs(s_logits, tokens, 0.8)
+    pg = L.ppo_clip_loss(lp, old, adv, mask, weights=weights, clip_ratio=0.2)
+    kl = L.single_step_kl(s_logits, teacher(t_hidden), mask, temperature=0.8,
+                          weights=weights if kl_weighted else None) if with_teacher else None
+    plain = pg_coef * pg + (kl if with_teacher else 0.0)
+    ratio = torch.exp((lp.detach() - old) * mask) * weights
+    clip_fraction = L.masked_mean(((ratio - 1).abs() > 0.2).double(), mask)
+
+    student.calls = teacher.calls = 0
+    t_kwargs = dict(teacher_hidden=t_hidden, teacher_head=teacher) if with_teacher else {}
+    terms = CL.chunked_policy_loss(hidden, student, tokens, mask, old_logprobs=old, advantages=adv, weights=weights,
+                                   clip_ratio=0.2, temperature=0.8, pg_coef=pg_coef, kl_weighted=kl_weighted,
+                                   chunk_size=4, fused=fused, **t_kwargs)
+    assert student.calls == 3 and teacher.calls == (3 if with_teacher else 0)
+    assert_same(plain, terms.loss, hidden, student)
+    assert student.calls == (3 if fused is None else 6)
+    assert terms.pg_loss.item() == pytest.approx(pg.item(), rel=1e-12, abs=1e-12)
+    if with_teacher:
+        assert terms.single_step_kl.item() == pytest.approx(kl.item(), rel=1e-12)
+    else:
+        assert terms.single_step_kl is None
+    assert terms.clip_fraction.item() == pytest.approx(clip_fraction.item(), abs=1e-12)
+    assert 0.0 < terms.clip_fraction.item() < 1.0  # the oracle distinguishes clipped from unclipped tokens
+    assert not terms.pg_loss.requires_grad and not terms.clip_fraction.requires_grad

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import losses
+from .. import chunked_losses, losses
 from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
@@ -235,56 +235,24 @@ class MiniLLMTrainer:
 
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
-        strategy, m, r = self.strategy, self.cfg.minillm, self.cfg.rollout
+        strategy, m = self.strategy, self.cfg.minillm
         if m.objective == "ranking":  # the paper's ranking alternative (minillm.trainers.ranking)
             return ranking_micro_batch_loss(self, mb)
         mask = mb.response_mask
-        chunk = m.loss_chunk_size if m.chunked_losses else None
-        if chunk is None:
-            logits = self._trim(response_logits(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                                strategy.autocast))
-            logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
-        else:  # hidden states + LM head, `chunk` positions at a time: no [B, L, V] fp32 logits of either model
-            hidden, head = response_hidden(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                           trim=self._trim, autocast=strategy.autocast)
-            num_chunks = global_chunk_count(mask, chunk, strategy)
-            logprobs = losses.chunked_token_logprobs(hidden, head, mb.response_ids, mask, temperature=r.temperature,
-                                                     chunk_size=chunk, num_chunks=num_chunks)
         if m.whiten == "none":
             advantages = mb.returns
         else:
             reduce = (lambda x: strategy.all_reduce(x, "sum")) if strategy.world_size > 1 else None
             advantages = losses.whiten(mb.returns, mask if m.whiten == "masked" else None, all_reduce=reduce)
-        pg = losses.ppo_clip_loss(logprobs, mb.old_logprobs, advantages, mask, weights=mb.weights,
-                                  clip_ratio=m.clip_ratio)
-        parts = {"pg_loss": float(pg.detach())}
         # minillm.long_range=false: single-step word-level reverse KL only (pg_loss is still logged, not optimised)
-        loss = pg if m.long_range else torch.zeros((), dtype=pg.dtype, device=pg.device)
-        if m.single_step and chunk is not None:
-            if mb.has_teacher_hidden:  # kept from scoring: the teacher's distribution is fixed for the phase
-                t_hidden, t_head = mb.teacher_hidden, lm_head(self.teacher, trim=self._trim, autocast=strategy.autocast)
-            else:
-                with torch.no_grad():
-                    t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                                       trim=self._trim, autocast=strategy.autocast)
-            single = losses.chunked_single_step_kl(
-                hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head, temperature=r.temperature,
-                weights=mb.weights if m.single_step_weighted else None, chunk_size=chunk, num_chunks=num_chunks)
-            loss = loss + single
-            parts["single_step_kl"] = float(single.detach())
-        elif m.single_step:
-            with torch.no_grad():
-                t_logits = self._trim(response_logits(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                                      strategy.autocast))
-            single = losses.single_step_kl(logits, t_logits, mask, temperature=r.temperature,
-                                           weights=mb.weights if m.single_step_weighted else None)
-            del t_logits
-            loss = loss + single
-            parts["single_step_kl"] = float(single.detach())
+        if m.chunked_losses:
+            loss, parts = self._chunked_policy_terms(mb, advantages)
+        else:
+            loss, parts = self._plain_policy_terms(mb, advantages)
         if self.use_pt:
             pt_batch = to_device(self._next_pt_batch(), strategy.device)
-            if chunk is not None:
-                pt = self._chunked_pt_loss(pt_batch, chunk)
+            if m.chunked_losses:
+                pt = self._chunked_pt_loss(pt_batch, m.loss_chunk_size)
             else:
                 with strategy.autocast():
                     pt_logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
@@ -298,12 +266,59 @@ class MiniLLMTrainer:
                 pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"], pt_t_logits, kd_ratio=m.pt_kd_ratio)
             loss = loss + m.ptx_coef * pt
             parts["pt_loss"] = float(pt.detach())
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def _plain_policy_terms(self, mb: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO term and the single-step KL from full [B, L, V] logits (minillm.chunked_losses=false)."""
+        strategy, m, r = self.strategy, self.cfg.minillm, self.cfg.rollout
+        mask = mb.response_mask
+        logits = self._trim(response_logits(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                            strategy.autocast))
+        logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
+        pg = losses.ppo_clip_loss(logprobs, mb.old_logprobs, advantages, mask, weights=mb.weights,
+                                  clip_ratio=m.clip_ratio)
         with torch.no_grad():
             ratio = torch.exp((logprobs - mb.old_logprobs) * mask) * mb.weights
             clipped = ((ratio - 1).abs() > m.clip_ratio).float()
-            parts["clip_fraction"] = float(losses.masked_mean(clipped, mask))
-        parts["loss"] = float(loss.detach())
+        parts = {"pg_loss": float(pg.detach()), "clip_fraction": float(losses.masked_mean(clipped, mask))}
+        loss = pg if m.long_range else torch.zeros((), dtype=pg.dtype, device=pg.device)
+        if m.single_step:
+            with torch.no_grad():
+                t_logits = self._trim(response_logits(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                      strategy.autocast))
+            single = losses.single_step_kl(logits, t_logits, mask, temperature=r.temperature,
+                                           weights=mb.weights if m.single_step_weighted else None)
+            del t_logits
+            loss = loss + single
+            parts["single_step_kl"] = float(single.detach())
         return loss, parts
+
+    def _chunked_policy_terms(self, mb: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """`_plain_policy_terms` from hidden states + LM heads in one pass over the student's head, ``loss_chunk_size``
+        positions at a time: no [B, L, V] fp32 logits of either model (chunked_losses.chunked_policy_loss)."""
+        strategy, m, r = self.strategy, self.cfg.minillm, self.cfg.rollout
+        mask, chunk = mb.response_mask, m.loss_chunk_size
+        hidden, head = response_hidden(self.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                       trim=self._trim, autocast=strategy.autocast)
+        teacher = {}
+        if m.single_step and mb.has_teacher_hidden:  # kept from scoring: fixed for the phase
+            teacher = dict(teacher_hidden=mb.teacher_hidden,
+                           teacher_head=lm_head(self.teacher, trim=self._trim, autocast=strategy.autocast))
+        elif m.single_step:
+            with torch.no_grad():
+                t_hidden, t_head = response_hidden(self.teacher, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                   trim=self._trim, autocast=strategy.autocast)
+            teacher = dict(teacher_hidden=t_hidden, teacher_head=t_head)
+        terms = chunked_losses.chunked_policy_loss(
+            hidden, head, mb.response_ids, mask, old_logprobs=mb.old_logprobs, advantages=advantages,
+            weights=mb.weights, clip_ratio=m.clip_ratio, temperature=r.temperature,
+            pg_coef=1.0 if m.long_range else 0.0, kl_weighted=m.single_step_weighted, chunk_size=chunk,
+            num_chunks=global_chunk_count(mask, chunk, strategy), **teacher)
+        parts = {"pg_loss": float(terms.pg_loss), "clip_fraction": float(terms.clip_fraction)}
+        if terms.single_step_kl is not None:
+            parts["single_step_kl"] = float(terms.single_step_kl)
+        return terms.loss, parts
 
     def _chunked_pt_loss(self, pt_batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
         """The PT loss from hidden states + LM heads, ``chunk`` positions at a time (equals ``losses.pt_loss``)."""
@@ -317,7 +332,7 @@ class MiniLLMTrainer:
                 t_hidden, t_head = hidden_and_head(self.teacher, pt_batch["input_ids"], trim=self._trim,
                                                    autocast=strategy.autocast)
         labels = pt_batch["labels"]
-        return losses.chunked_pt_loss(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head,
+        return chunked_losses.chunked_pt_loss(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head,
                                       teacher_logprobs=t_logprobs, kd_ratio=m.pt_kd_ratio, chunk_size=chunk,
                                       num_chunks=global_chunk_count(labels != losses.IGNORE_INDEX, chunk, strategy))
 

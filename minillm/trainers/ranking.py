@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .. import losses
+from .. import chunked_losses, losses
 from ..chunking import global_chunk_count, hidden_and_head, response_hidden
 from ..rollout import Rollout, response_logits
 from .common import to_device
@@ -69,7 +69,7 @@ def reference_logprobs(trainer, prompt_index: torch.Tensor) -> torch.Tensor:
     if m.chunked_losses:
         hidden, head = hidden_and_head(trainer.student, batch["input_ids"], batch["attention_mask"],
                                        trim=trainer._trim, autocast=strategy.autocast)
-        logprobs = losses.chunked_token_logprobs(hidden, head, tokens, mask, temperature=temperature,
+        logprobs = chunked_losses.chunked_token_logprobs(hidden, head, tokens, mask, temperature=temperature,
                                                  chunk_size=m.loss_chunk_size,
                                                  num_chunks=global_chunk_count(mask, m.loss_chunk_size, strategy))
     else:
@@ -89,7 +89,7 @@ def ranking_micro_batch_loss(trainer, mb: Rollout) -> tuple[torch.Tensor, dict[s
     if m.chunked_losses:
         hidden, head = response_hidden(trainer.student, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
                                        trim=trainer._trim, autocast=strategy.autocast)
-        logprobs = losses.chunked_token_logprobs(hidden, head, mb.response_ids, mask, temperature=r.temperature,
+        logprobs = chunked_losses.chunked_token_logprobs(hidden, head, mb.response_ids, mask, temperature=r.temperature,
                                                  chunk_size=m.loss_chunk_size,
                                                  num_chunks=global_chunk_count(mask, m.loss_chunk_size, strategy))
     else:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import losses
+from .. import chunked_losses, losses
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
 from ..evaluation import rouge_l
@@ -137,17 +137,17 @@ class SFTTrainer:
         labels = batch["labels"]
         mask = labels != -100
         chunks = dict(chunk_size=kd.chunk_size, num_chunks=global_chunk_count(mask, kd.chunk_size, strategy))
-        ce = losses.chunked_pt_loss(hidden, head, labels, **chunks)
+        ce = chunked_losses.chunked_pt_loss(hidden, head, labels, **chunks)
         if not self.use_teacher:
             return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
         with torch.no_grad():
             t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
         if kd.divergence == "fkl":  # -sum_v p_v log q_v at temperature T, as the plain path
             temp = kd.temperature
-            kd_term = losses.chunked_pt_loss(hidden, head.at_temperature(temp), labels, teacher_hidden=t_hidden,
+            kd_term = chunked_losses.chunked_pt_loss(hidden, head.at_temperature(temp), labels, teacher_hidden=t_hidden,
                                              teacher_head=t_head.at_temperature(temp), kd_ratio=1.0, **chunks)
         else:
-            kd_term = losses.chunked_divergence(hidden, head, mask, kd.divergence, teacher_hidden=t_hidden,
+            kd_term = chunked_losses.chunked_divergence(hidden, head, mask, kd.divergence, teacher_hidden=t_hidden,
                                                 teacher_head=t_head, beta=kd.beta, skew=kd.skew,
                                                 temperature=kd.temperature, **chunks)
         loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term
