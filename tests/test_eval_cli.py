@@ -278,3 +278,78 @@ def test_named_set_offline_fails_fast_with_advice(tmp_path, assets, capsys):
     err = capsys.readouterr().err
     assert "MiniLLM/Vicuna" in err and "huggingface-cli download" in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_fast_engine_greedy_equals_hf_generate_and_samples_reproducibly(assets):
+    """--engine fast (the rollout engine at α = 0) decodes greedily to exactly HF generate's tokens, batched
+    prompts of different lengths included; sampled, it is reproducible per seed, leaves the caller's RNG alone
+    and pads rows after their EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.data import PromptCollator
+    from minillm.evaluation.generation import generate_batches
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(assets / "teacher")
+    prompts = ("Add 1 and 2.", "Name the capital of Norway. x", "Write a haiku about rain and the sea, please.")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    batch = PromptCollator(tok.pad_token_id)([{"input_ids": torch.tensor(i)} for i in ids])
+    greedy = dict(max_new_tokens=24, do_sample=False)
+    (hf,) = generate_batches(model, tok, [batch], engine="hf", **greedy)
+    (fast,) = generate_batches(model, tok, [batch], engine="fast", **greedy)
+    assert fast.texts == hf.texts and any(fast.texts)
+    assert torch.equal(fast.response_ids, hf.response_ids[:, :fast.response_ids.shape[1]])
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    (a,) = generate_batches(model, tok, [batch], engine="fast", max_new_tokens=24, seed=7)
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is untouched
+    (b,) = generate_batches(model, tok, [batch], engine="fast", max_new_tokens=24, seed=7)
+    (c,) = generate_batches(model, tok, [batch], engine="fast", max_new_tokens=24, seed=8)
+    assert a.texts == b.texts and torch.equal(a.response_ids, b.response_ids) and a.texts != c.texts
+    for row in a.response_ids:
+        ends = (row == tok.eos_token_id).nonzero()
+        if len(ends):
+            assert (row[int(ends[0]) + 1:] == tok.pad_token_id).all()
+
+
+def test_engine_choice_auto_hf_fast():
+    import torch
+
+    from minillm.evaluation.generation import resolve_engine
+    from minillm.evaluation.settings import EvalSettings, SettingsError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_engine("auto", cpu) == "hf" and resolve_engine("auto", cuda) == "fast"
+    assert resolve_engine("auto", cuda, no_repeat_ngram_size=3) == "hf"
+    assert resolve_engine("auto", cuda, synced_gpus=True) == "hf"
+    assert resolve_engine("fast", cpu) == "fast" and resolve_engine("hf", cuda) == "hf"
+    with pytest.raises(ValueError, match="no-repeat-ngram-size"):
+        resolve_engine("fast", cpu, no_repeat_ngram_size=3)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        resolve_engine("fast", cuda, synced_gpus=True)
+    base = dict(model=["m"], data=["d"], out="o")
+    with pytest.raises(SettingsError, match="--engine must be"):
+        EvalSettings(**base, engine="vllm").check()
+    with pytest.raises(SettingsError, match="--engine fast supports neither"):
+        EvalSettings(**base, engine="fast", zero3=True).check()
+
+
+def test_cli_with_the_fast_engine(tmp_path, assets):
+    """minillm-eval --engine fast end to end on CPU: the teacher's samples, its settings recorded, and its Rouge-L
+    recomputed from the saved samples."""
+    from minillm.evaluation import rouge_l
+
+    out = tmp_path / "fast"
+    argv = ["--model", str(assets / "teacher"), "--name", "tea", "--data", str(assets / "data" / "dev.jsonl"),
+            "--out", str(out), "--seeds", "10", "--num", "4", "--engine", "fast", *COMMON]
+    assert eval_main(argv) == 0
+    results = _load(out / "results.json")
+    assert results["settings"]["engine"] == "fast"
+    seed = _load(out / "tea" / "dev" / "seed10.json")
+    assert seed["num"] == len(seed["samples"]) == 4 and any(x["output"] for x in seed["samples"])
+    expected = rouge_l([x["output"] for x in seed["samples"]], [x["references"] for x in seed["samples"]])
+    assert results["results"]["tea"]["dev"]["seeds"]["10"]["rougeL"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0  # the trained teacher's samples overlap the references

@@ -61,6 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "the paper's numbers were most likely produced without it (lmops-notes §5)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    r.add_argument("--engine", choices=["auto", "hf", "fast"],
+                   help="sampler: hf (transformers generate), fast (minillm's rollout engine with static caches and "
+                        "CUDA graphs), auto (default: fast on CUDA unless --zero3 or --no-repeat-ngram-size)")
     r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model weights (default fp32)")
     r.add_argument("--zero3", action="store_true", help="shard the models with DeepSpeed ZeRO-3 over the ranks "
                    "(launch with deepspeed/torchrun) for models that do not fit one GPU")

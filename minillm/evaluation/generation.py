@@ -29,19 +29,56 @@ class GeneratedBatch:
     index: Optional[torch.Tensor] = None
 
 
+ENGINES = ("auto", "hf", "fast")
+
+
+def resolve_engine(engine: str, device: torch.device, *, no_repeat_ngram_size: int = 0,
+                   synced_gpus: bool = False) -> str:
+    """``hf`` (Hugging Face ``generate``) or ``fast`` (:func:`minillm.engine.fast_mixed_sample` at α = 0: the
+    student alone, with static caches and CUDA graphs on CUDA). ``auto`` picks ``fast`` on CUDA unless HF is
+    needed: ``--no-repeat-ngram-size`` (HF's logits processor) or ZeRO-3 (``synced_gpus``: ranks that finish
+    early must keep joining the others' parameter gathers). Both draw from the same distribution; their random
+    streams differ, so a given seed gives different samples."""
+    if engine not in ENGINES:
+        raise ValueError(f"minillm.evaluation: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return "fast" if device.type == "cuda" and not no_repeat_ngram_size and not synced_gpus else "hf"
+    if engine == "fast" and no_repeat_ngram_size:
+        raise ValueError("minillm.evaluation: --engine fast does not implement --no-repeat-ngram-size; use --engine hf")
+    if engine == "fast" and synced_gpus:
+        raise ValueError("minillm.evaluation: --engine fast cannot run ZeRO-3 sharded models (--zero3); use --engine hf")
+    return engine
+
+
+def _fast_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                   do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """[B, ≤ max_new_tokens] responses from the rollout engine at α = 0 (the global RNG, seeded by the caller)."""
+    from ..engine import fast_mixed_sample
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    # padded embedding rows beyond the tokenizer are no tokens: never draw them (HF generate would)
+    vocab = len(tokenizer) if rows is not None and rows > len(tokenizer) else None
+    out = fast_mixed_sample(model, None, input_ids, attention_mask, max_new_tokens=max_new_tokens, alpha=0.0,
+                            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=pad, do_sample=do_sample, score=False, vocab_size=vocab)
+    return out.response_ids
+
+
 @torch.no_grad()
 def generate_batches(model, tokenizer, batches: Iterable[dict[str, Any]], *, max_new_tokens: int,
                      do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      no_repeat_ngram_size: int = 0, seed: int = 10, rank: int = 0, synced_gpus: bool = False,
-                     device: torch.device | None = None) -> list[GeneratedBatch]:
+                     device: torch.device | None = None, engine: str = "hf") -> list[GeneratedBatch]:
     """Like :func:`generate_texts`, but keeps the token ids (for teacher scoring of the samples).
 
     The random stream is the same as :func:`generate_texts`' for the same arguments, so both give the same
-    texts.
+    texts. ``engine``: see :func:`resolve_engine`.
     """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
+    engine = resolve_engine(engine, device, no_repeat_ngram_size=no_repeat_ngram_size, synced_gpus=synced_gpus)
     out_batches: list[GeneratedBatch] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -49,15 +86,19 @@ def generate_batches(model, tokenizer, batches: Iterable[dict[str, Any]], *, max
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
-            kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          synced_gpus=synced_gpus)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-            if no_repeat_ngram_size:
-                kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            responses = out[:, input_ids.shape[1]:]
+            if engine == "fast":
+                responses = _fast_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                           do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+            else:
+                kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              synced_gpus=synced_gpus)
+                if do_sample:
+                    kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+                if no_repeat_ngram_size:
+                    kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                responses = out[:, input_ids.shape[1]:]
             texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
             index = batch.get("index")
             out_batches.append(GeneratedBatch(input_ids.cpu(), attention_mask.cpu(), responses.cpu(), texts,
@@ -69,7 +110,7 @@ def generate_batches(model, tokenizer, batches: Iterable[dict[str, Any]], *, max
 def generate_texts(model, tokenizer, batches: Iterable[dict[str, Any]], *, max_new_tokens: int,
                    do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    no_repeat_ngram_size: int = 0, seed: int = 10, rank: int = 0, synced_gpus: bool = False,
-                   device: torch.device | None = None) -> list[str]:
+                   device: torch.device | None = None, engine: str = "hf") -> list[str]:
     """Generate one response per prompt; returns decoded, stripped strings in batch order.
 
     ``batches`` yield ``input_ids`` and ``attention_mask`` (left-padded). ``synced_gpus`` must be on under
@@ -78,5 +119,5 @@ def generate_texts(model, tokenizer, batches: Iterable[dict[str, Any]], *, max_n
     done = generate_batches(model, tokenizer, batches, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, rank=rank,
-                            synced_gpus=synced_gpus, device=device)
+                            synced_gpus=synced_gpus, device=device, engine=engine)
     return [text for b in done for text in b.texts]

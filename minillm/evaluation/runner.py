@@ -235,7 +235,7 @@ def generate_for_set(model, tokenizer, eval_set: EvalSet, seed: int, settings: E
                             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                             top_k=settings.top_k, top_p=settings.top_p,
                             no_repeat_ngram_size=settings.no_repeat_ngram_size, seed=seed, rank=ctx.rank,
-                            synced_gpus=ctx.zero3, device=ctx.device)
+                            synced_gpus=ctx.zero3, device=ctx.device, engine=settings.engine)
 
 
 def eos_ids(tokenizer) -> list[int]:

@@ -51,6 +51,7 @@ class EvalSettings:
     teacher: Optional[str] = None
     dist: bool = False
     device: str = "auto"
+    engine: str = "auto"                                 # auto/hf/fast (minillm.evaluation.generation.resolve_engine)
     dtype: str = "fp32"
     cache_dir: str = ".cache/minillm"
     zero3: bool = False
@@ -93,6 +94,11 @@ class EvalSettings:
             raise SettingsError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.engine not in ("auto", "hf", "fast"):
+            raise SettingsError(f"--engine must be auto, hf or fast, got {self.engine!r}")
+        if self.engine == "fast" and (self.no_repeat_ngram_size or self.zero3):
+            raise SettingsError("--engine fast supports neither --no-repeat-ngram-size nor --zero3; use --engine hf "
+                                "(or auto, which picks it)")
         if self.template not in ("auto", "reference", "chat", "raw"):
             raise SettingsError(f"--template must be auto, reference, chat or raw, got {self.template!r}")
         if self.exposure_bias and not self.teacher:
