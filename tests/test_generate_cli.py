@@ -97,3 +97,20 @@ def test_generated_file_trains_seqkd_end_to_end(tmp_path, assets):
                       "--seeds", "10", "--max-new-tokens", "8", "--no-progress"]) == 0
     table = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| SeqKD", "| teacher"]
+
+
+def test_fast_engine_writes_the_same_rows_and_records_itself(tmp_path, assets, capsys):
+    """--engine fast: one row per kept prompt in order, reproducible per seed; the sidecar records the engine, so
+    resuming with another engine is refused; --no-repeat-ngram-size is refused with advice."""
+    out = tmp_path / "fast.jsonl"
+    assert generate_main(_args(assets, out, "--engine", "fast")) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(20)) and any(r["output"] for r in rows)
+    assert json.loads((tmp_path / "fast.jsonl.meta.json").read_text())["settings"]["engine"] == "fast"
+    again = tmp_path / "again.jsonl"
+    assert generate_main(_args(assets, again, "--engine", "fast")) == 0
+    assert again.read_text() == out.read_text()
+    assert generate_main(_args(assets, out, "--engine", "hf")) == 1
+    assert "engine" in capsys.readouterr().err
+    assert generate_main(_args(assets, tmp_path / "x.jsonl", "--engine", "fast", "--no-repeat-ngram-size", "3")) == 1
+    assert "--engine fast does not implement --no-repeat-ngram-size" in capsys.readouterr().err

@@ -36,6 +36,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=-1, help="use the first N records (default -1: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "fast"],
+                   help="sampler: hf (transformers generate), fast (minillm's rollout engine: static caches and "
+                        "CUDA graphs on CUDA), auto (default: fast on CUDA, hf on CPU or with --no-repeat-ngram-size)")
     p.add_argument("--cache-dir", default=".cache/minillm", help="where named sets are looked up before the hub")
     p.add_argument("--overwrite", action="store_true", help="start OUT.jsonl again instead of resuming")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

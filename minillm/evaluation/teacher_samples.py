@@ -49,6 +49,7 @@ class GenerateSettings:
     num: int = -1
     dtype: str = "fp32"
     cache_dir: str = ".cache/minillm"
+    engine: str = "auto"  # minillm.evaluation.generation.resolve_engine
 
     def comparable(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,6 +125,8 @@ def generate_seqkd_data(settings: GenerateSettings, out: str | os.PathLike, *, d
     out = Path(out)
     if settings.batch_size < 1 or settings.max_new_tokens < 1 or settings.max_prompt_length < 1:
         raise GenerateError("--batch-size, --max-new-tokens and --max-prompt-length must be ≥ 1")
+    if settings.engine == "fast" and settings.no_repeat_ngram_size:
+        raise GenerateError("--engine fast does not implement --no-repeat-ngram-size; use --engine hf or auto")
     _check_resume(out, settings, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_existing(out)
@@ -170,7 +173,8 @@ def generate_seqkd_data(settings: GenerateSettings, out: str | os.PathLike, *, d
                 (got,) = generate_batches(model, tokenizer, [batch], max_new_tokens=settings.max_new_tokens,
                                           temperature=settings.temperature, top_k=settings.top_k,
                                           top_p=settings.top_p, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                                          seed=settings.seed + k * CHUNK_SEED_STRIDE, device=device_t)
+                                          seed=settings.seed + k * CHUNK_SEED_STRIDE, device=device_t,
+                                          engine=settings.engine)
                 for p, text in zip(positions, got.texts):
                     index = prompts.indices[p]
                     if index in done:
