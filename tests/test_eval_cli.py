@@ -353,3 +353,26 @@ def test_cli_with_the_fast_engine(tmp_path, assets):
     expected = rouge_l([x["output"] for x in seed["samples"]], [x["references"] for x in seed["samples"]])
     assert results["results"]["tea"]["dev"]["seeds"]["10"]["rougeL"] == pytest.approx(expected, abs=1e-6)
     assert expected > 0  # the trained teacher's samples overlap the references
+
+
+@pytest.mark.gpu
+def test_fast_engine_on_cuda_decodes_greedily_like_hf_generate(assets):
+    """On CUDA, --engine auto is the fast engine with static caches and CUDA graphs: greedy tokens equal HF
+    generate's (fp32)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.data import PromptCollator
+    from minillm.evaluation.generation import generate_batches
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(assets / "teacher").cuda()
+    prompts = ("Add 1 and 2.", "Name the capital of Norway. x", "Write a haiku about rain and the sea, please.")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    batch = PromptCollator(tok.pad_token_id)([{"input_ids": torch.tensor(i)} for i in ids])
+    (hf,) = generate_batches(model, tok, [batch], engine="hf", max_new_tokens=24, do_sample=False)
+    (fast,) = generate_batches(model, tok, [batch], engine="auto", max_new_tokens=24, do_sample=False)
+    assert fast.texts == hf.texts
