@@ -187,6 +187,11 @@ class EvalConfig:
     top_k: int = _f(0, "Top-k filter (0: off).")
     top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
     seed: int = _f(10, "Generation seed, so dev Rouge-L is comparable across evaluations.")
+    engine: Literal["auto", "hf", "fast"] = _f(
+        "auto", "Sampler of the sft/kd/seqkd dev answers: hf (transformers generate), fast (minillm.engine with the "
+        "student alone: static caches and CUDA graphs on CUDA), auto (fast on CUDA, hf on CPU). Same distribution, "
+        "different random streams: compare dev Rouge-L only within one engine. method minillm samples its dev "
+        "answers with rollout.engine at alpha 0.")
 
 
 @dataclass

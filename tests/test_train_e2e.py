@@ -152,3 +152,25 @@ def test_multi_process_cli_run_skips_native_teardown_only_when_distributed(monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     cli.main(argv)
     assert exits == [0] and shutdowns == [True]
+
+
+def test_sft_dev_rouge_with_the_fast_engine_equals_hf_generate_when_greedy(tmp_path):
+    """eval.engine: greedy dev answers are the same tokens with either sampler, so dev Rouge-L is equal; sampled,
+    the fast engine gives a valid score too."""
+    from minillm.cli.train import build_trainer
+    from minillm.config import load_config
+    from minillm.strategy import build_strategy
+
+    cfg = load_config(str(REPO / "configs/tiny/kd.yaml"), [f"output_dir={tmp_path}", "eval.num_prompts=6",
+                                                           "student.path=tests/assets/teacher",
+                                                           "eval.max_new_tokens=10", "eval.do_sample=false"])
+    strategy = build_strategy(cfg).setup()
+    cfg.resolve(strategy.world_size)
+    trainer = build_trainer(cfg, strategy)
+    scores = {}
+    for engine in ("hf", "fast"):
+        cfg.eval.engine = engine
+        scores[engine] = trainer._dev_rouge()
+    assert scores["fast"] == scores["hf"] > 0  # the trained teacher as the student: answers overlap
+    cfg.eval.do_sample = True
+    assert 0.0 <= trainer._dev_rouge() <= 100.0

@@ -264,7 +264,7 @@ class SFTTrainer:
         with strategy.gathered(self.student) as module:
             texts = generate_texts(module, self.tokenizer, loader, max_new_tokens=e.max_new_tokens,
                                    do_sample=e.do_sample, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                                   seed=e.seed, rank=strategy.rank, device=strategy.device)
+                                   seed=e.seed, rank=strategy.rank, device=strategy.device, engine=e.engine)
         pairs = [(i, t, r) for i, t, r in zip(mine, texts, references)]
         gathered = [p for part in strategy.all_gather_object(pairs) for p in part]
         unique = {i: (t, r) for i, t, r in gathered}  # drop the padding duplicates of the last rank
