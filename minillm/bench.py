@@ -156,6 +156,14 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                                                                    **options), repeats)
         rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
+    # the engine with the student alone (alpha = 0): what minillm-eval --engine fast runs, against HF generate
+    student_only = dict(common, alpha=0.0)
+    graphs = device.type == "cuda" and not args.no_graphs
+    secs, out, peak = _timed(device, lambda: fast_mixed_sample(student, None, prompts, prompt_mask, generator=seeded(),
+                                                               score=False, static_cache=graphs, cuda_graphs=graphs,
+                                                               **student_only), repeats)
+    rollout["fast_student_only"] = rollout_entry(secs, peak, out.student_forwards, 0)
+    rollout["fast_student_only"]["cuda_graphs"] = graphs
     if args.draft_tokens > 0:  # the speculative engine: independent rows, eager only
         from .speculative import speculative_mixed_sample
 
@@ -165,11 +173,12 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         rollout["speculative_eager"] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout["speculative_eager"].update(draft_tokens=args.draft_tokens, rounds=out.rounds,
                                             acceptance=out.accepted_drafts / max(out.proposed_drafts, 1))
-    fast_names = [k for k in rollout if k.startswith(("fast", "speculative"))]
+    fast_names = [k for k in rollout if k.startswith(("fast", "speculative")) and k != "fast_student_only"]
     if "naive" in rollout:
         rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
     rollout["speedup_vs_hf_generate_student_only"] = {
-        k: rollout["hf_generate_student_only"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
+        k: rollout["hf_generate_student_only"]["seconds"] / rollout[k]["seconds"]
+        for k in [*fast_names, "fast_student_only"]}
     phases["rollout"] = rollout
 
     # ------------------------------------------------------------------ scoring, training, single-step KL

@@ -48,6 +48,11 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     heads = round(fast["teacher_step_fraction"] * 8)
     assert fast["teacher_forwards"] == heads and fast["student_forwards"] <= 8 - heads + 1
     assert rollout["speedup_vs_naive"]["fast_eager"] == pytest.approx(naive["seconds"] / fast["seconds"])
+    alone = rollout["fast_student_only"]  # the engine at alpha = 0 (minillm-eval --engine fast): no teacher call
+    assert alone["teacher_forwards"] == 0 and alone["student_forwards"] >= 1 and alone["cuda_graphs"] is False
+    assert rollout["speedup_vs_hf_generate_student_only"]["fast_student_only"] == pytest.approx(
+        rollout["hf_generate_student_only"]["seconds"] / alone["seconds"])
+    assert "fast_student_only" not in rollout["speedup_vs_naive"]
     spec = rollout["speculative_eager"]  # default 4 drafts per round; the teacher verifies once per round
     assert spec["draft_tokens"] == 4 and spec["teacher_forwards"] == spec["rounds"] >= 2  # 8 tokens
     assert 0.0 <= spec["acceptance"] <= 1.0 and spec["tokens_per_s"] * spec["seconds"] == pytest.approx(4 * 8)
