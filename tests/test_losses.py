@@ -564,3 +564,34 @@ def test_chunked_policy_loss_equals_the_plain_ppo_term_plus_single_step_kl(setup
     assert terms.clip_fraction.item() == pytest.approx(clip_fraction.item(), abs=1e-12)
     assert 0.0 < terms.clip_fraction.item() < 1.0  # the oracle distinguishes clipped from unclipped tokens
     assert not terms.pg_loss.requires_grad and not terms.clip_fraction.requires_grad
+
+
+def test_fused_chunks_through_a_tied_lm_head_give_the_plain_gradients():
+    """GPT-2 ties its LM head to the input embedding: the fused head gradient and the embedding lookup's gradient
+    must add up in the one shared parameter, as in the plain backward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minillm.chunking import hidden_and_head
+
+    config = GPT2Config(vocab_size=61, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    student, teacher = GPT2LMHeadModel(config).double().eval(), GPT2LMHeadModel(config).double().eval()  # no dropout
+    assert student.lm_head.weight is student.transformer.wte.weight
+    ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 9, dtype=torch.float64)
+    mask[0, 6:] = 0
+    params = [p for p in student.parameters()]
+
+    with torch.no_grad():
+        t_logits = teacher(ids).logits
+    plain = L.single_step_kl(student(ids).logits, t_logits, mask)
+    expected = torch.autograd.grad(plain, params)
+    hidden, head = hidden_and_head(student, ids)
+    with torch.no_grad():
+        t_hidden, t_head = hidden_and_head(teacher, ids)
+    chunked = CL.chunked_single_step_kl(hidden, head, mask, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=7,
+                                        fused=True)
+    got = torch.autograd.grad(chunked, params)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
