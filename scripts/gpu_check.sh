@@ -19,7 +19,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS
 py=${PYTHON:-python3}
 
 gpu=$("$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
-print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") || { echo "no CUDA device"; exit 1; }
+print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") || { echo "gpu_check: $py has no torch with a CUDA device"; exit 1; }
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'gpu', torch.cuda.get_device_name(0))" | tee "$out/versions.txt"
 
