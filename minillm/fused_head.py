@@ -90,6 +90,10 @@ def fused_chunk_loss(chunk_loss: Callable[[Tensor, int, int], Tensor], hidden: T
             if g is not None:
                 acc += g
         total = part.detach() if total is None else total + part.detach()
+        if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
+            # Inside a caller's autocast region, autocast caches a low-precision copy of every grad-requiring leaf
+            # it casts until the region ends: one [V, H] copy per chunk's stand-ins. Drop them chunk by chunk.
+            torch.clear_autocast_cache()
     inputs = ([hidden] if needs_hidden else []) + [p for _, p in params]
     grads = ([grad_hidden] if needs_hidden else []) + grad_params
     return _InjectGradients.apply(total, tuple(grads), *inputs)
