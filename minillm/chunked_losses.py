@@ -324,3 +324,53 @@ def chunked_policy_loss(student_hidden: Tensor, student_head: Head, tokens: Tens
     loss, (pg, kl, clip_fraction) = _chunked_loss(plan, student_head, means[:, None] * scale, fused,
                                                   "chunked_policy_loss", report=means)
     return PolicyTerms(loss, pg, kl if with_teacher else None, clip_fraction)
+
+
+class KDTerms(NamedTuple):
+    """What `chunked_kd_loss` returns; ``ce`` and ``kd`` are detached scalars for logging."""
+
+    loss: Tensor  # (1 − kd_ratio)·ce + kd_ratio·kd with a teacher, else ce; with gradient
+    ce: Tensor  # = pt_loss(s, labels)
+    kd: Tensor | None  # the KD term at the temperature; None without a teacher
+
+
+def chunked_kd_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
+                    teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
+                    teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5, divergence: str = "fkl",
+                    temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
+                    fused: bool | None = None) -> KDTerms:
+    """The SFT/KD trainer's loss in one pass over the student's head: (1 − kd_ratio)·CE + kd_ratio·KD.
+
+    CE = ``pt_loss(s, labels)``. KD at temperature T over the same positions (labels ≠ −100): the reference's
+    ``pt_loss(s/T, labels, t/T, kd_ratio=1)`` = −Σ p_T log q_T for ``fkl``, else ``divergence(s/T, t/T, mask,
+    kind)``. Both temperatures come from one head call per chunk: log_softmax is shift-invariant, so
+    log_softmax(log_q / T) = log_softmax(s / T). Without teacher inputs: CE alone (``kd`` is None).
+    """
+    _check_divergence_args(divergence, beta, skew)
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"minillm.chunked_losses.chunked_kd_loss: kd_ratio={kd_ratio} must lie in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"minillm.chunked_losses.chunked_kd_loss: temperature={temperature} must be > 0")
+    with_teacher = teacher_hidden is not None or teacher_head is not None or teacher_logprobs is not None
+
+    def kernel(log_q: Tensor, log_p: Tensor | None, lab: Tensor) -> Tensor:
+        ce, _ = _pt_terms(log_q, None, lab)
+        if log_p is None:
+            return torch.stack([ce, torch.zeros_like(ce)], -1)
+        if temperature != 1.0:
+            log_q, log_p = _log_softmax(log_q / temperature), _log_softmax(log_p / temperature)
+        kd = _pt_terms(log_q, log_p, lab)[1] if divergence == "fkl" else \
+            _divergence_terms(log_q, log_p, divergence, beta, skew)
+        return torch.stack([ce, kd], -1)
+
+    valid = labels != IGNORE_INDEX
+    plan = _plan_chunks(kernel, student_hidden, valid, [labels.long()], teacher_hidden=teacher_hidden,
+                        teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=with_teacher,
+                        temperature=1.0, chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_kd_loss")
+    means = _mean_coefficients(valid, plan.index)
+    weights = [1.0 - kd_ratio, kd_ratio] if with_teacher else [1.0, 0.0]
+    scale = torch.tensor(weights, dtype=means.dtype, device=means.device)
+    loss, (ce, kd) = _chunked_loss(plan, student_head, means[:, None] * scale, fused, "chunked_kd_loss",
+                                   report=means)
+    return KDTerms(loss, ce, kd if with_teacher else None)

@@ -7,7 +7,7 @@ The ``chunked_*`` functions of :mod:`minillm.losses` take the last hidden states
   last position only, and its last hidden state (after the final norm / projection, as HF records it) is what
   the LM head reads;
 * the head is the model's own output-embedding module (so DeepSpeed ZeRO-3 parameter hooks fire), followed by
-  the vocabulary trim (:class:`minillm.models.VocabAlignment`) and an optional temperature;
+  the vocabulary trim (:class:`minillm.models.VocabAlignment`);
 * the first time a model is seen, head(last hidden) is checked against the logit the model itself returned, so
   a model that post-processes its logits (soft-capping, logit scales) fails loudly instead of giving wrong
   losses: set ``minillm.chunked_losses`` / ``kd.chunked`` to false for it.
@@ -59,25 +59,19 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
 
 
 class LMHead(torch.nn.Module):
-    """``h [N, H] → trim(lm_head(h)) / temperature`` through the model's own output-embedding module.
+    """``h [N, H] → trim(lm_head(h))`` through the model's own output-embedding module.
 
     A module (not a closure) so the chunked losses can take its gradients in forward (:mod:`minillm.fused_head`);
     the wrapped head stays the model's own submodule, so ZeRO-3 hooks fire and tied embeddings stay tied.
     """
 
-    def __init__(self, head: torch.nn.Module, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None,
-                 temperature: float = 1.0):
+    def __init__(self, head: torch.nn.Module, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None):
         super().__init__()
-        self.head, self.trim, self.autocast, self.temperature = head, trim, autocast, temperature
+        self.head, self.trim, self.autocast = head, trim, autocast
 
     def forward(self, h: Tensor) -> Tensor:
         with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
-            out = self.trim(self.head(h))
-        return out / self.temperature if self.temperature != 1.0 else out
-
-    def at_temperature(self, temperature: float) -> "LMHead":
-        """The same head with its logits divided by ``temperature``."""
-        return LMHead(self.head, self.trim, self.autocast, temperature)
+            return self.trim(self.head(h))
 
 
 def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None) -> LMHead:

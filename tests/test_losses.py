@@ -621,3 +621,34 @@ def test_fused_chunks_inside_a_callers_autocast_region():
         errors[fused] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(grads, ref_grads)]
         assert max(errors[fused]) < 2e-2  # bf16 keeps 8 bits: ~0.4% per rounding
     assert errors[True][1] <= errors[False][1] * 1.001
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("divergence, temperature, kd_ratio", [("fkl", 1.0, 0.5), ("fkl", 2.0, 0.5), ("rkl", 1.5, 0.3),
+                                                               ("jsd", 2.0, 1.0), ("srkl", 0.7, 0.0)])
+def test_chunked_kd_loss_equals_the_sft_trainers_plain_loss(setup, fused, divergence, temperature, kd_ratio):
+    """(1 − r)·CE + r·KD at temperature T in one head pass, with both temperatures from one head call, equals the
+    plain composition (values, gradients, logged parts); without a teacher it is plain CE."""
+    hidden, t_hidden, student, teacher, mask = setup
+    hidden.requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(11))
+    labels[mask == 0] = -100
+    s_logits, t_logits = student(hidden), teacher(t_hidden)
+    ce = L.pt_loss(s_logits, labels)
+    if divergence == "fkl":
+        kd = L.pt_loss(s_logits / temperature, labels, t_logits / temperature, kd_ratio=1.0)
+    else:
+        kd = L.divergence(s_logits / temperature, t_logits / temperature, labels != -100, divergence, beta=0.3,
+                          skew=0.2)
+    plain = (1 - kd_ratio) * ce + kd_ratio * kd
+    student.calls = 0
+    terms = CL.chunked_kd_loss(hidden, student, labels, teacher_hidden=t_hidden, teacher_head=teacher,
+                               kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=0.3, skew=0.2,
+                               chunk_size=4, fused=fused)
+    assert student.calls == 3  # one head call per chunk for both terms
+    assert_same(plain, terms.loss, hidden, student)
+    assert terms.ce.item() == pytest.approx(ce.item(), rel=1e-12)
+    assert terms.kd.item() == pytest.approx(kd.item(), rel=1e-12)
+    alone = CL.chunked_kd_loss(hidden, student, labels, chunk_size=4, fused=fused)
+    assert alone.kd is None
+    assert_same(L.pt_loss(student(hidden), labels), alone.loss, hidden, student)

@@ -137,21 +137,18 @@ class SFTTrainer:
         labels = batch["labels"]
         mask = labels != -100
         chunks = dict(chunk_size=kd.chunk_size, num_chunks=global_chunk_count(mask, kd.chunk_size, strategy))
-        ce = chunked_losses.chunked_pt_loss(hidden, head, labels, **chunks)
-        if not self.use_teacher:
-            return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
-        with torch.no_grad():
-            t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
-        if kd.divergence == "fkl":  # -sum_v p_v log q_v at temperature T, as the plain path
-            temp = kd.temperature
-            kd_term = chunked_losses.chunked_pt_loss(hidden, head.at_temperature(temp), labels, teacher_hidden=t_hidden,
-                                             teacher_head=t_head.at_temperature(temp), kd_ratio=1.0, **chunks)
-        else:
-            kd_term = chunked_losses.chunked_divergence(hidden, head, mask, kd.divergence, teacher_hidden=t_hidden,
-                                                teacher_head=t_head, beta=kd.beta, skew=kd.skew,
-                                                temperature=kd.temperature, **chunks)
-        loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term
-        return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kd": float(kd_term.detach())}
+        teacher = {}
+        if self.use_teacher:
+            with torch.no_grad():
+                t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
+            teacher = dict(teacher_hidden=t_hidden, teacher_head=t_head)
+        terms = chunked_losses.chunked_kd_loss(hidden, head, labels, kd_ratio=kd.kd_ratio, divergence=kd.divergence,
+                                               temperature=kd.temperature, beta=kd.beta, skew=kd.skew, **chunks,
+                                               **teacher)
+        parts = {"loss": float(terms.loss.detach()), "ce": float(terms.ce)}
+        if terms.kd is not None:
+            parts["kd"] = float(terms.kd)
+        return terms.loss, parts
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
