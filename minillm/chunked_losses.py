@@ -30,6 +30,7 @@ Head = Callable[[Tensor], Tensor]
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: ~4 live [chunk, V] fp32 buffers, 0.8 GB at V = 50K
 
+
 def chunk_count(mask: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """Head calls a chunked loss makes for this mask (``labels != -100`` for the PT loss) in its forward:
     ⌈valid positions / chunk_size⌉, at least 1.
@@ -56,25 +57,25 @@ def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: T
     """Check the inputs of a chunked loss and gather its valid rows; ``kernel(log_q [c, V], log_p [c, V] | None,
     *extras_c) -> [c(, k)]`` gives the per-position values."""
     if student_hidden.dim() < 2:
-        raise ValueError(f"minillm.losses.{caller}: student_hidden must be [B, L, H], "
+        raise ValueError(f"minillm.chunked_losses.{caller}: student_hidden must be [B, L, H], "
                          f"got {tuple(student_hidden.shape)}")
     grid = student_hidden.shape[:-1]
     _check_shape("mask/labels", valid, grid, f"{caller} (student_hidden.shape[:-1])")
     if chunk_size < 1:
-        raise ValueError(f"minillm.losses.{caller}: chunk_size={chunk_size} must be ≥ 1")
+        raise ValueError(f"minillm.chunked_losses.{caller}: chunk_size={chunk_size} must be ≥ 1")
     if num_chunks is not None and num_chunks < 1:
-        raise ValueError(f"minillm.losses.{caller}: num_chunks={num_chunks} must be ≥ 1 or None")
+        raise ValueError(f"minillm.chunked_losses.{caller}: num_chunks={num_chunks} must be ≥ 1 or None")
     has_head = teacher_hidden is not None or teacher_head is not None
     if need_teacher:
         incomplete_head = has_head and (teacher_hidden is None or teacher_head is None)
         if has_head == (teacher_logprobs is not None) or incomplete_head:
-            raise ValueError(f"minillm.losses.{caller}: pass the teacher either as teacher_hidden + teacher_head or "
+            raise ValueError(f"minillm.chunked_losses.{caller}: pass the teacher either as teacher_hidden + teacher_head or "
                              "as precomputed teacher_logprobs [B, L, V], not both and not neither")
     elif has_head or teacher_logprobs is not None:
-        raise ValueError(f"minillm.losses.{caller}: got teacher inputs this loss does not use")
+        raise ValueError(f"minillm.chunked_losses.{caller}: got teacher inputs this loss does not use")
     for name, t in (("teacher_hidden", teacher_hidden), ("teacher_logprobs", teacher_logprobs)):
         if t is not None and tuple(t.shape[:-1]) != tuple(grid):
-            raise ValueError(f"minillm.losses.{caller}: `{name}` has shape {tuple(t.shape)}; its leading dims must "
+            raise ValueError(f"minillm.chunked_losses.{caller}: `{name}` has shape {tuple(t.shape)}; its leading dims must "
                              f"match student_hidden's {tuple(grid)}")
 
     index = (valid.reshape(-1) != 0).nonzero().squeeze(-1)
@@ -96,7 +97,7 @@ def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: T
                 rows = t_flat.index_select(0, idx.to(t_flat.device))  # in fp32 on the student's device, no T
                 log_p = _log_softmax(rows.to(student_logits.device, non_blocking=True))
         if log_p is not None and log_p.shape[-1] != log_q.shape[-1]:
-            raise ValueError(f"minillm.losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
+            raise ValueError(f"minillm.chunked_losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
                              f"{log_p.shape[-1]}; slice the heads' outputs to the shared vocabulary")
         return kernel(log_q, log_p, *ex)
 
@@ -235,24 +236,12 @@ def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, 
                     teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                     fused: bool | None = None) -> Tensor:
-    """`pt_loss` from hidden states → scalar; teacher as in `chunked_single_step_kl` (optional: plain CE)."""
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"minillm.losses.chunked_pt_loss: kd_ratio={kd_ratio} must lie in [0, 1]")
-    with_teacher = teacher_hidden is not None or teacher_head is not None or teacher_logprobs is not None
+    """`pt_loss` from hidden states → scalar; teacher as in `chunked_single_step_kl` (optional: plain CE).
 
-    def kernel(log_q: Tensor, log_p: Tensor | None, lab: Tensor) -> Tensor:
-        ce, kd = _pt_terms(log_q, log_p, lab)
-        return torch.stack([ce, kd if kd is not None else torch.zeros_like(ce)], -1)
-
-    valid = labels != IGNORE_INDEX
-    plan = _plan_chunks(kernel, student_hidden, valid, [labels.long()], teacher_hidden=teacher_hidden,
-                        teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, need_teacher=with_teacher,
-                        temperature=1.0, chunk_size=chunk_size, num_chunks=num_chunks, caller="chunked_pt_loss")
-    # (1 − kd_ratio)·mean CE + kd_ratio·mean KD; a zero coefficient drops its column (no 0·inf at kd_ratio = 1)
-    n = max(1, plan.index.numel())
-    kd_weight = kd_ratio if with_teacher else 0.0
-    column = torch.tensor([(1.0 - kd_weight) / n, kd_weight / n], dtype=torch.float64, device=plan.index.device)
-    return _chunked_loss(plan, student_head, column.expand(plan.index.numel(), 2), fused, "chunked_pt_loss")
+    The PT loss is `chunked_kd_loss` with the reference KD term (``fkl``) at T = 1."""
+    return chunked_kd_loss(student_hidden, student_head, labels, teacher_hidden=teacher_hidden,
+                           teacher_head=teacher_head, teacher_logprobs=teacher_logprobs, kd_ratio=kd_ratio,
+                           chunk_size=chunk_size, num_chunks=num_chunks, fused=fused).loss
 
 
 def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor, kind: str, *,
