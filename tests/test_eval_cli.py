@@ -333,8 +333,10 @@ def test_engine_choice_auto_hf_fast():
     base = dict(model=["m"], data=["d"], out="o")
     with pytest.raises(SettingsError, match="--engine must be"):
         EvalSettings(**base, engine="vllm").check()
-    with pytest.raises(SettingsError, match="--engine fast supports neither"):
+    with pytest.raises(SettingsError, match=r"--engine fast cannot run ZeRO-3 sharded models \(--zero3\)"):
         EvalSettings(**base, engine="fast", zero3=True).check()
+    with pytest.raises(SettingsError, match="--engine fast does not implement --no-repeat-ngram-size"):
+        EvalSettings(**base, engine="fast", no_repeat_ngram_size=3).check()
 
 
 def test_cli_with_the_fast_engine(tmp_path, assets):

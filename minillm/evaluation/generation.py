@@ -12,6 +12,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .settings import engine_conflict
+
 
 @dataclass
 class GeneratedBatch:
@@ -29,9 +31,6 @@ class GeneratedBatch:
     index: Optional[torch.Tensor] = None
 
 
-ENGINES = ("auto", "hf", "fast")
-
-
 def resolve_engine(engine: str, device: torch.device, *, no_repeat_ngram_size: int = 0,
                    synced_gpus: bool = False) -> str:
     """``hf`` (Hugging Face ``generate``) or ``fast`` (:func:`minillm.engine.fast_mixed_sample` at α = 0: the
@@ -39,14 +38,11 @@ def resolve_engine(engine: str, device: torch.device, *, no_repeat_ngram_size: i
     needed: ``--no-repeat-ngram-size`` (HF's logits processor) or ZeRO-3 (``synced_gpus``: ranks that finish
     early must keep joining the others' parameter gathers). Both draw from the same distribution; their random
     streams differ, so a given seed gives different samples."""
-    if engine not in ENGINES:
-        raise ValueError(f"minillm.evaluation: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    conflict = engine_conflict(engine, no_repeat_ngram_size=no_repeat_ngram_size, zero3=synced_gpus)
+    if conflict:
+        raise ValueError(f"minillm.evaluation: {conflict}")
     if engine == "auto":
         return "fast" if device.type == "cuda" and not no_repeat_ngram_size and not synced_gpus else "hf"
-    if engine == "fast" and no_repeat_ngram_size:
-        raise ValueError("minillm.evaluation: --engine fast does not implement --no-repeat-ngram-size; use --engine hf")
-    if engine == "fast" and synced_gpus:
-        raise ValueError("minillm.evaluation: --engine fast cannot run ZeRO-3 sharded models (--zero3); use --engine hf")
     return engine
 
 

@@ -26,6 +26,20 @@ EVAL_SETS = ("dolly", "self_inst", "vicuna", "sinst", "uinst")
 CALIBRATION_TASKS = ("sst2", "boolq")
 
 
+ENGINES = ("auto", "hf", "fast")  # minillm.evaluation.generation.resolve_engine
+
+
+def engine_conflict(engine: str, *, no_repeat_ngram_size: int = 0, zero3: bool = False) -> str | None:
+    """Why ``engine`` cannot sample with these settings (a message naming the flags), or None."""
+    if engine not in ENGINES:
+        return f"--engine must be auto, hf or fast, got {engine!r}"
+    if engine == "fast" and no_repeat_ngram_size:
+        return "--engine fast does not implement --no-repeat-ngram-size; use --engine hf (or auto, which picks it)"
+    if engine == "fast" and zero3:
+        return "--engine fast cannot run ZeRO-3 sharded models (--zero3); use --engine hf (or auto, which picks it)"
+    return None
+
+
 class SettingsError(ValueError):
     """A bad flag or config-file value, naming the flag/key and what to do."""
 
@@ -94,11 +108,9 @@ class EvalSettings:
             raise SettingsError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.engine not in ("auto", "hf", "fast"):
-            raise SettingsError(f"--engine must be auto, hf or fast, got {self.engine!r}")
-        if self.engine == "fast" and (self.no_repeat_ngram_size or self.zero3):
-            raise SettingsError("--engine fast supports neither --no-repeat-ngram-size nor --zero3; use --engine hf "
-                                "(or auto, which picks it)")
+        conflict = engine_conflict(self.engine, no_repeat_ngram_size=self.no_repeat_ngram_size, zero3=self.zero3)
+        if conflict:
+            raise SettingsError(conflict)
         if self.template not in ("auto", "reference", "chat", "raw"):
             raise SettingsError(f"--template must be auto, reference, chat or raw, got {self.template!r}")
         if self.exposure_bias and not self.teacher:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .settings import engine_conflict
+
 FORMAT = "minillm-generate/1"
 CHUNK_SEED_STRIDE = 100_003  # a prime: chunk seeds of nearby --seed values do not coincide for 100k chunks
 
@@ -125,8 +127,9 @@ def generate_seqkd_data(settings: GenerateSettings, out: str | os.PathLike, *, d
     out = Path(out)
     if settings.batch_size < 1 or settings.max_new_tokens < 1 or settings.max_prompt_length < 1:
         raise GenerateError("--batch-size, --max-new-tokens and --max-prompt-length must be ≥ 1")
-    if settings.engine == "fast" and settings.no_repeat_ngram_size:
-        raise GenerateError("--engine fast does not implement --no-repeat-ngram-size; use --engine hf or auto")
+    conflict = engine_conflict(settings.engine, no_repeat_ngram_size=settings.no_repeat_ngram_size)
+    if conflict:
+        raise GenerateError(conflict)
     _check_resume(out, settings, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_existing(out)
