@@ -9,6 +9,7 @@ training by 2·N·tokens (forward) and 6·N·tokens (forward+backward) FLOPs at 
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import resource
@@ -156,6 +157,19 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                                                                    **options), repeats)
         rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
+    if dtype != torch.float32:  # the local strategy's rollouts without strategy.sampling_copy: fp32 weights, autocast
+        name, options = variants[-1]
+        fp32_student = copy.deepcopy(student).float()
+
+        def autocast_rollout():
+            with torch.autocast(device.type, dtype=dtype):
+                return fast_mixed_sample(fp32_student, teacher, prompts, prompt_mask, generator=seeded(), score=False,
+                                         **common, **options)
+
+        secs, out, peak = _timed(device, autocast_rollout, repeats)
+        rollout["fast_fp32_student_autocast"] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
+        rollout["fast_fp32_student_autocast"]["sampling_copy_speedup"] = secs / rollout[name]["seconds"]
+        del fp32_student
     # the engine with the student alone (alpha = 0): what minillm-eval --engine fast runs, against HF generate
     student_only = dict(common, alpha=0.0)
     graphs = device.type == "cuda" and not args.no_graphs
@@ -173,7 +187,8 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         rollout["speculative_eager"] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout["speculative_eager"].update(draft_tokens=args.draft_tokens, rounds=out.rounds,
                                             acceptance=out.accepted_drafts / max(out.proposed_drafts, 1))
-    fast_names = [k for k in rollout if k.startswith(("fast", "speculative")) and k != "fast_student_only"]
+    fast_names = [k for k in rollout if k.startswith(("fast", "speculative"))
+                  and k not in ("fast_student_only", "fast_fp32_student_autocast")]
     if "naive" in rollout:
         rollout["speedup_vs_naive"] = {k: rollout["naive"]["seconds"] / rollout[k]["seconds"] for k in fast_names}
     rollout["speedup_vs_hf_generate_student_only"] = {

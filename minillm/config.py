@@ -136,6 +136,11 @@ class StrategyConfig:
         None, "A preset name (zero1, zero2, zero3, zero3_offload) or a JSON path merged over the generated "
               "DeepSpeed config; batch sizes, clipping and precision always come from this config.")
     dist_timeout_minutes: int = _f(30, "Timeout of collective operations.")
+    sampling_copy: Optional[bool] = _f(
+        None, "local backend with student.dtype bf16: generate rollouts and dev answers from a bf16 copy of the "
+              "student's fp32 weights, refreshed from them before every generation batch. Decoding is memory-bound, "
+              "and autocast re-reads the fp32 weights and re-casts them at every token. Costs 2 bytes per "
+              "parameter. None: on when the device is CUDA.")
 
 
 @dataclass
@@ -336,6 +341,9 @@ class RunConfig:
             fail("strategy.teacher_zero_stage", "must be 0, 3 or null")
         if s.backend == "local" and world_size > 1:
             fail("strategy.backend", f"`local` runs one process but WORLD_SIZE={world_size}; use deepspeed")
+        if s.sampling_copy and (s.backend != "local" or self.student.dtype != "bf16"):
+            fail("strategy.sampling_copy", "applies to the local backend with student.dtype bf16 (fp32 weights under "
+                 "autocast); DeepSpeed's bf16 mode already keeps bf16 weights. Set it to null or false")
         if s.backend == "local" and self.student.dtype == "fp16":
             fail("student.dtype", "fp16 training needs loss scaling: use bf16, or strategy.backend=deepspeed")
         if self.method == "minillm":

@@ -9,6 +9,7 @@ Trainers never touch DeepSpeed directly. They call:
     strategy.backward(loss); result = strategy.step()    # every micro-batch; steps at accumulation boundaries
     strategy.all_reduce(t), strategy.barrier(), strategy.is_main
     with strategy.gathered(model): model.generate(...)   # full parameters for generation / export
+    with strategy.sampling_model(model) as m: ...        # what rollouts and dev answers decode with
     strategy.save_checkpoint(dir, tokenizer); strategy.load_checkpoint(dir)
 
 ``LocalStrategy`` is plain torch on the CPU or one GPU. ``DeepSpeedStrategy`` wraps the student in a
@@ -33,6 +34,40 @@ import torch
 from .config import RunConfig, StrategyConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "deepspeed"
+
+
+class HalfPrecisionCopy:
+    """A bf16/fp16 copy of a module whose trained weights are fp32, for decoding (``strategy.sampling_copy``).
+
+    Decoding one token reads every weight once, so it is memory-bound: under autocast each step reads the fp32
+    weights (4 bytes), writes their cast (2) and reads it again (2), four times the bytes of reading half-precision
+    weights. CUDA graphs replay the casts too. The copy costs 2 bytes per parameter and one cast of the weights
+    per :meth:`refresh` (once per generation batch, negligible next to the batch's hundreds of decoding steps).
+
+    Parameters are cast, buffers are copied as they are (rotary frequencies stay fp32, as ``from_pretrained``
+    with a half ``dtype`` keeps them), and tied parameters stay tied. :meth:`refresh` copies in place, so the
+    copy's parameter storage never moves and CUDA graphs captured on it stay valid across refreshes.
+    """
+
+    def __init__(self, source: torch.nn.Module, dtype: torch.dtype):
+        # deepcopy takes a parameter from the memo when it is there: each one maps straight to its half-precision
+        # clone, so no full-precision duplicate is ever allocated and gradients are not copied.
+        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in source.parameters()}
+        self.module = copy.deepcopy(source, memo)
+        for attr in ("_compiled_call", "_last_compile_config"):  # HF's compiled __call__ is bound to `source`
+            self.module.__dict__.pop(attr, None)
+        self.module.eval()  # no dropout; HF checkpoints activations only in train mode
+        self.dtype = dtype
+        self._pairs = list(zip(self.module.parameters(), source.parameters()))
+        if len(self._pairs) != len(list(source.parameters())):
+            raise RuntimeError("HalfPrecisionCopy: the copy's parameters do not pair with the source's")
+
+    @torch.no_grad()
+    def refresh(self) -> torch.nn.Module:
+        """Copy the source's current weights (cast) into the copy and return it."""
+        for half, full in self._pairs:
+            half.copy_(full)
+        return self.module
 
 
 @dataclass
@@ -66,6 +101,7 @@ class LocalStrategy:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
+        self._sampling_copies: dict[int, tuple[torch.nn.Module, HalfPrecisionCopy]] = {}  # id(model) → copy
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -93,6 +129,21 @@ class LocalStrategy:
     @contextlib.contextmanager
     def gathered(self, model) -> Iterator[Any]:
         yield self.unwrap(model)
+
+    @contextlib.contextmanager
+    def sampling_model(self, model) -> Iterator[Any]:
+        """The module rollouts and dev answers decode with: ``model`` itself, or with ``strategy.sampling_copy``
+        (default on CUDA for bf16 precision) a :class:`HalfPrecisionCopy` of it, refreshed on entry."""
+        module = self.unwrap(model)
+        dtype = torch.bfloat16 if self.precision == "bf16" else None
+        enabled = self.cfg.sampling_copy if self.cfg.sampling_copy is not None else self.device.type == "cuda"
+        if not enabled or dtype is None or all(p.dtype == dtype for p in module.parameters() if p.is_floating_point()):
+            yield module  # nothing to cast (fp32 precision, or weights that are half precision already)
+            return
+        entry = self._sampling_copies.get(id(module))
+        if entry is None or entry[0] is not module:
+            entry = self._sampling_copies[id(module)] = (module, HalfPrecisionCopy(module, dtype))
+        yield entry[1].refresh()
 
     def autocast(self):
         if self.precision == "fp32":
@@ -285,6 +336,10 @@ class DeepSpeedStrategy(LocalStrategy):
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             yield module
+
+    def sampling_model(self, model):
+        """Rollouts decode with the engine's own weights (already bf16/fp16 in its half-precision modes)."""
+        return self.gathered(model)
 
     def autocast(self):
         return contextlib.nullcontext()  # the engine runs the module in its configured precision

@@ -83,3 +83,20 @@ def test_tables_are_well_formed():
     for bandwidth, flops in DEVICES.values():
         assert 1e12 <= bandwidth <= 1e13 and 1e14 <= flops <= 1e16
     assert DEVICES["H100"] == (3.35e12, 989e12)
+
+
+def test_bf16_run_times_the_rollout_without_the_sampling_copy(tmp_path):
+    """In bf16 the bench also decodes with an fp32 copy of the student under autocast (the local strategy without
+    strategy.sampling_copy), from the same coins: same forwards, and the ratio is reported, not a fast variant."""
+    path = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--batch", "4", "--new-tokens", "8", "--train-batch", "2", "--chunk-size", "16",
+                 "--alpha", "0.5", "--repeats", "1", "--dtype", "bf16", "--skip-naive", "--draft-tokens", "0",
+                 "--output", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["dtype"] == "bfloat16"
+    rollout = result["phases"]["rollout"]
+    fast, fp32 = rollout["fast_eager"], rollout["fast_fp32_student_autocast"]
+    assert (fp32["student_forwards"], fp32["teacher_forwards"]) == (fast["student_forwards"], fast["teacher_forwards"])
+    assert fp32["sampling_copy_speedup"] == pytest.approx(fp32["seconds"] / fast["seconds"])
+    assert "fast_fp32_student_autocast" not in rollout["speedup_vs_hf_generate_student_only"]
+    assert "naive" not in rollout and "speedup_vs_naive" not in rollout

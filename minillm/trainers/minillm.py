@@ -191,7 +191,7 @@ class MiniLLMTrainer:
             prompt_mask = batch["attention_mask"][:take].to(strategy.device)
             index = torch.as_tensor(batch["index"][:take], device=strategy.device)
             mixing = r.teacher_mix_alpha > 0
-            with self.timer("rollout"), strategy.gathered(self.student) as s, \
+            with self.timer("rollout"), strategy.sampling_model(self.student) as s, \
                     (strategy.gathered(self.teacher) if mixing else contextlib.nullcontext()) as t, strategy.autocast():
                 sample = self._sample(s, t if mixing else None, prompt_ids, prompt_mask,
                                       max_new_tokens=r.max_new_tokens, alpha=r.teacher_mix_alpha,
@@ -461,7 +461,7 @@ class MiniLLMTrainer:
         for batch in loader:
             prompt_ids = batch["input_ids"].to(strategy.device)
             prompt_mask = batch["attention_mask"].to(strategy.device)
-            with strategy.gathered(self.student) as s, strategy.autocast():
+            with strategy.sampling_model(self.student) as s, strategy.autocast():
                 sample = self._sample(s, None, prompt_ids, prompt_mask, max_new_tokens=e.max_new_tokens, alpha=0.0,
                                       temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                                       eos_token_id=self.tokenizer.eos_token_id,

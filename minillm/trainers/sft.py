@@ -258,7 +258,7 @@ class SFTTrainer:
         loader = DataLoader(torch.utils.data.Subset(prompts, mine), batch_size=e.batch_size,
                             collate_fn=self.data.prompt_collator)
         references = [prompts[i]["references"] for i in mine]
-        with strategy.gathered(self.student) as module:
+        with strategy.sampling_model(self.student) as module:
             texts = generate_texts(module, self.tokenizer, loader, max_new_tokens=e.max_new_tokens,
                                    do_sample=e.do_sample, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                                    seed=e.seed, rank=strategy.rank, device=strategy.device, engine=e.engine)

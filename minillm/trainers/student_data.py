@@ -246,7 +246,7 @@ def student_sampler(student, strategy, tokenizer, kd_cfg) -> Callable:
     """``sample_fn`` for :class:`StudentData`: pure student samples (α = 0) with the ``kd.student_*`` settings."""
 
     def sample(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generator: torch.Generator):
-        with strategy.gathered(student) as module, strategy.autocast():
+        with strategy.sampling_model(student) as module, strategy.autocast():
             out = mixed_sample(module, None, prompt_ids, prompt_mask, max_new_tokens=kd_cfg.student_max_new_tokens,
                                alpha=0.0, temperature=kd_cfg.student_temperature, top_k=kd_cfg.student_top_k,
                                top_p=kd_cfg.student_top_p, eos_token_id=tokenizer.eos_token_id,

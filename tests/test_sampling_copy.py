@@ -1,0 +1,123 @@
+"""``strategy.sampling_copy``: rollouts and dev answers decode from a bf16 copy of the fp32 student weights.
+
+Oracles: the copy's parameters are exactly the source's, cast; it computes exactly what the source computes
+with its parameters cast to bf16 (buffers untouched); after the source trains, a refresh makes that true again
+without moving the copy's storage (CUDA graphs captured on it stay valid); inside the trainer, greedy rollouts
+after a phase of training equal greedy decoding of the trained weights cast to bf16, and differ from the
+untrained ones (so a stale copy would fail).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from test_sampling import tiny_gpt2, tiny_llama
+
+from conftest import REPO
+from minillm.config import ConfigError, load_config
+from minillm.strategy import HalfPrecisionCopy, build_strategy
+
+BF16 = torch.bfloat16
+
+
+def cast_params(model: torch.nn.Module) -> torch.nn.Module:
+    """The oracle: the same module with every parameter cast to bf16 and every buffer left as it is."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.data = p.data.to(BF16)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_gpt2(50, seed=0), lambda: tiny_llama(50, seed=0)],
+                         ids=["gpt2-tied", "llama-rotary"])
+def test_copy_holds_the_cast_weights_and_computes_like_a_cast_model(build):
+    source = build().train()
+    half = HalfPrecisionCopy(source, BF16)
+    copied = half.refresh()
+    assert copied is half.module and copied is not source and not copied.training and source.training
+    for (name, p), (name_c, c) in zip(source.named_parameters(), copied.named_parameters()):
+        assert name == name_c and c.dtype == BF16 and not c.requires_grad and p.dtype == torch.float32
+        assert torch.equal(c, p.detach().to(BF16))
+    for (name, b), (_, c) in zip(source.named_buffers(), copied.named_buffers()):
+        assert c.dtype == b.dtype and torch.equal(c, b), name  # e.g. LLaMA's fp32 rotary frequencies
+    if source.config.tie_word_embeddings:
+        assert copied.lm_head.weight is copied.transformer.wte.weight
+    ids = torch.randint(3, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, cast_params(source)(ids).logits)
+
+
+def test_refresh_follows_training_in_place():
+    source = tiny_llama(50, seed=0)
+    half = HalfPrecisionCopy(source, BF16)
+    pointers = [p.data_ptr() for p in half.refresh().parameters()]
+    ids = torch.randint(3, 50, (4, 9))
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.5)
+    source(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in half.module.parameters())  # gradients were never copied
+    copied = half.refresh()
+    assert [p.data_ptr() for p in copied.parameters()] == pointers
+    for p, c in zip(source.parameters(), copied.parameters()):
+        assert torch.equal(c, p.detach().to(BF16))
+
+
+def strategy_for(tmp_path, *overrides):
+    os.chdir(REPO)
+    cfg = load_config("configs/tiny/minillm.yaml", [f"output_dir={tmp_path}", *overrides], world_size=1)
+    return cfg, build_strategy(cfg).setup()
+
+
+def test_local_strategy_picks_the_copy_only_where_it_helps(tmp_path):
+    model = tiny_llama(50, seed=0)
+    for overrides in ([], ["student.dtype=bf16"], ["student.dtype=bf16", "strategy.sampling_copy=false"]):
+        _, strategy = strategy_for(tmp_path, *overrides)  # fp32, or bf16 on CPU (auto: off off CUDA), or off
+        with strategy.sampling_model(model) as m:
+            assert m is model
+    _, strategy = strategy_for(tmp_path, "student.dtype=bf16", "strategy.sampling_copy=true")
+    with strategy.sampling_model(model) as first:
+        assert first is not model and next(first.parameters()).dtype == BF16
+    with strategy.sampling_model(model) as second:
+        assert second is first  # one copy per model, kept: compiled decode steps are reused
+    already_half = cast_params(model)
+    with strategy.sampling_model(already_half) as m:
+        assert m is already_half  # nothing to cast
+
+
+@pytest.mark.parametrize("overrides", [["strategy.sampling_copy=true"],
+                                       ["strategy.sampling_copy=true", "student.dtype=bf16",
+                                        "strategy.backend=deepspeed"]])
+def test_config_refuses_a_copy_that_cannot_apply(tmp_path, overrides):
+    with pytest.raises(ConfigError, match="strategy.sampling_copy"):
+        strategy_for(tmp_path, *overrides)
+
+
+def test_trainer_rollouts_decode_the_current_weights_cast(tmp_path):
+    from minillm.cli.train import build_trainer
+    from minillm.rollout import pad_responses
+
+    cfg, strategy = strategy_for(tmp_path, "student.dtype=bf16", "strategy.sampling_copy=true",
+                                 "rollout.do_sample=false", "rollout.teacher_mix_alpha=0", "train.eval_interval=0",
+                                 "train.save_interval=0")
+    trainer = build_trainer(cfg, strategy)
+    untrained = cast_params(trainer.student)
+    trainer.run_phase()
+    buffer = trainer.rollout_and_score()
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+
+    def greedy(model):
+        r = cfg.rollout
+        with torch.no_grad(), strategy.autocast():
+            out = trainer._sample(model, None, buffer.prompt_ids, buffer.prompt_mask, max_new_tokens=r.max_new_tokens,
+                                  alpha=0.0, temperature=1.0, top_k=0, top_p=1.0,
+                                  eos_token_id=trainer.tokenizer.eos_token_id,
+                                  pad_token_id=trainer.tokenizer.pad_token_id,
+                                  generator=torch.Generator().manual_seed(0), do_sample=False)
+        return pad_responses(out.response_ids, out.response_mask, r.max_new_tokens, trainer.tokenizer.pad_token_id)[0]
+
+    assert torch.equal(buffer.response_ids, greedy(cast_params(trainer.student)))
+    assert not torch.equal(buffer.response_ids, greedy(untrained))  # the phase moved the weights: no stale copy
+    trainer.metrics.close()
