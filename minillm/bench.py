@@ -60,6 +60,28 @@ def _device_info(device: torch.device, table: dict) -> dict:
             "peak_bf16_flops": None, "note": "CPU: no known peak numbers, fractions of the limit are unknown"}
 
 
+def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """The device's two ceilings measured in this process, since datasheet rates are only leads: memory bandwidth
+    from a device-to-device copy much larger than any cache (bytes read + bytes written), and matrix FLOP/s from
+    a square matmul in ``dtype`` (2·n³). Random data, never zeros (they can run faster than real data); median of
+    ``repeats`` after a warm-up."""
+    cuda = device.type == "cuda"
+    elements = (1 << 30 if cuda else 1 << 26) // 4  # 1 GiB on CUDA, 64 MiB on a CPU, as fp32
+    g = torch.Generator(device=device).manual_seed(0)
+    src = torch.rand(elements, device=device, generator=g)
+    dst = torch.empty_like(src)
+    copy_seconds = _timed(device, lambda: dst.copy_(src), repeats)[0]
+    del src, dst
+    n = 8192 if cuda else 512
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    matmul_seconds = _timed(device, lambda: a @ b, repeats)[0]
+    return {"measured_bandwidth_Bps": 2 * elements * 4 / copy_seconds,
+            "measured_matmul_flops": 2 * n ** 3 / matmul_seconds,
+            "measured_with": f"copy of {elements * 4 >> 20} MiB (read + write); {n}x{n} {str(dtype)[6:]} matmul; "
+                             f"median of {repeats}"}
+
+
 def _build(shape: tuple[str, dict] | None, path: str | None, dtype: torch.dtype, device: torch.device, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,6 +116,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                 "setup": {"preset": args.preset, "student": args.student_path or s_name,
                           "teacher": args.teacher_path or t_name},
                 "phases": {"single_step_kl_target": _kl_target(args, shapes, s_name, t_name, device, dtype)}}
+    info.update(measure_ceilings(device, dtype))  # before the models take memory
     student = _build(shapes.get(s_name), args.student_path, dtype, device, args.seed)
     teacher = _build(shapes.get(t_name), args.teacher_path, dtype, device, args.seed + 1)
     vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
@@ -124,10 +147,12 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
 
     # ------------------------------------------------------------------ rollout
     def rollout_entry(seconds: float, peak, s_forwards: int, t_forwards: int) -> dict:
-        limit = None if bandwidth is None else (s_forwards * n_s + t_forwards * n_t) * elem / bandwidth
+        weight_bytes = (s_forwards * n_s + t_forwards * n_t) * elem  # the floor: every weight read once per forward
         return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "peak_memory_bytes": peak,
                 "student_forwards": s_forwards, "teacher_forwards": t_forwards,
-                "fraction_of_bandwidth_limit": _fraction(limit, seconds)}
+                "fraction_of_bandwidth_limit": _fraction(None if bandwidth is None else weight_bytes / bandwidth,
+                                                         seconds),
+                "fraction_of_measured_bandwidth": weight_bytes / info["measured_bandwidth_Bps"] / seconds}
 
     repeats = args.repeats
 
@@ -208,9 +233,10 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
         and device.type == "cuda" else None
 
     def flops_entry(seconds: float, peak, n: int, factor: int) -> dict:
-        limit = None if flops is None else factor * n * positions / flops
+        work = factor * n * positions  # FLOPs: 2·N per token forward, 6·N forward + backward
         return {"seconds": seconds, "tokens_per_s": positions / seconds, "peak_memory_bytes": peak,
-                "fraction_of_flop_limit": _fraction(limit, seconds)}
+                "fraction_of_flop_limit": _fraction(None if flops is None else work / flops, seconds),
+                "fraction_of_measured_matmul_flops": work / info["measured_matmul_flops"] / seconds}
 
     def score(chunked: bool):
         with torch.no_grad():
@@ -370,4 +396,4 @@ def _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
     return measure_phases(student, teacher, setup, variants=tuple(args.phase_variants.split(",")))
 
 
-__all__ = ["run_benchmark"]
+__all__ = ["run_benchmark", "measure_ceilings"]

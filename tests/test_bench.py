@@ -8,7 +8,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+from minillm.bench import measure_ceilings
 from minillm.cli.bench import DEVICES, PRESETS, SHAPES, main
 
 
@@ -40,9 +42,16 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     assert hf["teacher_forwards"] == 0 and hf["student_forwards"] == 8
     speedup_vs_hf = rollout["speedup_vs_hf_generate_student_only"]["fast_eager"]
     assert speedup_vs_hf == pytest.approx(hf["seconds"] / fast["seconds"])
+    device = result["device"]  # the ceilings this run measured (a copy and a matmul), next to the datasheet's
+    assert device["measured_bandwidth_Bps"] > 1e8 and device["measured_matmul_flops"] > 1e8
+    elem = 4  # fp32
     for entry in (naive, fast, hf):
         assert entry["tokens_per_s"] * entry["seconds"] == pytest.approx(4 * 8)
-        assert entry["fraction_of_bandwidth_limit"] is None  # CPU: unknown, never invented
+        assert entry["fraction_of_bandwidth_limit"] is None  # CPU: no datasheet number, never invented
+        weight_bytes = (entry["student_forwards"] * setup["student_params"]
+                        + entry["teacher_forwards"] * setup["teacher_params"]) * elem
+        assert entry["fraction_of_measured_bandwidth"] == pytest.approx(
+            weight_bytes / device["measured_bandwidth_Bps"] / entry["seconds"])
     assert naive["teacher_forwards"] == 8 and naive["student_forwards"] == 8
     # the fast engine runs the teacher only on its coin's steps (+ nothing at the end: score=False)
     heads = round(fast["teacher_step_fraction"] * 8)
@@ -62,6 +71,12 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
         assert set(phases[name]) == {"plain", "chunked"} | extra
         for entry in phases[name].values():
             assert entry["seconds"] > 0 and entry["tokens_per_s"] > 0
+    positions = 2 * (16 + 8)  # train batch x (prompt + response) of the tiny preset
+    for name, params, factor in (("teacher_scoring", "teacher_params", 2), ("training_step", "student_params", 6)):
+        for entry in phases[name].values():
+            assert entry["fraction_of_flop_limit"] is None
+            assert entry["fraction_of_measured_matmul_flops"] == pytest.approx(
+                factor * setup[params] * positions / device["measured_matmul_flops"] / entry["seconds"])
     reuse = phases["teacher_reuse"]
     assert reuse["cached_hidden_bytes_per_micro_batch_bf16"] == 2 * 8 * 128 * 2  # B × L × H_teacher × 2 bytes
     assert reuse["cached_logits_bytes_per_micro_batch_bf16"] == 2 * 8 * 512 * 2  # B × L × V × 2 bytes
@@ -100,3 +115,20 @@ def test_bf16_run_times_the_rollout_without_the_sampling_copy(tmp_path):
     assert fp32["sampling_copy_speedup"] == pytest.approx(fp32["seconds"] / fast["seconds"])
     assert "fast_fp32_student_autocast" not in rollout["speedup_vs_hf_generate_student_only"]
     assert "naive" not in rollout and "speedup_vs_naive" not in rollout
+
+
+def test_measured_ceilings_are_consistent_with_their_own_timings(monkeypatch):
+    """The ceilings are bytes (read + written) and 2·n³ FLOPs over the median of the timed calls."""
+    import minillm.bench as bench
+
+    timings = iter([0.5, 0.25])  # the copy, then the matmul
+
+    def fake_timed(device, fn, repeats=1):
+        fn()  # the work still runs (on random data)
+        return next(timings), None, None
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    ceilings = measure_ceilings(torch.device("cpu"), torch.float32)
+    assert ceilings["measured_bandwidth_Bps"] == 2 * (64 << 20) / 0.5
+    assert ceilings["measured_matmul_flops"] == 2 * 512 ** 3 / 0.25
+    assert "64 MiB" in ceilings["measured_with"] and "512x512 float32" in ceilings["measured_with"]
