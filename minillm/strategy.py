@@ -58,9 +58,11 @@ class HalfPrecisionCopy:
             self.module.__dict__.pop(attr, None)
         self.module.eval()  # no dropout; HF checkpoints activations only in train mode
         self.dtype = dtype
-        self._pairs = list(zip(self.module.parameters(), source.parameters()))
-        if len(self._pairs) != len(list(source.parameters())):
-            raise RuntimeError("HalfPrecisionCopy: the copy's parameters do not pair with the source's")
+        copied, original = list(self.module.named_parameters()), list(source.named_parameters())
+        if [name for name, _ in copied] != [name for name, _ in original]:
+            raise RuntimeError(f"HalfPrecisionCopy: the copy of {type(source).__name__} does not have the source's "
+                               "parameters in the source's order; set strategy.sampling_copy=false")
+        self._pairs = [(half, full) for (_, half), (_, full) in zip(copied, original)]
 
     @torch.no_grad()
     def refresh(self) -> torch.nn.Module:
