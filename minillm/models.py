@@ -74,6 +74,17 @@ def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str 
     return model
 
 
+def teacher_precision_advice(student_dtype: str, teacher_dtype: str, device_type: str) -> str | None:
+    """A warning when an fp32 teacher serves a half-precision run on a GPU (``teacher.dtype`` defaults to fp32,
+    right for CPUs): it then takes twice the memory, and every teacher forward reads 4 bytes per weight where
+    the student's precision would read 2. None when there is nothing to say."""
+    if device_type != "cuda" or student_dtype == "fp32" or teacher_dtype != "fp32":
+        return None
+    return (f"teacher.dtype is fp32 while the student trains in {student_dtype} on CUDA: the teacher takes twice "
+            f"the memory and its forwards (rollouts, scoring) read twice the bytes; set teacher.dtype={student_dtype} "
+            "unless fp32 teacher outputs are what you want")
+
+
 @dataclass(frozen=True)
 class VocabAlignment:
     """How student and teacher logits line up.

@@ -11,7 +11,8 @@ import torch
 from minillm.checkpoint import (AtomicDir, list_checkpoints, prune_checkpoints, resolve_resume_dir, rng_state,
                                 set_rng_state)
 from minillm.config import LoggingConfig, OptimConfig, load_config
-from minillm.models import ModelCompatibilityError, VocabAlignment, check_compatibility, tiny_llama
+from minillm.models import (ModelCompatibilityError, VocabAlignment, check_compatibility, teacher_precision_advice,
+                            tiny_llama)
 from minillm.optim import build_optimizer, lr_multiplier, parameter_groups
 from minillm.strategy import LocalStrategy
 from minillm.tracking import MetricsLogger, read_metrics
@@ -167,6 +168,14 @@ def test_vocab_alignment_trims_padded_rows():
         check_compatibility(student, teacher, Tok(44))
     with pytest.raises(ModelCompatibilityError, match="EOS differs"):
         check_compatibility(student, teacher, Tok(36), Tok(36, eos=2))
+
+
+def test_teacher_precision_advice_only_for_an_fp32_teacher_beside_a_half_precision_gpu_run():
+    advice = teacher_precision_advice("bf16", "fp32", "cuda")
+    assert "teacher.dtype=bf16" in advice and "twice the memory" in advice
+    assert "teacher.dtype=fp16" in teacher_precision_advice("fp16", "fp32", "cuda")
+    for args in (("bf16", "fp32", "cpu"), ("fp32", "fp32", "cuda"), ("bf16", "bf16", "cuda"), ("bf16", "fp16", "cuda")):
+        assert teacher_precision_advice(*args) is None, args
 
 
 def test_local_strategy_accumulates_and_clips(tmp_path):
