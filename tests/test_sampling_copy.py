@@ -121,3 +121,32 @@ def test_trainer_rollouts_decode_the_current_weights_cast(tmp_path):
     assert torch.equal(buffer.response_ids, greedy(cast_params(trainer.student)))
     assert not torch.equal(buffer.response_ids, greedy(untrained))  # the phase moved the weights: no stale copy
     trainer.metrics.close()
+
+
+def test_compiled_decode_steps_follow_the_refreshed_weights_without_recompiling():
+    """The compiled step (torch.compile, the CUDA-graph path on GPUs) is built once per copy; a refresh changes the
+    weights in place, and the next rollout must decode the new weights, not constants captured at compile time.
+    (fp32 copy here, so compiled and eager rollouts are comparable token for token.)"""
+    import torch._dynamo
+    from test_engine import PAD, left_padded_prompts
+
+    from minillm.engine import fast_mixed_sample
+
+    torch._dynamo.reset()
+    source, teacher = tiny_llama(32, seed=1), tiny_llama(32, seed=2)
+    half = HalfPrecisionCopy(source, torch.float32)
+    ids, mask = left_padded_prompts(32, [3, 5, 1], seed=0)
+
+    def rollout(model, compiled: bool):
+        return fast_mixed_sample(model, teacher, ids, mask, max_new_tokens=8, alpha=0.3, eos_token_id=None,
+                                 pad_token_id=PAD, generator=torch.Generator().manual_seed(0), static_cache=True,
+                                 cuda_graphs=compiled).response_ids
+
+    before = rollout(half.refresh(), True)
+    with torch.no_grad():  # a training step's worth of change, in place
+        for p in source.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        after = rollout(half.refresh(), True)
+    assert torch.equal(after, rollout(copy.deepcopy(source), False))
+    assert not torch.equal(after, before)
