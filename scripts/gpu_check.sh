@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7's GPU checks and benchmarks, one step per call so each fits a 10-minute slot on a lent H100:
 #
-#   bash scripts/gpu_check.sh tests     # pytest -m gpu: CUDA-graph engine vs eager static, speculative, eval engine
+#   bash scripts/gpu_check.sh tests     # pytest -m gpu: CUDA-graph engine vs eager static, speculative, eval engine, sampling copy
 #   bash scripts/gpu_check.sh bench     # rollout / scoring / training / single-step KL at the 16x512 target shape
 #   bash scripts/gpu_check.sh phase     # one measured MiniLLM phase (256 rollouts, 4 PPO epochs), naive vs fast
 #   bash scripts/gpu_check.sh gpt2      # the GPT-2 preset
@@ -27,6 +27,7 @@ print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") 
 case "$step" in
   tests)
     "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_speculative.py tests/test_eval_cli.py \
+      tests/test_sampling_copy.py \
       2>&1 | tee "$out/pytest-gpu.log" ;;
   bench)
     "$py" -m minillm.cli.bench --preset opt-1.3b-13b --kl-target 16x512 \

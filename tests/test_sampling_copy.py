@@ -150,3 +150,30 @@ def test_compiled_decode_steps_follow_the_refreshed_weights_without_recompiling(
         after = rollout(half.refresh(), True)
     assert torch.equal(after, rollout(copy.deepcopy(source), False))
     assert not torch.equal(after, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_on_a_bf16_copy_follow_refreshes():
+    """On CUDA the copy's decode steps are CUDA graphs: replays must read the refreshed weights (same storage)."""
+    from test_engine import PAD, left_padded_prompts
+
+    from minillm.engine import fast_mixed_sample
+
+    source = tiny_llama(64, seed=1).cuda()
+    teacher = tiny_llama(64, seed=2).cuda().to(BF16)
+    half = HalfPrecisionCopy(source, BF16)
+    ids, mask = (x.cuda() for x in left_padded_prompts(64, [3, 9, 1, 6], seed=0))
+
+    def rollout(model, graphs: bool):
+        return fast_mixed_sample(model, teacher, ids, mask, max_new_tokens=24, alpha=0.3, eos_token_id=None,
+                                 pad_token_id=PAD, generator=torch.Generator("cuda").manual_seed(0),
+                                 static_cache=True, cuda_graphs=graphs).response_ids
+
+    before = rollout(half.refresh(), True)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
+    after = rollout(half.refresh(), True)
+    assert torch.equal(after, rollout(cast_params(source), False))
+    assert not torch.equal(after, before)
