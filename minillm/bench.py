@@ -76,6 +76,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5)
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)
     matmul_seconds = _timed(device, lambda: a @ b, repeats)[0]
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()  # hand the copy's 2 GiB back before the models are built
     return {"measured_bandwidth_Bps": 2 * elements * 4 / copy_seconds,
             "measured_matmul_flops": 2 * n ** 3 / matmul_seconds,
             "measured_with": f"copy of {elements * 4 >> 20} MiB (read + write); {n}x{n} {str(dtype)[6:]} matmul; "
