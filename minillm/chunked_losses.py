@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .losses import (IGNORE_INDEX, _check_divergence_args, _check_shape, _divergence_terms, _kl_terms,
                      _log_softmax, _ppo_terms, _pt_terms, _upcast)
+from .topk import TopKLogprobs
 
 Tensor = torch.Tensor
 Head = Callable[[Tensor], Tensor]
@@ -51,7 +52,7 @@ class _ChunkPlan(NamedTuple):
 
 
 def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: Tensor, extras: Sequence[Tensor], *,
-                 teacher_hidden: Tensor | None, teacher_head: Head | None, teacher_logprobs: Tensor | None,
+                 teacher_hidden: Tensor | None, teacher_head: Head | None, teacher_logprobs: Tensor | TopKLogprobs | None,
                  need_teacher: bool, temperature: float, chunk_size: int, num_chunks: int | None,
                  caller: str) -> _ChunkPlan:
     """Check the inputs of a chunked loss and gather its valid rows; ``kernel(log_q [c, V], log_p [c, V] | None,
@@ -84,8 +85,9 @@ def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: T
     t_hidden = None
     if teacher_hidden is not None:
         t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-    t_flat = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]) if teacher_logprobs is not None \
-        else None
+    t_flat = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]) \
+        if isinstance(teacher_logprobs, Tensor) else None
+    t_topk = teacher_logprobs if isinstance(teacher_logprobs, TopKLogprobs) else None  # expanded chunk by chunk
 
     def values(student_logits: Tensor, idx: Tensor, th: Tensor | None, *ex: Tensor) -> Tensor:
         log_q = _log_softmax(student_logits, temperature)
@@ -96,6 +98,8 @@ def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: T
             elif t_flat is not None:  # cached log-probs (maybe bf16, maybe in pinned CPU memory): renormalised
                 rows = t_flat.index_select(0, idx.to(t_flat.device))  # in fp32 on the student's device, no T
                 log_p = _log_softmax(rows.to(student_logits.device, non_blocking=True))
+            elif t_topk is not None:  # top-k rows (an offline teacher cache): only this chunk's, expanded here
+                log_p = t_topk.rows(idx, student_logits.device)
         if log_p is not None and log_p.shape[-1] != log_q.shape[-1]:
             raise ValueError(f"minillm.chunked_losses.{caller}: student vocabulary {log_q.shape[-1]} != teacher vocabulary "
                              f"{log_p.shape[-1]}; slice the heads' outputs to the shared vocabulary")
@@ -205,7 +209,7 @@ def chunked_token_logprobs(hidden: Tensor, head: Head, tokens: Tensor, mask: Ten
 
 def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Tensor, *,
                            teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                           teacher_logprobs: Tensor | None = None, temperature: float = 1.0,
+                           teacher_logprobs: Tensor | TopKLogprobs | None = None, temperature: float = 1.0,
                            weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
     """`single_step_kl` from hidden states → scalar, one chunk of [chunk, V] logits alive at a time.
@@ -213,8 +217,9 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
     Student: ``student_hidden`` [B, L, H] and ``student_head`` (e.g. the lm_head module). Teacher: either
     ``teacher_hidden`` [B, L, H_t] + ``teacher_head``, both logits divided by ``temperature``; or
     ``teacher_logprobs`` [B, L, V] cached at scoring time (any float dtype, on the student's device or in
-    pinned CPU memory, already at the temperature; renormalised in fp32). Only positions with mask ≠ 0 are
-    evaluated; each chunk's rows of the cache are moved to the device inside the chunk.
+    pinned CPU memory, already at the temperature; renormalised in fp32), or a :class:`minillm.topk.TopKLogprobs`
+    (an offline teacher cache's top-k rows). Only positions with mask ≠ 0 are evaluated; each chunk's rows of the
+    cache are moved to the device inside the chunk (top-k rows are expanded to [chunk, V] there).
     """
     extras = []
     if weights is not None:
@@ -233,7 +238,7 @@ def chunked_single_step_kl(student_hidden: Tensor, student_head: Head, mask: Ten
 
 def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
                     teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                    teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5,
+                    teacher_logprobs: Tensor | TopKLogprobs | None = None, kd_ratio: float = 0.5,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                     fused: bool | None = None) -> Tensor:
     """`pt_loss` from hidden states → scalar; teacher as in `chunked_single_step_kl` (optional: plain CE).
@@ -246,7 +251,7 @@ def chunked_pt_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, 
 
 def chunked_divergence(student_hidden: Tensor, student_head: Head, mask: Tensor, kind: str, *,
                        teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                       teacher_logprobs: Tensor | None = None, beta: float = 0.5, skew: float = 0.1,
+                       teacher_logprobs: Tensor | TopKLogprobs | None = None, beta: float = 0.5, skew: float = 0.1,
                        temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                        num_chunks: int | None = None, fused: bool | None = None) -> Tensor:
     """`divergence` from hidden states → scalar; ``temperature`` divides both heads' logits (equals
@@ -275,7 +280,7 @@ def chunked_policy_loss(student_hidden: Tensor, student_head: Head, tokens: Tens
                         old_logprobs: Tensor, advantages: Tensor, weights: Tensor | None = None,
                         clip_ratio: float | None = 0.2, temperature: float = 1.0, pg_coef: float = 1.0,
                         teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                        teacher_logprobs: Tensor | None = None, kl_coef: float = 1.0, kl_weighted: bool = False,
+                        teacher_logprobs: Tensor | TopKLogprobs | None = None, kl_coef: float = 1.0, kl_weighted: bool = False,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                         fused: bool | None = None) -> PolicyTerms:
     """The PPO term and the single-step KL of one micro-batch in one pass over the student's head.
@@ -325,7 +330,7 @@ class KDTerms(NamedTuple):
 
 def chunked_kd_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
                     teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                    teacher_logprobs: Tensor | None = None, kd_ratio: float = 0.5, divergence: str = "fkl",
+                    teacher_logprobs: Tensor | TopKLogprobs | None = None, kd_ratio: float = 0.5, divergence: str = "fkl",
                     temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                     fused: bool | None = None) -> KDTerms:

@@ -19,7 +19,6 @@ Layout of a cache folder (written to a temporary folder, then renamed, so a cras
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -29,33 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..topk import TopKLogprobs, expand_topk
 from .pretrain import PackedCorpus
 from .records import DataError
 
 META_FILE = "teacher_topk.json"
 FORMAT = "minillm-teacher-topk-v1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
-
-
-def expand_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> Tensor:
-    """Dense log-probs [..., V] from the top-k ids/log-probs [..., k].
-
-    The kept entries are as stored (renormalised in fp32); the tail mass 1 − Σ_k p is spread evenly over the other
-    V − k entries (−inf there when k = V or no mass is left)."""
-    if ids.shape != logprobs.shape:
-        raise ValueError(f"expand_topk: ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} differ")
-    k = ids.shape[-1]
-    if k > vocab_size:
-        raise ValueError(f"expand_topk: k={k} exceeds the vocabulary size {vocab_size}")
-    lp = logprobs.float()
-    kept = torch.logsumexp(lp, dim=-1, keepdim=True)  # log Σ_topk p (≤ 0 up to storage rounding)
-    if k < vocab_size:
-        tail = torch.log(-torch.expm1(kept.clamp(max=0.0))) - math.log(vocab_size - k)  # log(p_tail / (V − k))
-    else:
-        tail = torch.full_like(kept, -math.inf)
-    dense = tail.expand(*lp.shape[:-1], vocab_size).clone()
-    dense.scatter_(-1, ids.long(), lp)
-    return torch.log_softmax(dense, dim=-1)  # storage rounding: make it a distribution again
 
 
 @torch.no_grad()
@@ -138,12 +117,17 @@ class TeacherTopKCache:
                 raise DataError(f"{self.path / META_FILE}: {key}={self.meta[key]}, but the run has {want}; rebuild "
                                 "the cache for this corpus and teacher (minillm.pt_teacher_cache)")
 
+    def topk(self, chunk_indices: Sequence[int] | Tensor) -> TopKLogprobs:
+        """The top-k rows of the given chunks as :class:`TopKLogprobs` [B, seq_length − 1, k] on the CPU: the
+        chunked losses expand them chunk by chunk on the student's device."""
+        rows = [int(i) for i in chunk_indices]
+        ids = torch.from_numpy(np.stack([self.ids[i] for i in rows]))
+        logp = torch.from_numpy(np.stack([self.logprobs[i] for i in rows]))
+        return TopKLogprobs(ids, logp, int(self.meta["vocab_size"]))
+
     def dense(self, chunk_indices: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> Tensor:
         """[B, seq_length − 1, V] fp32 teacher log-probs of the given chunks (see :func:`expand_topk`)."""
-        rows = [int(i) for i in chunk_indices]
-        ids = torch.from_numpy(np.stack([self.ids[i] for i in rows])).to(device)
-        logp = torch.from_numpy(np.stack([self.logprobs[i] for i in rows]).astype(np.float32)).to(device)
-        return expand_topk(ids, logp, int(self.meta["vocab_size"]))
+        return self.topk(chunk_indices).dense(device)
 
 
 __all__ = ["build_teacher_topk_cache", "expand_topk", "TeacherTopKCache"]

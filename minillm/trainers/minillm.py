@@ -325,8 +325,8 @@ class MiniLLMTrainer:
         strategy, m = self.strategy, self.cfg.minillm
         hidden, head = hidden_and_head(self.student, pt_batch["input_ids"], trim=self._trim, autocast=strategy.autocast)
         t_hidden = t_head = t_logprobs = None
-        if self.pt_cache is not None:  # CPU-resident; each chunk's rows move to the device inside the loss
-            t_logprobs = self.pt_cache.dense(pt_batch["index"])
+        if self.pt_cache is not None:  # top-k rows on the CPU; each chunk's move to the device and expand there
+            t_logprobs = self.pt_cache.topk(pt_batch["index"])
         elif m.pt_kd_ratio > 0:
             with torch.no_grad():
                 t_hidden, t_head = hidden_and_head(self.teacher, pt_batch["input_ids"], trim=self._trim,
