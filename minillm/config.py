@@ -155,6 +155,11 @@ class KDConfig:
     chunked: bool = _f(True, "Compute CE and the KD term from hidden states + LM head, chunk_size positions at a "
                        "time (equal to the plain path to fp32 rounding).")
     chunk_size: int = _f(1024, "Token positions per chunk of the chunked KD losses.")
+    teacher_cache: Optional[str] = _f(
+        None, "Folder of the teacher's top-k distributions on this run's training set (`minillm-teacher-cache "
+        "--config RUN.yaml`): the KD term reads them instead of running the teacher, which then stays off the "
+        "GPUs. Top-k rows spread the remaining mass evenly (exact when k = vocabulary). Methods kd/seqkd on fixed "
+        "data only.")
     # Student-generated data (GKD / DistiLLM; minillm.trainers.student_data). Method kd or seqkd only.
     on_policy_fraction: float = _f(
         0.0, "GKD lambda: probability (seeded, the same coin on every rank) that a micro-batch's responses are replaced "
@@ -390,6 +395,14 @@ class RunConfig:
         if not 0.0 <= k.on_policy_fraction <= 1.0:
             fail("kd.on_policy_fraction", f"must be in [0, 1], got {k.on_policy_fraction}")
         uses = k.on_policy_fraction > 0 or k.adaptive_off_policy
+        if k.teacher_cache is not None:
+            if self.method not in ("kd", "seqkd") or k.kd_ratio <= 0:
+                fail("kd.teacher_cache", f"is read by the KD term of methods kd and seqkd with kd.kd_ratio > 0 (here "
+                     f"method `{self.method}`, kd_ratio {k.kd_ratio}); for MiniLLM's PT loss use "
+                     "minillm.pt_teacher_cache")
+            if uses:
+                fail("kd.teacher_cache", "covers the fixed training set only; student-generated data "
+                     "(kd.on_policy_fraction, kd.adaptive_off_policy) needs the online teacher")
         if uses and self.method not in ("kd", "seqkd"):
             fail("kd.on_policy_fraction" if k.on_policy_fraction > 0 else "kd.adaptive_off_policy",
                  f"student-generated data is for methods kd and seqkd, not `{self.method}`")

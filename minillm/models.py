@@ -74,6 +74,22 @@ def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str 
     return model
 
 
+def load_model_shape(cfg: ModelConfig) -> "PreTrainedModel":
+    """The model's architecture on the meta device, from its config alone: no weights are read and no memory is
+    taken. For the shape checks of a run that never runs the model (a teacher replaced by an offline cache)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load the config of `{cfg.path}`: {e}. Pass a local folder (a save_pretrained "
+                      "output) or allow hub access.") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
 def teacher_precision_advice(student_dtype: str, teacher_dtype: str, device_type: str) -> str | None:
     """A warning when an fp32 teacher serves a half-precision run on a GPU (``teacher.dtype`` defaults to fp32,
     right for CPUs): it then takes twice the memory, and every teacher forward reads 4 bytes per weight where

@@ -80,7 +80,7 @@ def run(cfg, resume: str | None = None) -> int:
 def build_trainer(cfg, strategy):
     """Load tokenizer, models and data for ``cfg.method`` and construct its trainer."""
     from ..data import build_instruction_data
-    from ..models import check_compatibility, load_model, load_tokenizer, teacher_precision_advice
+    from ..models import check_compatibility, load_model, load_model_shape, load_tokenizer, teacher_precision_advice
     from ..tracking import get_logger
 
     log = get_logger()
@@ -90,10 +90,13 @@ def build_trainer(cfg, strategy):
     student = load_model(cfg.student, trainable=True)
     teacher, alignment = None, None
     if cfg.method != "sft":
-        advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type)
-        if advice:
-            log.warning(advice)
-        teacher = load_model(cfg.teacher, trainable=False)
+        if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None:
+            teacher = load_model_shape(cfg.teacher)  # never runs: its shapes are checked against the cache's
+        else:
+            advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type)
+            if advice:
+                log.warning(advice)
+            teacher = load_model(cfg.teacher, trainable=False)
         teacher_tok = load_tokenizer(cfg.teacher) if (cfg.teacher.tokenizer or cfg.teacher.path) != (
             cfg.student.tokenizer or cfg.student.path) else None
         alignment = check_compatibility(student, teacher, tokenizer, teacher_tok)

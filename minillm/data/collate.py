@@ -42,7 +42,8 @@ class SFTCollator:
 
     Returns ``input_ids`` [B, T] (pad id after the end), ``attention_mask`` [B, T] (1 on tokens),
     ``labels`` [B, T] (−100 on padding and on the prompt), T = the longest item (rounded up to
-    ``pad_to_multiple_of`` when set, which keeps shapes few for compiled kernels).
+    ``pad_to_multiple_of`` when set, which keeps shapes few for compiled kernels), and ``index`` [B] when every
+    item carries its dataset position (:class:`SFTDataset` items do).
     """
 
     pad_token_id: int
@@ -60,7 +61,10 @@ class SFTCollator:
             input_ids[row, :n] = torch.as_tensor(it["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.as_tensor(it["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if all("index" in it for it in items):  # positions in the training set (kd.teacher_cache reads by them)
+            batch["index"] = torch.as_tensor([int(it["index"]) for it in items], dtype=torch.long)
+        return batch
 
 
 @dataclass

@@ -165,7 +165,8 @@ def sft_item(ids: Sequence[int], prompt_length: int) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------- datasets
 class SFTDataset(Dataset):
-    """Items ``{input_ids [L-1], labels [L-1]}`` (torch.long) for teacher-forced training and dev loss."""
+    """Items ``{input_ids [L-1], labels [L-1]}`` (torch.long) and ``index`` (the item's position) for
+    teacher-forced training and dev loss."""
 
     def __init__(self, examples: Sequence[TokenizedExample]):
         self.examples = list(examples)
@@ -175,7 +176,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ex = self.examples[i]
-        return sft_item(ex.ids, ex.prompt_length)
+        return {**sft_item(ex.ids, ex.prompt_length), "index": i}
 
     def num_response_tokens(self) -> int:
         """Tokens the loss covers over the whole set (response + EOS of every item)."""

@@ -68,7 +68,16 @@ class SFTTrainer:
         optimizer = build_optimizer(student, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
         self.student = strategy.prepare_student(student, optimizer, scheduler)
-        self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher else None
+        # kd.teacher_cache: the teacher's top-k distributions on data.train, computed once (minillm.data.kd_cache);
+        # the KD term reads them and the teacher is never placed on a device.
+        self.teacher_cache = None
+        if self.use_teacher and config.kd.teacher_cache is not None:
+            from ..data.kd_cache import ResponseTopKCache
+
+            self.teacher_cache = ResponseTopKCache(config.kd.teacher_cache)
+            rows = alignment.vocab_size if alignment is not None else teacher.get_output_embeddings().weight.shape[0]
+            self.teacher_cache.check(data.train, rows)
+        self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher and self.teacher_cache is None else None
 
         self.student_data = None  # GKD / DistiLLM: student-generated micro-batches (kd.on_policy_fraction, ...)
         if StudentData.active(config.kd):
@@ -111,9 +120,13 @@ class SFTTrainer:
         if not self.use_teacher:
             return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        if self.alignment is not None:
-            t_logits = self.alignment.trim(t_logits)
+            if self.teacher_cache is not None:  # log-probs are logits of the same distribution
+                t_logits = self.teacher_cache.topk(batch["index"], labels).dense(logits.device)
+            else:
+                t_logits = self.teacher(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).logits.float()
+                if self.alignment is not None:
+                    t_logits = self.alignment.trim(t_logits)
         kd = self.cfg.kd
         mask = labels != -100
         if kd.divergence == "fkl":
@@ -138,7 +151,9 @@ class SFTTrainer:
         mask = labels != -100
         chunks = dict(chunk_size=kd.chunk_size, num_chunks=global_chunk_count(mask, kd.chunk_size, strategy))
         teacher = {}
-        if self.use_teacher:
+        if self.teacher_cache is not None:  # top-k rows, expanded chunk by chunk on the device
+            teacher = dict(teacher_logprobs=self.teacher_cache.topk(batch["index"], labels))
+        elif self.use_teacher:
             with torch.no_grad():
                 t_hidden, t_head = hidden_and_head(self.teacher, **inputs, trim=trim, autocast=strategy.autocast)
             teacher = dict(teacher_hidden=t_hidden, teacher_head=t_head)
