@@ -67,22 +67,26 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5)
     ``repeats`` after a warm-up."""
     cuda = device.type == "cuda"
     elements = (1 << 30 if cuda else 1 << 26) // 4  # 1 GiB on CUDA, 64 MiB on a CPU, as fp32
-    g = torch.Generator(device=device).manual_seed(0)
-    src = torch.rand(elements, device=device, generator=g)
-    dst = torch.empty_like(src)
-    copy_seconds = _timed(device, lambda: dst.copy_(src), repeats)[0]
-    del src, dst
     n = 8192 if cuda else 512
-    a = torch.randn(n, n, device=device, generator=g).to(dtype)
-    b = torch.randn(n, n, device=device, generator=g).to(dtype)
-    matmul_seconds = _timed(device, lambda: a @ b, repeats)[0]
-    del a, b
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def copy_seconds() -> float:
+        src = torch.rand(elements, device=device, generator=g)
+        dst = torch.empty_like(src)
+        return _timed(device, lambda: dst.copy_(src), repeats)[0]
+
+    def matmul_seconds() -> float:
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        return _timed(device, lambda: a @ b, repeats)[0]
+
+    result = {"measured_bandwidth_Bps": 2 * elements * 4 / copy_seconds(),
+              "measured_matmul_flops": 2 * n ** 3 / matmul_seconds(),
+              "measured_with": f"copy of {elements * 4 >> 20} MiB (read + write); {n}x{n} {str(dtype)[6:]} matmul; "
+                               f"median of {repeats}"}
     if cuda:
-        torch.cuda.empty_cache()  # hand the copy's 2 GiB back before the models are built
-    return {"measured_bandwidth_Bps": 2 * elements * 4 / copy_seconds,
-            "measured_matmul_flops": 2 * n ** 3 / matmul_seconds,
-            "measured_with": f"copy of {elements * 4 >> 20} MiB (read + write); {n}x{n} {str(dtype)[6:]} matmul; "
-                             f"median of {repeats}"}
+        torch.cuda.empty_cache()  # hand the buffers back before the models are built
+    return result
 
 
 def _build(shape: tuple[str, dict] | None, path: str | None, dtype: torch.dtype, device: torch.device, seed: int):

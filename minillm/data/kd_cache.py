@@ -19,12 +19,11 @@ flat ragged array. Layout of a cache folder (written to a temporary folder, then
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from ..topk import TopKLogprobs
 from .collate import SFTCollator
 from .instruction import SFTDataset
 from .records import DataError
-from .teacher_cache import META_FILE, STORAGE
+from .teacher_cache import META_FILE, STORAGE, commit_cache, open_topk_arrays, read_cache_meta
 
 FORMAT = "minillm-teacher-topk-sft-v1"
 IGNORE_INDEX = -100
@@ -99,25 +98,17 @@ def build_response_topk_cache(dataset: SFTDataset, teacher, out_dir: str | os.Pa
             vocab = logp.shape[-1]
             if not 1 <= top_k <= vocab:
                 raise ValueError(f"top_k={top_k} must lie in [1, {vocab}] (the teacher's vocabulary)")
-            shape = (int(offsets[-1]), top_k)
-            ids_map = np.lib.format.open_memmap(tmp / "topk_ids.npy", mode="w+", dtype=np.int32, shape=shape)
-            logp_map = np.lib.format.open_memmap(tmp / "topk_logprobs.npy", mode="w+", dtype=STORAGE[storage],
-                                                 shape=shape)
+            ids_map, logp_map = open_topk_arrays(tmp, (int(offsets[-1]), top_k), storage)
         valid = (batch["labels"] != IGNORE_INDEX).to(logp.device)
         values, indices = logp[valid].topk(top_k, dim=-1)  # [positions of the batch, k], row-major = dataset order
         lo, hi = int(offsets[rows[0]]), int(offsets[rows[-1] + 1])
         ids_map[lo:hi] = indices.cpu().numpy().astype(np.int32)
         logp_map[lo:hi] = values.cpu().numpy().astype(STORAGE[storage])
     teacher.train(was_training)
-    ids_map.flush()
-    logp_map.flush()
     meta = {"format": FORMAT, "top_k": top_k, "vocab_size": vocab, "storage": storage,
             "num_examples": len(dataset), "num_positions": int(offsets[-1]),
             "fingerprint": dataset_fingerprint(dataset), "teacher": teacher_name}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return commit_cache(tmp, out, meta, (ids_map, logp_map))
 
 
 class ResponseTopKCache:
@@ -125,15 +116,7 @@ class ResponseTopKCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            raise DataError(f"`{self.path}` is not a teacher top-k cache (no {META_FILE}); build it with "
-                            "`minillm-teacher-cache --config RUN.yaml --top-k K --out DIR`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT!r} (a cache of a "
-                            "training set, built with `minillm-teacher-cache --config`); a pre-training corpus cache "
-                            "belongs in minillm.pt_teacher_cache")
+        self.meta = read_cache_meta(self.path, FORMAT, "minillm-teacher-cache --config RUN.yaml --top-k K --out DIR")
         self.offsets = np.load(self.path / "offsets.npy")
         self.ids = np.load(self.path / "topk_ids.npy", mmap_mode="r")
         self.logprobs = np.load(self.path / "topk_logprobs.npy", mmap_mode="r")

@@ -37,6 +37,36 @@ FORMAT = "minillm-teacher-topk-v1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
 
 
+def open_topk_arrays(folder: Path, shape: tuple[int, ...], storage: str) -> tuple[np.memmap, np.memmap]:
+    """The two memory-mapped arrays of a cache being written: ``topk_ids.npy`` int32 and ``topk_logprobs.npy``."""
+    ids = np.lib.format.open_memmap(folder / "topk_ids.npy", mode="w+", dtype=np.int32, shape=shape)
+    logprobs = np.lib.format.open_memmap(folder / "topk_logprobs.npy", mode="w+", dtype=STORAGE[storage], shape=shape)
+    return ids, logprobs
+
+
+def commit_cache(tmp: Path, out: Path, meta: dict[str, Any], arrays: Sequence[np.memmap]) -> Path:
+    """Flush ``arrays``, write the metadata last and move the finished folder into place (replacing ``out``)."""
+    for array in arrays:
+        array.flush()
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def read_cache_meta(path: Path, expected_format: str, build_hint: str) -> dict[str, Any]:
+    """A cache folder's metadata, checked to be of ``expected_format``; errors name the folder and how to build."""
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"`{path}` is not a teacher top-k cache (no {META_FILE}); build it with `{build_hint}`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != expected_format:
+        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {expected_format!r}: this cache is of "
+                        f"another kind (minillm.pt_teacher_cache takes `minillm-teacher-cache --corpus` caches, "
+                        f"kd.teacher_cache `minillm-teacher-cache --config` ones); build one with `{build_hint}`")
+    return meta
+
+
 @torch.no_grad()
 def build_teacher_topk_cache(corpus: PackedCorpus, teacher, out_dir: str | os.PathLike, *, top_k: int,
                              batch_size: int = 8, storage: str = "fp16", device: torch.device | str | None = None,
@@ -74,22 +104,14 @@ def build_teacher_topk_cache(corpus: PackedCorpus, teacher, out_dir: str | os.Pa
             vocab = logp.shape[-1]
             if not 1 <= top_k <= vocab:
                 raise ValueError(f"top_k={top_k} must lie in [1, {vocab}] (the teacher's vocabulary)")
-            shape = (n, length, top_k)
-            ids_map = np.lib.format.open_memmap(tmp / "topk_ids.npy", mode="w+", dtype=np.int32, shape=shape)
-            logp_map = np.lib.format.open_memmap(tmp / "topk_logprobs.npy", mode="w+", dtype=STORAGE[storage],
-                                                 shape=shape)
+            ids_map, logp_map = open_topk_arrays(tmp, (n, length, top_k), storage)
         values, indices = logp.topk(top_k, dim=-1)
         ids_map[start:start + len(inputs)] = indices.cpu().numpy().astype(np.int32)
         logp_map[start:start + len(inputs)] = values.cpu().numpy().astype(STORAGE[storage])
     teacher.train(was_training)
-    ids_map.flush()
-    logp_map.flush()
     meta = {"format": FORMAT, "top_k": top_k, "vocab_size": vocab, "storage": storage, "num_chunks": n,
             "seq_length": corpus.seq_length, "corpus": str(corpus.path), "teacher": teacher_name}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return commit_cache(tmp, out, meta, (ids_map, logp_map))
 
 
 class TeacherTopKCache:
@@ -97,13 +119,8 @@ class TeacherTopKCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            raise DataError(f"`{self.path}` is not a teacher top-k cache (no {META_FILE}); build it with "
-                            "`minillm-teacher-cache --corpus DIR --teacher DIR --top-k K --out DIR`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path}: not a {FORMAT} metadata file")
+        self.meta = read_cache_meta(self.path, FORMAT,
+                                    "minillm-teacher-cache --corpus DIR --teacher DIR --top-k K --out DIR")
         self.ids = np.load(self.path / "topk_ids.npy", mmap_mode="r")
         self.logprobs = np.load(self.path / "topk_logprobs.npy", mmap_mode="r")
 
@@ -130,4 +147,5 @@ class TeacherTopKCache:
         return self.topk(chunk_indices).dense(device)
 
 
-__all__ = ["build_teacher_topk_cache", "expand_topk", "TeacherTopKCache"]
+__all__ = ["build_teacher_topk_cache", "expand_topk", "TeacherTopKCache", "open_topk_arrays", "commit_cache",
+           "read_cache_meta"]
