@@ -101,3 +101,21 @@ def test_minillm_zero3_student_and_teacher_match_local(tmp_path, local_runs):
         assert [s for s, _ in ref] == [s for s, _ in got] == [4], key
         assert got[0][1] == pytest.approx(ref[0][1], rel=1e-4, abs=1e-5), key
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_kd_from_a_teacher_cache_on_two_ranks_matches_the_online_local_run(tmp_path, local_runs):
+    """kd.teacher_cache (k = V, fp32) under ZeRO-1 on 2 ranks: each rank reads its own examples' rows by dataset
+    index, no rank loads the teacher, and the losses are the local online-teacher run's."""
+    from minillm.cli.teacher_cache import main as build_cache
+
+    os.chdir(REPO)
+    cache = tmp_path / "cache"
+    assert build_cache(["--config", "configs/tiny/kd.yaml", "--top-k", "512", "--storage", "fp32", "--out", str(cache),
+                        "--no-progress"]) == 0
+    out = tmp_path / "cached"
+    launch([*COMMON["kd"], f"output_dir={out}", "strategy.backend=deepspeed", "strategy.zero_stage=1",
+            f"kd.teacher_cache={cache}"], nproc=2)
+    ref, got = losses(local_runs["kd"]), losses(out)
+    assert [s for s, _ in ref] == [s for s, _ in got] == list(range(1, 7))
+    for (_, a), (_, b) in zip(ref, got):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
