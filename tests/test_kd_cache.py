@@ -129,3 +129,14 @@ def test_cli_refuses_other_methods_and_stray_overrides(tmp_path, capsys):
     assert "serves methods kd and seqkd" in capsys.readouterr().err
     assert main(["--corpus", "x", "--teacher", "y", "--out", str(tmp_path / "y"), "train.max_steps=1"]) == 2
     assert "need --config" in capsys.readouterr().err
+
+
+def test_a_cache_from_another_teacher_path_is_flagged(full_cache, tmp_path, caplog, monkeypatch):
+    import logging
+    import shutil
+
+    monkeypatch.setattr(logging.getLogger("minillm"), "propagate", True)  # minillm-train's setup turns it off
+    caplog.set_level(logging.WARNING)
+    shutil.copytree(REPO / "tests/assets/teacher", tmp_path / "teacher-copy", dirs_exist_ok=True)
+    build(tmp_path / "run", f"kd.teacher_cache={full_cache}", f"teacher.path={tmp_path / 'teacher-copy'}")
+    assert "was built from teacher tests/assets/teacher" in caplog.text

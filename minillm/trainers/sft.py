@@ -77,6 +77,10 @@ class SFTTrainer:
             self.teacher_cache = ResponseTopKCache(config.kd.teacher_cache)
             rows = alignment.vocab_size if alignment is not None else teacher.get_output_embeddings().weight.shape[0]
             self.teacher_cache.check(data.train, rows)
+            built_from = self.teacher_cache.meta.get("teacher")
+            if built_from and built_from != config.teacher.path:  # weights are not fingerprinted: say so
+                log.warning("kd.teacher_cache %s was built from teacher %s but teacher.path is %s; rebuild it if "
+                            "the teacher changed", config.kd.teacher_cache, built_from, config.teacher.path)
         self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher and self.teacher_cache is None else None
 
         self.student_data = None  # GKD / DistiLLM: student-generated micro-batches (kd.on_policy_fraction, ...)
