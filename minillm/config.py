@@ -158,8 +158,9 @@ class KDConfig:
     teacher_cache: Optional[str] = _f(
         None, "Folder of the teacher's top-k distributions on this run's training set (`minillm-teacher-cache "
         "--config RUN.yaml`): the KD term reads them instead of running the teacher, which then stays off the "
-        "GPUs. Top-k rows spread the remaining mass evenly (exact when k = vocabulary). Methods kd/seqkd on fixed "
-        "data only.")
+        "GPUs. Top-k rows spread the remaining mass evenly (exact when k = vocabulary). Methods kd/seqkd. With "
+        "student-generated data (GKD, DistiLLM) it serves the fixed-data micro-batches and the teacher stays loaded "
+        "for the student's samples.")
     # Student-generated data (GKD / DistiLLM; minillm.trainers.student_data). Method kd or seqkd only.
     on_policy_fraction: float = _f(
         0.0, "GKD lambda: probability (seeded, the same coin on every rank) that a micro-batch's responses are replaced "
@@ -400,9 +401,6 @@ class RunConfig:
                 fail("kd.teacher_cache", f"is read by the KD term of methods kd and seqkd with kd.kd_ratio > 0 (here "
                      f"method `{self.method}`, kd_ratio {k.kd_ratio}); for MiniLLM's PT loss use "
                      "minillm.pt_teacher_cache")
-            if uses:
-                fail("kd.teacher_cache", "covers the fixed training set only; student-generated data "
-                     "(kd.on_policy_fraction, kd.adaptive_off_policy) needs the online teacher")
         if uses and self.method not in ("kd", "seqkd"):
             fail("kd.on_policy_fraction" if k.on_policy_fraction > 0 else "kd.adaptive_off_policy",
                  f"student-generated data is for methods kd and seqkd, not `{self.method}`")

@@ -113,7 +113,6 @@ def test_mismatches_fail_with_what_to_rebuild(full_cache, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["method=sft"], "methods kd and seqkd"),
     (["kd.kd_ratio=0"], "kd_ratio > 0"),
-    (["kd.on_policy_fraction=0.5"], "student-generated data"),
 ])
 def test_config_refuses_a_cache_it_cannot_use(overrides, message):
     os.chdir(REPO)
@@ -140,3 +139,22 @@ def test_a_cache_from_another_teacher_path_is_flagged(full_cache, tmp_path, capl
     shutil.copytree(REPO / "tests/assets/teacher", tmp_path / "teacher-copy", dirs_exist_ok=True)
     build(tmp_path / "run", f"kd.teacher_cache={full_cache}", f"teacher.path={tmp_path / 'teacher-copy'}")
     assert "was built from teacher tests/assets/teacher" in caplog.text
+
+
+def test_gkd_reads_the_cache_on_fixed_batches_and_runs_the_teacher_on_student_samples(full_cache, tmp_path):
+    """kd.on_policy_fraction = 0.5 (GKD): fixed-data micro-batches read the cache, the student's samples (which
+    carry no dataset index) go to the online teacher; with k = V the run is the online one."""
+    online = build(tmp_path / "online", "kd.on_policy_fraction=0.5")
+    cached = build(tmp_path / "cached", "kd.on_policy_fraction=0.5", f"kd.teacher_cache={full_cache}")
+    assert cached.teacher is not None and cached.teacher_cache is not None
+    calls = []
+    cached.teacher.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    online.train()
+    cached.train()
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("online", "cached")}
+    kd = {name: [r["train/kd"] for r in rows[name] if "train/kd" in r] for name in rows}
+    assert len(kd["online"]) == 6 and kd["cached"] == pytest.approx(kd["online"], rel=1e-5)
+    # 2 micro-batches per step (global 8 / micro 4): the teacher ran once per student-sampled micro-batch
+    sampled = round(sum(2 * r["train/student_data_fraction"] for r in rows["cached"] if "train/kd" in r))
+    assert 0 < sampled < 12 and len(calls) == sampled

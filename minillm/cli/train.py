@@ -90,7 +90,8 @@ def build_trainer(cfg, strategy):
     student = load_model(cfg.student, trainable=True)
     teacher, alignment = None, None
     if cfg.method != "sft":
-        if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None:
+        student_data = cfg.kd.on_policy_fraction > 0 or cfg.kd.adaptive_off_policy  # sampled batches: online teacher
+        if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None and not student_data:
             teacher = load_model_shape(cfg.teacher)  # never runs: its shapes are checked against the cache's
         else:
             advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type)

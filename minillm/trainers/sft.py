@@ -69,7 +69,8 @@ class SFTTrainer:
         scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
         self.student = strategy.prepare_student(student, optimizer, scheduler)
         # kd.teacher_cache: the teacher's top-k distributions on data.train, computed once (minillm.data.kd_cache);
-        # the KD term reads them and the teacher is never placed on a device.
+        # the KD term of fixed-data batches reads them. Without student-generated data the teacher is never placed
+        # on a device.
         self.teacher_cache = None
         if self.use_teacher and config.kd.teacher_cache is not None:
             from ..data.kd_cache import ResponseTopKCache
@@ -81,7 +82,8 @@ class SFTTrainer:
             if built_from and built_from != config.teacher.path:  # weights are not fingerprinted: say so
                 log.warning("kd.teacher_cache %s was built from teacher %s but teacher.path is %s; rebuild it if "
                             "the teacher changed", config.kd.teacher_cache, built_from, config.teacher.path)
-        self.teacher = strategy.prepare_teacher(teacher) if self.use_teacher and self.teacher_cache is None else None
+        online = self.use_teacher and (self.teacher_cache is None or StudentData.active(config.kd))
+        self.teacher = strategy.prepare_teacher(teacher) if online else None
 
         self.student_data = None  # GKD / DistiLLM: student-generated micro-batches (kd.on_policy_fraction, ...)
         if StudentData.active(config.kd):
@@ -110,6 +112,11 @@ class SFTTrainer:
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
     # ------------------------------------------------------------------------------ losses
+    def _cached(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the KD term reads ``kd.teacher_cache``: batches of the training set carry their dataset
+        ``index``; student-generated ones (GKD, DistiLLM) do not and need the online teacher."""
+        return self.teacher_cache is not None and "index" in batch
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch and its named parts (python floats, for logging)."""
         if self.cfg.kd.chunked:
@@ -124,7 +131,7 @@ class SFTTrainer:
         if not self.use_teacher:
             return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
         with torch.no_grad():
-            if self.teacher_cache is not None:  # log-probs are logits of the same distribution
+            if self._cached(batch):  # log-probs are logits of the same distribution
                 t_logits = self.teacher_cache.topk(batch["index"], labels).dense(logits.device)
             else:
                 t_logits = self.teacher(input_ids=batch["input_ids"],
@@ -155,7 +162,7 @@ class SFTTrainer:
         mask = labels != -100
         chunks = dict(chunk_size=kd.chunk_size, num_chunks=global_chunk_count(mask, kd.chunk_size, strategy))
         teacher = {}
-        if self.teacher_cache is not None:  # top-k rows, expanded chunk by chunk on the device
+        if self._cached(batch):  # top-k rows, expanded chunk by chunk on the device
             teacher = dict(teacher_logprobs=self.teacher_cache.topk(batch["index"], labels))
         elif self.use_teacher:
             with torch.no_grad():
