@@ -43,6 +43,18 @@ def build(tmp_path, *overrides):
     return build_trainer(cfg, build_strategy(cfg).setup())
 
 
+def train_both_and_compare_kd(online, cached, tmp_path) -> list[dict]:
+    """Train both runs (output dirs tmp_path/online and tmp_path/cached); their per-step KD terms must agree.
+    Returns the cached run's logged rows."""
+    online.train()
+    cached.train()
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("online", "cached")}
+    kd = {name: [r["train/kd"] for r in rows[name] if "train/kd" in r] for name in rows}
+    assert len(kd["online"]) == 6 and kd["cached"] == pytest.approx(kd["online"], rel=1e-5)
+    return rows["cached"]
+
+
 def test_rows_are_the_teachers_top_k_at_each_loss_position(tmp_path):
     from minillm.data import build_instruction_data
     from minillm.models import load_model, load_tokenizer
@@ -88,12 +100,7 @@ def test_full_vocabulary_cache_trains_like_the_online_teacher(full_cache, tmp_pa
     cached = build(tmp_path / "cached", f"kd.chunked={str(chunked).lower()}", f"kd.teacher_cache={full_cache}")
     assert loaded == ["tests/assets/student"]  # the teacher's weights were never read
     assert cached.teacher is None and online.teacher is not None
-    online.train()
-    cached.train()
-    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("online", "cached")}
-    kd = {name: [r["train/kd"] for r in rows[name] if "train/kd" in r] for name in rows}
-    assert len(kd["online"]) == 6 and kd["cached"] == pytest.approx(kd["online"], rel=1e-5)
+    train_both_and_compare_kd(online, cached, tmp_path)
     for (name, a), b in zip(online.student.state_dict().items(), cached.student.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -149,12 +156,7 @@ def test_gkd_reads_the_cache_on_fixed_batches_and_runs_the_teacher_on_student_sa
     assert cached.teacher is not None and cached.teacher_cache is not None
     calls = []
     cached.teacher.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    online.train()
-    cached.train()
-    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("online", "cached")}
-    kd = {name: [r["train/kd"] for r in rows[name] if "train/kd" in r] for name in rows}
-    assert len(kd["online"]) == 6 and kd["cached"] == pytest.approx(kd["online"], rel=1e-5)
+    rows = train_both_and_compare_kd(online, cached, tmp_path)
     # 2 micro-batches per step (global 8 / micro 4): the teacher ran once per student-sampled micro-batch
-    sampled = round(sum(2 * r["train/student_data_fraction"] for r in rows["cached"] if "train/kd" in r))
+    sampled = round(sum(2 * r["train/student_data_fraction"] for r in rows if "train/kd" in r))
     assert 0 < sampled < 12 and len(calls) == sampled
