@@ -30,13 +30,12 @@ import torch
 from torch import Tensor
 
 from ..topk import TopKLogprobs
-from .collate import SFTCollator
+from .collate import IGNORE_INDEX, SFTCollator
 from .instruction import SFTDataset
 from .records import DataError
 from .teacher_cache import META_FILE, STORAGE, commit_cache, open_topk_arrays, read_cache_meta
 
 FORMAT = "minillm-teacher-topk-sft-v1"
-IGNORE_INDEX = -100
 
 __all__ = ["dataset_fingerprint", "build_response_topk_cache", "ResponseTopKCache"]
 
