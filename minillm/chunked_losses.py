@@ -52,9 +52,9 @@ class _ChunkPlan(NamedTuple):
 
 
 def _plan_chunks(kernel: Callable[..., Tensor], student_hidden: Tensor, valid: Tensor, extras: Sequence[Tensor], *,
-                 teacher_hidden: Tensor | None, teacher_head: Head | None, teacher_logprobs: Tensor | TopKLogprobs | None,
-                 need_teacher: bool, temperature: float, chunk_size: int, num_chunks: int | None,
-                 caller: str) -> _ChunkPlan:
+                 teacher_hidden: Tensor | None, teacher_head: Head | None,
+                 teacher_logprobs: Tensor | TopKLogprobs | None, need_teacher: bool, temperature: float,
+                 chunk_size: int, num_chunks: int | None, caller: str) -> _ChunkPlan:
     """Check the inputs of a chunked loss and gather its valid rows; ``kernel(log_q [c, V], log_p [c, V] | None,
     *extras_c) -> [c(, k)]`` gives the per-position values."""
     if student_hidden.dim() < 2:
@@ -280,7 +280,8 @@ def chunked_policy_loss(student_hidden: Tensor, student_head: Head, tokens: Tens
                         old_logprobs: Tensor, advantages: Tensor, weights: Tensor | None = None,
                         clip_ratio: float | None = 0.2, temperature: float = 1.0, pg_coef: float = 1.0,
                         teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                        teacher_logprobs: Tensor | TopKLogprobs | None = None, kl_coef: float = 1.0, kl_weighted: bool = False,
+                        teacher_logprobs: Tensor | TopKLogprobs | None = None, kl_coef: float = 1.0,
+                        kl_weighted: bool = False,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                         fused: bool | None = None) -> PolicyTerms:
     """The PPO term and the single-step KL of one micro-batch in one pass over the student's head.
@@ -330,7 +331,8 @@ class KDTerms(NamedTuple):
 
 def chunked_kd_loss(student_hidden: Tensor, student_head: Head, labels: Tensor, *,
                     teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-                    teacher_logprobs: Tensor | TopKLogprobs | None = None, kd_ratio: float = 0.5, divergence: str = "fkl",
+                    teacher_logprobs: Tensor | TopKLogprobs | None = None, kd_ratio: float = 0.5,
+                    divergence: str = "fkl",
                     temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int | None = None,
                     fused: bool | None = None) -> KDTerms:

@@ -57,7 +57,6 @@ class HalfPrecisionCopy:
         for attr in ("_compiled_call", "_last_compile_config"):  # HF's compiled __call__ is bound to `source`
             self.module.__dict__.pop(attr, None)
         self.module.eval()  # no dropout; HF checkpoints activations only in train mode
-        self.dtype = dtype
         copied, original = list(self.module.named_parameters()), list(source.named_parameters())
         if [name for name, _ in copied] != [name for name, _ in original]:
             raise RuntimeError(f"HalfPrecisionCopy: the copy of {type(source).__name__} does not have the source's "
