@@ -45,6 +45,33 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
 log = get_logger()
 
 
+_TOKEN_METRICS = ("reward", "teacher_logprob", "student_logprob", "weight")
+
+
+def rollout_totals(buffer: Rollout, tokens: float) -> torch.Tensor:
+    """This rank's phase sums, [len(_TOKEN_METRICS) + 4] float64 on the buffer's device: Σ reward, teacher and
+    student log-prob and importance weight over response tokens, Σ k3 per row, response tokens, all tokens (prompt +
+    response) and rows. Sums (not means) so that an all-reduce gives the exact means over every rank's tokens.
+
+    Every element is made on the buffer's device: a CPU scalar stacked with CUDA sums is an error on a GPU."""
+    mask = buffer.response_mask
+    device = mask.device
+    k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
+    token_values = (buffer.rewards, buffer.teacher_logprobs, buffer.old_logprobs, buffer.weights)
+    counts = torch.tensor([float(tokens), float(len(buffer))], dtype=torch.float64, device=device)
+    sums = torch.stack([(v * mask).sum() for v in token_values] + [k3.sum(), mask.sum()]).double()
+    return torch.cat([sums, counts])
+
+
+def rollout_statistics(totals: torch.Tensor) -> dict[str, float]:
+    """The logged ``rollout/*`` means from (all-reduced) :func:`rollout_totals`."""
+    *sums, k3_sum, response_tokens, all_tokens, rows = totals.double().cpu()
+    stats = {k: v / response_tokens.clamp(min=1) for k, v in zip(_TOKEN_METRICS, sums)}
+    stats.update(reverse_kl_k3=k3_sum / rows.clamp(min=1), response_length=response_tokens / rows.clamp(min=1),
+                 tokens=all_tokens)
+    return {f"rollout/{k}": float(v) for k, v in stats.items()}
+
+
 class MiniLLMTrainer:
     """Train ``student`` to minimise KL(q_θ‖p) against the frozen ``teacher``.
 
@@ -219,19 +246,9 @@ class MiniLLMTrainer:
 
     def _rollout_stats(self, buffer: Rollout, tokens: float) -> dict[str, float]:
         """Token means over the whole phase on all ranks (sums and counts all-reduced, not means of means)."""
-        mask = buffer.response_mask
-        k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
-        token_sums = {"reward": buffer.rewards, "teacher_logprob": buffer.teacher_logprobs,
-                      "student_logprob": buffer.old_logprobs, "weight": buffer.weights}
-        # [Σ per token-metric ..., Σ k3 per row, response tokens, all tokens, rows]
-        totals = torch.stack([(v * mask).sum() for v in token_sums.values()] + [
-            k3.sum(), mask.sum(), torch.tensor(tokens), torch.tensor(float(len(buffer)))]).double()
+        totals = rollout_totals(buffer, tokens).to(self.strategy.device)
         self.strategy.all_reduce(totals, "sum")
-        *sums, k3_sum, response_tokens, all_tokens, rows = totals
-        stats = {k: v / response_tokens.clamp(min=1) for k, v in zip(token_sums, sums)}
-        stats.update(reverse_kl_k3=k3_sum / rows.clamp(min=1), response_length=response_tokens / rows.clamp(min=1),
-                     tokens=all_tokens)
-        return {f"rollout/{k}": float(v) for k, v in stats.items()}
+        return rollout_statistics(totals)
 
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
@@ -337,11 +354,12 @@ class MiniLLMTrainer:
                                       num_chunks=global_chunk_count(labels != losses.IGNORE_INDEX, chunk, strategy))
 
     def _permutation(self, n: int) -> torch.Tensor:
-        g = torch.Generator()
+        # a CPU stream: the same permutation whatever the device, so exact resume does not depend on it
+        g = torch.Generator(device="cpu")
         g.manual_seed(self.cfg.seed * 7919 + self.strategy.rank * 104729 + self.phase * 1_000_003 + self.ppo_epoch)
         if self.cfg.minillm.objective == "ranking":  # keep each prompt's two samples in one micro-batch
             return pair_permutation(n, g)
-        return torch.randperm(n, generator=g)
+        return torch.randperm(n, generator=g, device="cpu")
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:

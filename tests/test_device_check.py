@@ -1,0 +1,85 @@
+"""`minillm-check --device` on the CPU: every CPU path passes, CUDA-only paths are listed as skipped, and a broken
+path (planted here) is reported as failed with a non-zero exit, a failed speed-up as "fell back"."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from minillm import device_check
+from minillm.cli.check import main
+
+CPU = torch.device("cpu")
+
+
+def test_device_check_passes_on_cpu_and_lists_what_it_skipped(tmp_path, capsys):
+    code = main(["--device", "--device-type", "cpu", "--scratch", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    out = capsys.readouterr().out
+    assert code == 0, out
+    skipped = {name for name, r in rows.items() if r["status"] == "skipped"}
+    assert skipped == {"decode: compiled steps (CUDA graphs)", "2 ranks, DeepSpeed ZeRO-3, sampling"}, out
+    assert all(r["status"] == "ok" for name, r in rows.items() if name not in skipped), out
+    assert "CUDA only" in rows["decode: compiled steps (CUDA graphs)"]["detail"]
+    assert "final weights max |Δ| = 0.0e+00" in rows["checkpoint save + exact resume"]["detail"]
+    assert "0 failed" in out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return device_check.build_workspace(tmp_path_factory.mktemp("assets"))
+
+
+def test_stale_sampling_copy_is_caught(workspace, monkeypatch):
+    """A refresh that copies nothing (replays of stale weights) must fail the sampling-copy check."""
+    from minillm.strategy import HalfPrecisionCopy
+
+    real = HalfPrecisionCopy.refresh
+    calls = []
+
+    def stale(self):
+        calls.append(1)
+        return real(self) if len(calls) == 1 else self.module  # the first fill, then never again
+
+    monkeypatch.setattr(HalfPrecisionCopy, "refresh", stale)
+    result = device_check._run_one("copy", lambda: device_check._check_sampling_copy(workspace, CPU))
+    assert result.status == "failed" and "re-score" in result.detail, result
+
+
+def test_wrong_decoder_log_probs_are_caught(workspace, monkeypatch):
+    """A decoder whose reported log-probs do not match its tokens (what a stale cache produces) fails the check."""
+    from minillm import engine
+
+    real = engine._LazyLM.finish
+
+    def shifted(self, response, length):
+        return real(self, response, length) + 0.01
+
+    monkeypatch.setattr(engine._LazyLM, "finish", shifted)
+    result = device_check._run_one("decode", device_check._check_decode(workspace, CPU, static=False, graphs=False))
+    assert result.status == "failed" and "re-score" in result.detail, result
+
+
+def test_a_logged_fallback_is_reported_as_fell_back():
+    def check():
+        logging.getLogger("minillm.engine").warning("rollout.cuda_graphs: compiling failed (boom); falling back "
+                                                    "to eager decoding")
+        return "decoded"
+
+    result = device_check._run_one("compiled", check)
+    assert result.status == "fell back" and "rollout.cuda_graphs" in result.detail
+
+
+def test_failures_exit_non_zero(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(device_check, "_check_chunked_losses", broken)
+    monkeypatch.setattr(device_check, "_check_minillm_run", lambda *a: "skipped in this test")
+    monkeypatch.setattr(device_check, "_check_resume", lambda *a: "skipped in this test")
+    assert main(["--device", "--device-type", "cpu", "--scratch", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "RuntimeError: planted" in out and "2 failed" in out
