@@ -1,23 +1,53 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks and benchmarks, one step per call so each fits a 10-minute slot on a lent H100:
+# GPU checks and benchmarks, one step per call so each fits a 10-minute slot on one GPU node:
 #
+#   bash scripts/gpu_check.sh run       # will training work here? (< 8 min on one GPU) minillm-check --device, every
+#                                       # tiny recipe end to end on CUDA in bf16 and fp32 with dev evaluation, the
+#                                       # minillm recipe under DeepSpeed ZeRO-2 and ZeRO-3 (torchrun, 1 process),
+#                                       # minillm-bench --preset gpt2 --repeats 1; a pass/fail table at the end
+#   bash scripts/gpu_check.sh wheels DIR   # on a machine WITH network: build the wheels `run` needs into DIR
 #   bash scripts/gpu_check.sh tests     # pytest -m gpu: CUDA-graph engine vs eager static, speculative, eval engine, sampling copy
 #   bash scripts/gpu_check.sh bench     # rollout / scoring / training / single-step KL at the 16x512 target shape
 #   bash scripts/gpu_check.sh phase     # one measured MiniLLM phase (256 rollouts, 4 PPO epochs), naive vs fast
 #   bash scripts/gpu_check.sh gpt2      # the GPT-2 preset
 #
-# It runs from the source tree (PYTHONPATH), with whatever python3 holds a CUDA torch and transformers: these steps
-# import neither deepspeed, datasets nor rouge-score, so a bare GPU image without them works (checked on CPU by
+# Offline GPU nodes often have torch, transformers, accelerate and peft but not datasets, deepspeed or rouge-score.
+# `run` installs whatever of those is missing from the wheels in $WHEELS (default .whl/ in the repo, if it exists)
+# into a private folder ($SITE, default /tmp/minillm-site) on PYTHONPATH; nothing is installed system-wide. Build that
+# folder with the `wheels` step on a networked machine with the node's Python version (PYTHON_VERSION, default 3.12):
+# deepspeed and rouge-score are source-only on PyPI, so they are built with `pip wheel --no-deps
+# --no-build-isolation` (DS_BUILD_OPS=0: no CUDA ops are compiled ahead, the JIT builds what a run uses), and their
+# pure-Python needs are downloaded beside them.
+#
+# It runs from the source tree (PYTHONPATH), with whatever python3 holds a CUDA torch and transformers: the other
+# steps import neither deepspeed, datasets nor rouge-score, so a bare GPU image without them works (checked on CPU by
 # hiding those packages; the engine, loss and bench tests also pass on CPU with the image's transformers 5.17 and
 # huggingface_hub 1.33). Results and logs go to $OUT (the device tool's folder) or benchmarks/results/gpu-run/;
 # copy the JSON files into benchmarks/results/ and commit them.
 set -uo pipefail
 
-step=${1:?"usage: bash scripts/gpu_check.sh tests|bench|phase|gpt2"}
+step=${1:?"usage: bash scripts/gpu_check.sh run|wheels DIR|tests|bench|phase|gpt2"}
+py=${PYTHON:-python3}
+# packages `run` needs beyond a typical GPU image, and their pure-Python requirements (pydantic-core is binary)
+RUN_PACKAGES="datasets hjson pydantic pydantic-core annotated-types typing-inspection dill multiprocess nltk defusedxml"
+
+if [ "$step" = wheels ]; then
+  dir=${2:?"usage: bash scripts/gpu_check.sh wheels DIR"}
+  pyver=${PYTHON_VERSION:-3.12}
+  mkdir -p "$dir"
+  # binary-compatible downloads for the node's Python (not this machine's)
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$dir" $RUN_PACKAGES || exit 1
+  # source-only: pure-Python wheels, built here against this machine's torch (none of their code is compiled)
+  DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" deepspeed rouge-score || exit 1
+  ls -1 "$dir"
+  exit 0
+fi
+
 out=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-py=${PYTHON:-python3}
 
 gpu=$("$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") || { echo "gpu_check: $py has no torch with a CUDA device"; exit 1; }
@@ -25,6 +55,56 @@ print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") 
 'gpu', torch.cuda.get_device_name(0))" | tee "$out/versions.txt"
 
 case "$step" in
+  run)
+    log="$out/gpu_check-run.log"
+    : > "$log"
+    wheels=${WHEELS:-.whl}
+    missing=$("$py" -c "import importlib.util as u; print(' '.join(m for m in ('datasets','deepspeed','rouge_score') \
+if u.find_spec(m) is None))")
+    if [ -n "$missing" ]; then
+      [ -d "$wheels" ] || { echo "gpu_check: missing $missing and no wheel folder $wheels (see the header: WHEELS=DIR)" \
+        | tee -a "$log"; exit 1; }
+      site=${SITE:-/tmp/minillm-site}
+      echo "installing $missing from $wheels into $site" | tee -a "$log"
+      "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl >> "$log" 2>&1 \
+        || { echo "gpu_check: installing the wheels failed (see $log)"; exit 1; }
+      export PYTHONPATH="$PYTHONPATH:$site"
+    fi
+    scratch=$(mktemp -d /tmp/minillm-gpu-check.XXXX)
+    results="$scratch/results"
+    : > "$results"
+    # one bounded step: NAME SECONDS CMD...; appends "NAME pass|FAIL (rc) seconds" to the table
+    bounded() {
+      local name=$1 limit=$2 start=$SECONDS rc
+      shift 2
+      { echo "=== $name: $*"; timeout --kill-after=15 "$limit" "$@"; } > "$scratch/$name.log" 2>&1
+      rc=$?
+      cat "$scratch/$name.log" >> "$log"
+      if [ $rc -eq 0 ]; then echo "$name pass $((SECONDS - start))s" >> "$results"
+      elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "$name FAIL(timeout ${limit}s) $((SECONDS - start))s" >> "$results"
+      else echo "$name FAIL(rc=$rc) $((SECONDS - start))s" >> "$results"; fi
+    }
+    bounded check 300 "$py" -m minillm.cli.check --device --json "$out/check.json"
+    # every tiny recipe on CUDA, bf16 and fp32, a few steps with a dev evaluation; four at a time (tiny models)
+    for recipe in sft kd seqkd minillm gkd distillm; do
+      for dtype in bf16 fp32; do
+        bounded "$recipe-$dtype" 240 "$py" -m minillm.cli.train --config "configs/tiny/$recipe.yaml" \
+          "output_dir=$scratch/runs/$recipe-$dtype" strategy.device=cuda "student.dtype=$dtype" "teacher.dtype=$dtype" \
+          train.max_steps=4 train.eval_interval=2 train.save_interval=2 &
+        while [ "$(jobs -rp | wc -l)" -ge 4 ]; do sleep 1; done
+      done
+    done
+    wait
+    for stage in 2 3; do
+      bounded "minillm-zero$stage" 240 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 \
+        -m minillm.cli.train --config configs/tiny/minillm.yaml "output_dir=$scratch/runs/zero$stage" \
+        strategy.backend=deepspeed "strategy.zero_stage=$stage" strategy.device=cuda student.dtype=bf16 \
+        teacher.dtype=bf16 train.max_steps=4 train.eval_interval=2 train.save_interval=2
+    done
+    bounded bench-gpt2 300 "$py" -m minillm.cli.bench --preset gpt2 --repeats 1 --output "$out/$gpu-gpt2-repeats1.json"
+    { echo; echo "step                 result"; sort -k1,1 "$results" | awk '{printf "%-20s %s %s\n", $1, $2, $3}'; } \
+      | tee -a "$log"
+    ! grep -q FAIL "$results" ;;
   tests)
     "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_speculative.py tests/test_eval_cli.py \
       tests/test_sampling_copy.py \
@@ -38,5 +118,5 @@ case "$step" in
   gpt2)
     "$py" -m minillm.cli.bench --preset gpt2 --output "$out/$gpu-gpt2.json" 2>&1 | tail -40 | tee "$out/gpt2.log" ;;
   *)
-    echo "unknown step $step: tests|bench|phase|gpt2"; exit 2 ;;
+    echo "unknown step $step: run|wheels DIR|tests|bench|phase|gpt2"; exit 2 ;;
 esac
