@@ -149,7 +149,8 @@ class KDConfig:
 
     kd_ratio: float = _f(0.5, "Loss = (1 - kd_ratio) * CE + kd_ratio * divergence.")
     divergence: Divergence = _f("fkl", "fkl (reference KD), rkl, jsd, tvd, sfkl, srkl (see losses.divergence).")
-    beta: float = _f(0.5, "JSD interpolation weight.")
+    beta: float = _f(0.5, "JSD weight: m = beta*p + (1-beta)*q. The ends are the limits of the normalised JSD, as "
+                     "in GKD/TRL: 0 is forward KL(p||q), 1 is reverse KL(q||p).")
     skew: float = _f(0.1, "Skew of the skew KL divergences.")
     temperature: float = _f(1.0, "Both models' logits are divided by this in the KD term.")
     chunked: bool = _f(True, "Compute CE and the KD term from hidden states + LM head, chunk_size positions at a "
@@ -181,8 +182,8 @@ class KDConfig:
     student_max_new_tokens: int = _f(-1, "Response length limit of student samples (-1: data.max_length - "
                                      "data.max_prompt_length).")
     student_temperature: float = _f(1.0, "Sampling temperature of student samples.")
-    student_top_k: int = _f(0, "Top-k filter of student samples (0: off).")
-    student_top_p: float = _f(1.0, "Nucleus filter of student samples (1.0: off).")
+    student_top_k: int = _f(0, "Top-k filter of student samples: must stay 0 (on-policy data; see config checks).")
+    student_top_p: float = _f(1.0, "Nucleus filter of student samples: must stay 1.0.")
 
 
 @dataclass
@@ -214,8 +215,8 @@ class RolloutConfig:
     max_new_tokens: int = _f(256, "Response length limit (reference: max_length - max_prompt_length).")
     teacher_mix_alpha: float = _f(0.2, "alpha of the teacher-mixed sampling distribution (1-a)*q + a*p (0: pure student).")
     temperature: float = _f(1.0, "Sampling temperature (applied to both models, as the reference).")
-    top_k: int = _f(0, "Top-k filter (0: off).")
-    top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
+    top_k: int = _f(0, "Must stay 0: scoring and learning use the temperature-scaled distributions only.")
+    top_p: float = _f(1.0, "Must stay 1.0 (as top_k).")
     do_sample: bool = _f(True, "Draw y_t ~ p̃ (the method). False takes argmax p̃ per token: deterministic rollouts "
                          "for debugging and for comparing strategies, not for training.")
     engine: Literal["naive", "fast", "speculative"] = _f(
@@ -365,6 +366,15 @@ class RunConfig:
                      f"micro-batches per rank, not a multiple of the {accumulation} accumulation steps")
             if not 0.0 <= r.teacher_mix_alpha <= 1.0:
                 fail("rollout.teacher_mix_alpha", "must be in [0, 1]")
+            if r.top_k != 0 or r.top_p != 1.0:
+                # The samplers would draw from the filtered mixture, but the importance weights, rewards, PPO ratio
+                # and single-step KL score the temperature-only distributions: the estimator would be biased.
+                fail("rollout.top_k" if r.top_k != 0 else "rollout.top_p",
+                     "MiniLLM scores rollouts (importance weights, rewards, PPO ratio, single-step KL) under the "
+                     "temperature-scaled distributions only, so rollouts drawn through a top-k/top-p filter would "
+                     "make every one of those terms refer to a distribution that was not sampled. Leave "
+                     "rollout.top_k=0 and rollout.top_p=1.0 (rollout.temperature is exact); evaluation's eval.top_k "
+                     "/ eval.top_p are unaffected")
             if r.draft_tokens < 1:
                 fail("rollout.draft_tokens", f"must be >= 1 (student tokens per teacher verification), got "
                      f"{r.draft_tokens}")
@@ -428,6 +438,12 @@ class RunConfig:
             fail("kd.student_temperature", "must be positive")
         if k.student_top_k < 0 or not 0.0 < k.student_top_p <= 1.0:
             fail("kd.student_top_k", "top_k must be >= 0 and student_top_p in (0, 1]")
+        if uses and (k.student_top_k != 0 or k.student_top_p != 1.0):
+            key = "kd.student_top_k" if k.student_top_k != 0 else "kd.student_top_p"
+            fail(key, "on-policy KD (GKD/DistiLLM) learns on the student's own samples, but a top-k/top-p filter "
+                 "draws them from a truncated distribution that the divergence (taken over the whole vocabulary) "
+                 "never sees: the data would be off-policy by an amount nobody measures. Leave student_top_k=0 and "
+                 "student_top_p=1.0 (temperature is allowed)")
 
     def _resolve_minillm_objective(self, fail, world_size: int) -> None:
         """minillm.long_range / minillm.objective (the paper's alternatives): checks."""
@@ -437,6 +453,13 @@ class RunConfig:
         if m.objective == "pg" and not (m.long_range or m.single_step):
             fail("minillm.long_range", "and minillm.single_step are both false: the pg objective has no term left")
         if m.objective == "ranking":
+            if r.engine == "fast" and 0.0 < r.teacher_mix_alpha < 1.0:
+                # the fast engine shares its per-step coins across a batch, so a pair's two samples would take their
+                # teacher and student steps at the same positions: correlated, not two independent draws
+                fail("rollout.teacher_mix_alpha", "ranking compares two independent samples of each prompt, but "
+                     "the fast engine draws one coin per step for the whole batch, so both samples of a pair would "
+                     "mix in the teacher at the same steps. Use rollout.engine=naive or speculative (independent "
+                     "rows), or teacher_mix_alpha=0 (the slides' ablation)")
             if m.ranking_margin < 0 or m.ranking_anchor_coef < 0:
                 fail("minillm.ranking_margin", "the margin and ranking_anchor_coef must be >= 0")
             if t.micro_batch_size % 2 or r.chunk_size % 2 or (r.num_rollouts // world_size) % 2:

@@ -100,6 +100,12 @@ def _divergence_terms(log_q: Tensor, log_p: Tensor, kind: str, beta: float, skew
     if kind == "rkl":
         return _kl_terms(log_q, log_p)
     if kind == "jsd":
+        # The ends are the limits of the β-normalised JSD (GKD's and TRL's convention): JSD_β/β → KL(p‖q) as β → 0
+        # and JSD_β/(1−β) → KL(q‖p) as β → 1. The unnormalised JSD is identically 0 there and would train nothing.
+        if beta <= 0.0:
+            return _kl_terms(log_p, log_q)
+        if beta >= 1.0:
+            return _kl_terms(log_q, log_p)
         log_m = _log_mix(log_p, log_q, beta)
         return beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
     if kind == "tvd":
@@ -361,7 +367,8 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kin
     """Token mean of a word-level divergence between q (student) and p (teacher) → scalar.
 
     Logits [B, L, V], mask [B, L]. ``kind``: ``fkl`` KL(p‖q); ``rkl`` KL(q‖p); ``jsd`` β·KL(p‖m)+(1−β)·KL(q‖m)
-    with m = βp+(1−β)q; ``tvd`` ½Σ|p−q|; ``sfkl`` KL(p ‖ skew·p+(1−skew)·q); ``srkl`` KL(q ‖ skew·q+(1−skew)·p).
+    with m = βp+(1−β)q for 0 < β < 1, and at the ends the limits of the normalised JSD (as in GKD/TRL): β = 0 is
+    KL(p‖q) (forward), β = 1 is KL(q‖p) (reverse); ``tvd`` ½Σ|p−q|; ``sfkl`` KL(p ‖ skew·p+(1−skew)·q); ``srkl`` KL(q ‖ skew·q+(1−skew)·p).
     """
     _check_divergence_args(kind, beta, skew)
     _check_shape("teacher_logits", teacher_logits, student_logits.shape, "divergence (student_logits.shape)")

@@ -82,6 +82,31 @@ def test_cross_field_checks():
         load_config("configs/tiny/minillm.yaml", ["train.select_best_by=loss"])
 
 
+def test_on_policy_methods_refuse_sampling_filters_they_cannot_score():
+    """Rollout top-k/top-p would make MiniLLM's weights, rewards, ratio and single-step KL refer to a distribution
+    that was not sampled; GKD/DistiLLM samples would be off-policy. Each is refused naming the key and why."""
+    for key, value in (("rollout.top_k", 50), ("rollout.top_p", 0.9)):
+        with pytest.raises(ConfigError, match=rf"`{key}`.*not sampled"):
+            load_config("configs/tiny/minillm.yaml", [f"{key}={value}"])
+    for recipe in ("gkd", "distillm"):
+        for key, value in (("kd.student_top_k", 50), ("kd.student_top_p", 0.9)):
+            with pytest.raises(ConfigError, match=rf"`{key}`.*off-policy"):
+                load_config(f"configs/tiny/{recipe}.yaml", [f"{key}={value}"])
+    # what stays allowed: temperatures, evaluation's filters, and filters of a KD run without student samples
+    load_config("configs/tiny/minillm.yaml", ["rollout.temperature=0.7", "eval.top_k=50", "eval.top_p=0.9"])
+    load_config("configs/tiny/gkd.yaml", ["kd.student_temperature=0.7"])
+    load_config("configs/tiny/kd.yaml", ["kd.student_top_k=50"])
+
+
+def test_ranking_refuses_shared_coins():
+    """The fast engine's per-step coins are shared by a batch: a ranking pair with 0 < α < 1 would be correlated."""
+    with pytest.raises(ConfigError, match=r"`rollout.teacher_mix_alpha`.*same steps"):
+        load_config("configs/tiny/minillm-ranking.yaml", ["rollout.teacher_mix_alpha=0.2", "rollout.engine=fast"])
+    for engine in ("naive", "speculative"):  # independent rows
+        load_config("configs/tiny/minillm-ranking.yaml", ["rollout.teacher_mix_alpha=0.2", f"rollout.engine={engine}"])
+    load_config("configs/tiny/minillm-ranking.yaml", ["rollout.teacher_mix_alpha=0", "rollout.engine=fast"])
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     p = write(tmp_path, "student: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
@@ -140,3 +165,15 @@ def test_import_minillm_does_not_import_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_distillm_recipes_evaluate_before_the_first_step():
+    """DistiLLM's adaptive schedule takes its baseline dev loss before any training step (its finetune() evaluates
+    at step 0); without train.eval_at_start ours would take the first dev loss after an epoch of training."""
+    from pathlib import Path
+
+    recipes = sorted(Path("configs/distillm").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = load_config(str(path))
+        assert cfg.kd.adaptive_off_policy and cfg.train.eval_at_start, path

@@ -293,8 +293,15 @@ def test_divergence_endpoints_and_tvd_bounds():
     s = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
     t = torch.randn(3, 4, 6, generator=g, dtype=torch.float64) * 2
     mask = torch.ones(3, 4)
-    for beta in (0.0, 1.0, 1e-9, 1 - 1e-9):
-        assert L.divergence(s, t, mask, "jsd", beta=beta).item() == pytest.approx(0.0, abs=1e-7), beta
+    fkl, rkl = L.divergence(s, t, mask, "fkl").item(), L.divergence(s, t, mask, "rkl").item()
+    # β = 0 and 1 are the limits of the normalised JSD (GKD/TRL): forward and reverse KL, not the identically-zero
+    # unnormalised value (a run would train nothing)
+    assert L.divergence(s, t, mask, "jsd", beta=0.0).item() == pytest.approx(fkl, rel=1e-12)
+    assert L.divergence(s, t, mask, "jsd", beta=1.0).item() == pytest.approx(rkl, rel=1e-12)
+    # ... and the ends are continuous with the interior: JSD_β/β → KL(p‖q), JSD_β/(1−β) → KL(q‖p)
+    eps = 1e-6
+    assert L.divergence(s, t, mask, "jsd", beta=eps).item() / eps == pytest.approx(fkl, rel=1e-4)
+    assert L.divergence(s, t, mask, "jsd", beta=1 - eps).item() / eps == pytest.approx(rkl, rel=1e-4)
     assert L.divergence(s, t, mask, "jsd").item() > 1e-3
     assert L.divergence(s, t, mask, "sfkl", skew=0.0).item() == pytest.approx(
         L.divergence(s, t, mask, "fkl").item(), rel=1e-12)
