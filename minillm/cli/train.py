@@ -23,6 +23,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML file, or the name of a shipped config (opt-1.3b.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, exit")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the teacher/student pre-flight check (minillm-check --config) before loading models")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue exactly from the newest checkpoint of output_dir, or from DIR")
     p.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
@@ -48,8 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    if not args.no_preflight and not preflight_passes(cfg):
+        return 2
     return finish_process(run(cfg, resume=args.resume))
 
+
+
+def preflight_passes(cfg) -> bool:
+    """The pre-flight checks (minillm.preflight), before any weight is loaded: warnings and errors are printed by
+    the first rank, and an error stops every rank (each runs the same checks on the same files)."""
+    import os
+
+    from ..preflight import ERROR, preflight
+
+    first = os.environ.get("RANK", "0") == "0"
+    try:
+        findings = preflight(cfg)
+    except (OSError, ValueError) as e:  # a missing model or tokenizer folder: one line, no traceback
+        if first:
+            print(f"minillm-train: {e}", file=sys.stderr)
+        return False
+    for finding in findings:
+        if first and finding.severity != "info":
+            print(f"minillm-train pre-flight: {finding.line()}", file=sys.stderr)
+    return not any(f.severity == ERROR for f in findings)
 
 
 def run(cfg, resume: str | None = None) -> int:
