@@ -22,6 +22,7 @@ of (seed, rank, phase, epoch), so nothing else is needed.
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,37 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      stop_early, to_device)
 
 log = get_logger()
+
+
+_DROPOUT_NAME = re.compile(r"(dropout|layerdrop|layer_drop|drop_path|pdrop|drop_rate|dropout_rate)", re.IGNORECASE)
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout-like rate of ``model`` to 0, whatever the family calls it; returns what was changed.
+
+    Covers every ``nn.Dropout``-family module, every float attribute of a submodule whose name looks like a dropout,
+    layer-drop or drop-path rate (OPT keeps ``activation_dropout`` and ``layerdrop`` as plain floats read in
+    forward, Llama ``attention_dropout``), and the same names on the model's config, which some implementations
+    read at forward time."""
+    changed: list[str] = []
+    for name, sub in model.named_modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd):
+            if sub.p:
+                changed.append(f"{name or 'model'}.p")
+            sub.p = 0.0
+        for attr, value in list(vars(sub).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and value and _DROPOUT_NAME.search(attr):
+                setattr(sub, attr, 0.0)
+                changed.append(f"{name or 'model'}.{attr}")
+    configs = [getattr(model, "config", None)]
+    if configs[0] is not None and hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for attr, value in list(vars(config).items()):
+            if isinstance(value, float) and value and _DROPOUT_NAME.search(attr):
+                setattr(config, attr, 0.0)
+                changed.append(f"config.{attr}")
+    return changed
 
 
 _TOKEN_METRICS = ("reward", "teacher_logprob", "student_logprob", "weight")
@@ -151,15 +183,10 @@ class MiniLLMTrainer:
     # ------------------------------------------------------------------------------ helpers
     def _set_student_mode(self) -> None:
         """No dropout during RL. HF only checkpoints activations in train mode, so with gradient checkpointing
-        the student stays in train mode with every dropout probability set to 0 instead of eval mode."""
+        the student stays in train mode with every dropout and layer-drop rate set to 0 instead of eval mode."""
         module = self.strategy.unwrap(self.student)
         if self.cfg.student.gradient_checkpointing:
-            for sub in module.modules():
-                if isinstance(sub, torch.nn.Dropout):
-                    sub.p = 0.0
-                for name in ("attention_dropout", "dropout", "resid_dropout"):
-                    if isinstance(getattr(sub, name, None), float):
-                        setattr(sub, name, 0.0)
+            disable_dropout(module)
             module.train()
         else:
             module.eval()
