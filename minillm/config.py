@@ -238,6 +238,10 @@ class MiniLLMConfig:
     clip_ratio: float = _f(0.2, "PPO clip epsilon on the ratio q_theta/q_old * w.")
     reward_scale: float = _f(0.5, "r_t = (log p - log q_old) / reward_scale.")
     reward_clip: float = _f(100.0, "Rewards are clipped to +-reward_clip.")
+    reward_teacher_temperature: Literal["rollout", "one"] = _f(
+        "rollout", "Temperature of the teacher's log-prob in the reward r_t: rollout = rollout.temperature, as the "
+        "student's log q_old (the reward is the log-ratio of the distributions the weights and the single-step KL "
+        "use); one = T = 1 whatever rollout.temperature, as the official code's reward_fn. Equal at T = 1.")
     gamma: float = _f(0.95, "Discount of the long-range return (paper: 1).")
     length_norm: bool = _f(True, "Divide returns by the number of tokens summed (paper ablation: off).")
     include_current: bool = _f(True, "Return includes r_t (reference) or starts at t+1 (paper).")

@@ -106,7 +106,7 @@ def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, re
                   length_norm: bool, include_current: bool,
                   trim: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, autocast=None,
                   chunk_size: int | None = None, num_chunks: int | None = None,
-                  keep_teacher_hidden: bool = False) -> Rollout:
+                  keep_teacher_hidden: bool = False, reward_teacher_temperature: float | None = None) -> Rollout:
     """Score one batch of samples with teacher-forced forwards of both models (the reference's scoring).
 
     The old student's log-probs come from a fresh forward in the learning-phase layout rather than from the
@@ -115,28 +115,38 @@ def score_samples(*, student, teacher, prompt_ids, prompt_mask, response_ids, re
     on every rank), so no [B, L, V] fp32 logits are ever held. ``keep_teacher_hidden`` (chunked only) keeps the
     teacher's response hidden states in the record: the teacher's distribution over a rollout does not change
     during a phase, so the single-step term of every PPO epoch can reuse them instead of re-running the teacher.
+
+    ``reward_teacher_temperature``: the temperature of the teacher's log-prob inside the reward (None: ``temperature``,
+    so the reward is the log-ratio of the two distributions the weights and the single-step term use). The official
+    code's reward takes it at 1 whatever the sampling temperature (``minillm.reward_teacher_temperature: one``); the
+    student's log q_old, the importance weights and the stored ``teacher_logprobs`` stay at ``temperature``.
     """
     mask = response_mask.float()
     if keep_teacher_hidden and chunk_size is None:
         raise ValueError("score_samples: keep_teacher_hidden needs chunk_size (the chunked path)")
     kept: dict[str, torch.Tensor] = {}
 
-    def logprobs(model, keep: bool = False) -> torch.Tensor:
+    def logprobs(model, temperatures: tuple[float, ...], keep: bool = False) -> list[torch.Tensor]:
+        """The model's response log-probs at each temperature, from one forward."""
         if chunk_size is None:
             logits = trim(response_logits(model, prompt_ids, prompt_mask, response_ids, autocast))
-            return losses.token_logprobs(logits, response_ids, temperature) * mask
+            return [losses.token_logprobs(logits, response_ids, t) * mask for t in temperatures]
         from .chunking import response_hidden
 
         hidden, head = response_hidden(model, prompt_ids, prompt_mask, response_ids, trim=trim, autocast=autocast)
         if keep:
             kept["teacher_hidden"] = hidden.detach()
-        return chunked_losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=temperature,
-                                             chunk_size=chunk_size, num_chunks=num_chunks)
+        return [chunked_losses.chunked_token_logprobs(hidden, head, response_ids, mask, temperature=t,
+                                                      chunk_size=chunk_size, num_chunks=num_chunks)
+                for t in temperatures]
 
-    old = logprobs(student)
-    teacher_lp = logprobs(teacher, keep=keep_teacher_hidden)
+    (old,) = logprobs(student, (temperature,))
+    reward_t = temperature if reward_teacher_temperature is None else reward_teacher_temperature
+    teacher_lps = logprobs(teacher, (temperature,) if reward_t == temperature else (temperature, reward_t),
+                           keep=keep_teacher_hidden)
+    teacher_lp, reward_teacher_lp = teacher_lps[0], teacher_lps[-1]
     weights = losses.importance_weights(old, teacher_lp, mask, alpha)
-    rewards = losses.token_rewards(teacher_lp, old, mask, scale=reward_scale, clip=reward_clip)
+    rewards = losses.token_rewards(reward_teacher_lp, old, mask, scale=reward_scale, clip=reward_clip)
     returns = losses.long_range_advantages(rewards, mask, gamma=gamma, length_norm=length_norm,
                                            include_current=include_current)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=mask,

@@ -264,7 +264,8 @@ class MiniLLMTrainer:
                     include_current=m.include_current, trim=self._trim, autocast=strategy.autocast,
                     chunk_size=m.loss_chunk_size if m.chunked_losses else None,
                     num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
-                    if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher))
+                    if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher,
+                    reward_teacher_temperature=1.0 if m.reward_teacher_temperature == "one" else None))
             stats["tokens"] += float(response_mask.sum() + prompt_mask.sum())
             collected += take
         buffer = Rollout.cat(parts)
