@@ -74,6 +74,13 @@ def _is_half(t: Tensor) -> bool:
 _HALF_TARGET = 2.0 ** 13
 
 
+def _max_abs(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """max |x| over all entries of ``tensors`` as a 0-dim fp32 tensor (0 for none), without a host sync."""
+    with torch.no_grad():
+        maxima = [t.detach().abs().amax().float() for t in tensors if t.numel()]
+        return torch.stack(maxima).amax() if maxima else torch.zeros((), dtype=torch.float32, device=device)
+
+
 def _backward_scale(g_logits: Tensor, rows: Tensor, weight_max: Tensor) -> Tensor:
     """A power of two S (a 0-dim fp32 tensor: no host sync) for back-propagating ``S · g_logits`` through a
     half-precision head without overflow or underflow: the per-chunk twin of a loss scale.
@@ -125,12 +132,7 @@ def fused_chunk_loss(chunk_loss: Callable[[Tensor, int, int], Tensor], hidden: T
     grad_params = [torch.zeros(p.shape, dtype=wide(p), device=p.device) for _, p in params]
     autocast = torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
     half = autocast or _is_half(hidden) or any(_is_half(p) for _, p in params)
-    weight_max = None
-    if half:
-        with torch.no_grad():
-            maxima = [p.detach().abs().amax().float() for _, p in params if p.numel()]
-            weight_max = torch.stack(maxima).amax() if maxima else \
-                torch.zeros((), dtype=torch.float32, device=hidden.device)
+    weight_max: Tensor | None = None  # max |parameter| for the backward scale's bound, once per call
     total = None
     for lo, hi in bounds:
         rows = hidden[lo:hi].detach().requires_grad_(needs_hidden)
@@ -144,8 +146,11 @@ def fused_chunk_loss(chunk_loss: Callable[[Tensor, int, int], Tensor], hidden: T
             grads: list[Tensor | None] = []
             if part.requires_grad and logits.requires_grad:
                 (g_logits,) = torch.autograd.grad(part, exact)
-                scale = _backward_scale(g_logits, rows, weight_max) if half or _is_half(logits) else None
-                if scale is not None:
+                scale = None
+                if half or _is_half(logits):
+                    if weight_max is None:
+                        weight_max = _max_abs([p for _, p in params], hidden.device)
+                    scale = _backward_scale(g_logits, rows, weight_max)
                     g_logits = g_logits * scale
                 grads = list(torch.autograd.grad(logits, wrt, g_logits.to(logits.dtype), allow_unused=True))
                 grads = [None if g is None else g.to(wide(g)) if scale is None else g.to(wide(g)) / scale

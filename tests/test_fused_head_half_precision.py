@@ -62,7 +62,7 @@ def chunked(kind: str, hidden, weight, t_hidden, t_weight, labels, scale: float,
         t_head.weight.copy_(t_weight)
     h = hidden.clone().requires_grad_()
     if kind == "minillm_kl":
-        loss = CL.chunked_single_step_kl(h, head, torch.ones(1, N), teacher_hidden=t_hidden, teacher_head=t_head,
+        loss = CL.chunked_single_step_kl(h, head, torch.ones(h.shape[:-1]), teacher_hidden=t_hidden, teacher_head=t_head,
                                          chunk_size=CHUNK, fused=fused)
     else:
         loss = CL.chunked_kd_loss(h, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, kd_ratio=KD_RATIO,
@@ -95,3 +95,23 @@ def test_half_precision_head_gradients_match_float64_at_every_loss_scale(kind, d
             rounding = relative_error(ref.to(dtype), ref)
             error = relative_error(got, ref)
             assert error <= rounding + eps / 2, (name, scale, error, rounding)
+
+
+def test_the_per_chunk_backward_scale_never_overflows_fp16_with_large_gradients():
+    """Few tokens (each a large share of the mean) and large logits: the fused path's own scale stays below fp16's
+    range, so the gradients are finite and within rounding of the float64 ones wherever the loss scale keeps the
+    result itself finite (65536 would not: DeepSpeed's scaler then skips the step and lowers the scale)."""
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.float16
+    hidden = (0.05 * torch.randn(1, 3, H, generator=g)).to(dtype)  # moderate logits: a well-conditioned loss
+    weight = (4.0 * torch.randn(V, H, generator=g)).to(dtype)  # large hidden-state gradients
+    t_hidden = torch.randn(1, 3, H_T, generator=g).to(dtype)
+    t_weight = (3.0 * torch.randn(V, H_T, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (1, 3), generator=g)
+    for scale in (64.0, 1024.0):
+        ref_loss, *ref_grads = reference("minillm_kl", hidden, weight, t_hidden, t_weight, labels, scale)
+        assert max(float(r.abs().max()) for r in ref_grads) > 100.0  # large, but within fp16's range
+        _, *grads = chunked("minillm_kl", hidden, weight, t_hidden, t_weight, labels, scale, fused=True)
+        for got, ref in zip(grads, ref_grads):
+            assert torch.isfinite(got).all()
+            assert relative_error(got, ref) <= relative_error(ref.to(dtype), ref) + 2 * torch.finfo(dtype).eps
