@@ -62,8 +62,8 @@ def chunked(kind: str, hidden, weight, t_hidden, t_weight, labels, scale: float,
         t_head.weight.copy_(t_weight)
     h = hidden.clone().requires_grad_()
     if kind == "minillm_kl":
-        loss = CL.chunked_single_step_kl(h, head, torch.ones(h.shape[:-1]), teacher_hidden=t_hidden, teacher_head=t_head,
-                                         chunk_size=CHUNK, fused=fused)
+        loss = CL.chunked_single_step_kl(h, head, torch.ones(h.shape[:-1]), teacher_hidden=t_hidden,
+                                         teacher_head=t_head, chunk_size=CHUNK, fused=fused)
     else:
         loss = CL.chunked_kd_loss(h, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, kd_ratio=KD_RATIO,
                                   chunk_size=CHUNK, fused=fused).loss
