@@ -11,7 +11,10 @@ DeepSpeed ZeRO-3 parameter hooks firing; ``num_chunks`` pads the number of head 
 same number (all-reduce the max of :func:`chunk_count` first).
 
 Each ``chunked_*`` function equals its plain twin (values and gradients, to fp32 rounding); the tests compare
-them in float64 to 1e-12.
+them in float64 to 1e-12. With half-precision heads (DeepSpeed's fp16/bf16 engines, autocast) the loss math
+still runs in fp32 on the upcast logits, and the fused backward stays within half-precision rounding of the
+float64 gradients at any loss scale (:func:`minillm.fused_head.fused_chunk_loss`); the checkpointed backward
+is autograd through the head in its precision, like the plain loss, so it relies on the engine's loss scale.
 """
 
 from __future__ import annotations

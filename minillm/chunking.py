@@ -49,13 +49,47 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
 
     if module not in _VERIFIED:
         with torch.no_grad():
-            mine, theirs = head(hidden[:, -1]).float(), trim(out.logits[:, -1]).float()
-        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=1e-3, rtol=1e-3):
+            mine, theirs = head(hidden[:, -1]), trim(out.logits[:, -1])
+        if mine.shape != theirs.shape:
+            raise ValueError(f"minillm.chunking: {type(module).__name__}'s lm_head(last hidden state) has shape "
+                             f"{tuple(mine.shape)} but its logits {tuple(theirs.shape)}; set "
+                             "minillm.chunked_losses=false and kd.chunked=false to use the plain losses")
+        gap, tolerance = _log_prob_gap(mine, theirs)
+        if not gap <= tolerance:  # NaN included
             raise ValueError(f"minillm.chunking: {type(module).__name__}'s logits are not lm_head(last hidden "
-                             "state) (the model post-processes them); set minillm.chunked_losses=false and "
+                             f"state) (the model post-processes them, e.g. soft-capping or a logit scale: their "
+                             f"log-probabilities differ by up to {gap:.3g}, more than the {tolerance:.3g} that "
+                             f"{mine.dtype}/{theirs.dtype} rounding allows); set minillm.chunked_losses=false and "
                              "kd.chunked=false to use the plain losses")
         _VERIFIED.add(module)
     return hidden, head
+
+
+# Ulps of the largest logit that two evaluations of one head may differ by: half-precision GEMMs round their
+# output (1/2 ulp), and on CUDA cuBLAS picks kernels by shape and may split the reduction with half-precision
+# partial sums (torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction, on by default);
+# log-softmax adds the log-sum-exp's own error.
+_HEAD_CHECK_ULPS = 8
+
+
+def _log_prob_gap(mine: Tensor, theirs: Tensor) -> tuple[float, float]:
+    """(max |log_softmax(mine) − log_softmax(theirs)|, what rounding allows) over [N, V] logits of one head.
+
+    Log-probabilities, not logits: they are what every loss reads, and a model that only shifts its logits
+    changes none of them. The allowance scales with the coarser dtype's epsilon and the largest logit
+    (1e-3 relative at least, for fp32 on TF32 GPUs): half-precision logits of one head may differ by a few of
+    their ulps, while soft-capping or a logit scale moves the log-probs by far more than that unless the logits
+    are too small for it to matter."""
+    eps = max(torch.finfo(mine.dtype).eps if mine.is_floating_point() else 0.0,
+              torch.finfo(theirs.dtype).eps if theirs.is_floating_point() else 0.0)
+    mine, theirs = torch.log_softmax(mine.float(), -1), theirs.float()
+    log_theirs = torch.log_softmax(theirs, -1)
+    # equal entries (masked −inf ones included) agree; any other non-finite difference is a NaN gap: a failure
+    gap = torch.where(mine == log_theirs, torch.zeros_like(mine), (mine - log_theirs).abs()).amax()
+    magnitude = torch.where(theirs.isfinite(), theirs.abs(), torch.zeros_like(theirs)).amax() + 1.0
+    tolerance = 1e-3 + max(1e-3, _HEAD_CHECK_ULPS * eps) * magnitude
+    gap, tolerance = torch.stack([gap, tolerance]).tolist()  # one host sync, once per model
+    return gap, tolerance
 
 
 class LMHead(torch.nn.Module):

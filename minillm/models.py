@@ -90,10 +90,34 @@ def load_model_shape(cfg: ModelConfig) -> "PreTrainedModel":
     return model.eval().requires_grad_(False)
 
 
-def teacher_precision_advice(student_dtype: str, teacher_dtype: str, device_type: str) -> str | None:
-    """A warning when an fp32 teacher serves a half-precision run on a GPU (``teacher.dtype`` defaults to fp32,
-    right for CPUs): it then takes twice the memory, and every teacher forward reads 4 bytes per weight where
-    the student's precision would read 2. None when there is nothing to say."""
+def teacher_precision_advice(student_dtype: str, teacher_dtype: str, device_type: str,
+                             backend: str | None = None) -> str | None:
+    """A warning naming ``teacher.dtype`` and the value to set when the teacher's precision does not suit the run;
+    None when there is nothing to say.
+
+    * an fp32 teacher beside a half-precision student on a GPU (``teacher.dtype`` defaults to fp32, right for
+      CPUs): twice the memory, and every teacher forward reads 4 bytes per weight where 2 would do;
+    * an fp16 teacher beside a bf16 student (the shipped paper configs pin ``teacher.dtype: fp16``; the one-GPU
+      setup overrides only ``student.dtype=bf16``): on the local backend the teacher runs inside the student's
+      bf16 autocast, which recasts its fp16 weights to bf16 on every forward, dropping 3 mantissa bits (any
+      device); under DeepSpeed it runs in fp16, whose range (65504) activations of bf16-trained models exceed;
+    * a bf16 teacher beside an fp16 student: fp16 runs target GPUs without bf16 (V100), and a bf16 teacher keeps
+      8 bits of mantissa where the run's fp16 keeps 11.
+
+    ``backend`` (``strategy.backend``) only sharpens the fp16-teacher message; unknown, both backends are named.
+    """
+    if teacher_dtype == "fp16" and student_dtype == "bf16":
+        local = ("on the local backend the teacher runs inside the student's bf16 autocast, which recasts its "
+                 "fp16 weights to bf16 on every forward (losing 3 mantissa bits and reading the weights twice)")
+        deepspeed = ("under DeepSpeed the teacher runs in fp16, whose range (65504) the activations of "
+                     "bf16-trained models can overflow")
+        why = local if backend == "local" else deepspeed if backend == "deepspeed" else f"{local}; {deepspeed}"
+        return (f"teacher.dtype is fp16 while the student trains in bf16: {why}. Set teacher.dtype=bf16 "
+                "(the one-GPU setup is strategy.backend=local student.dtype=bf16 teacher.dtype=bf16)")
+    if teacher_dtype == "bf16" and student_dtype == "fp16":
+        return ("teacher.dtype is bf16 while the student trains in fp16: fp16 runs target GPUs without bf16 "
+                "(V100), where a bf16 teacher is slow or fails, and its logits keep 8 mantissa bits where fp16 "
+                "keeps 11. Set teacher.dtype=fp16 (or, on Ampere or newer, student.dtype=bf16)")
     if device_type != "cuda" or student_dtype == "fp32" or teacher_dtype != "fp32":
         return None
     return (f"teacher.dtype is fp32 while the student trains in {student_dtype} on CUDA: the teacher takes twice "
