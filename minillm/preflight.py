@@ -220,7 +220,7 @@ def check_logits_and_dtype(cfg, student_config, teacher_config, device_type: str
                                "if the first step reports a mismatch, set minillm.chunked_losses=false and "
                                "kd.chunked=false"))
     if cfg.method != "sft":
-        advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, device_type)
+        advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, device_type, cfg.strategy.backend)
         if advice:
             out.append(Finding(WARNING, "dtype", advice))
     return out

@@ -70,8 +70,8 @@ def preflight_passes(cfg) -> bool:
         if first:
             print(f"minillm-train: {e}", file=sys.stderr)
         return False
-    for finding in findings:
-        if first and finding.severity != "info":
+    for finding in findings:  # dtype advice is logged by build_trainer, on the device the run really got
+        if first and finding.severity != "info" and finding.check != "dtype":
             print(f"minillm-train pre-flight: {finding.line()}", file=sys.stderr)
     return not any(f.severity == ERROR for f in findings)
 
@@ -118,7 +118,8 @@ def build_trainer(cfg, strategy):
         if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None and not student_data:
             teacher = load_model_shape(cfg.teacher)  # never runs: its shapes are checked against the cache's
         else:
-            advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type)
+            advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type,
+                                              cfg.strategy.backend)
             if advice:
                 log.warning(advice)
             teacher = load_model(cfg.teacher, trainable=False)
