@@ -7,10 +7,12 @@ The ``chunked_*`` functions of :mod:`minillm.losses` take the last hidden states
   last position only, and its last hidden state (after the final norm / projection, as HF records it) is what
   the LM head reads;
 * the head is the model's own output-embedding module (so DeepSpeed ZeRO-3 parameter hooks fire), followed by
-  the vocabulary trim (:class:`minillm.models.VocabAlignment`);
+  the family's own logit post-processing where it has one (:func:`logit_postprocessing`: Gemma-2/3's soft-capping,
+  Granite's and HyperCLOVA X's ``logits_scaling``, Cohere's ``logit_scale``) and the vocabulary trim
+  (:class:`minillm.models.VocabAlignment`);
 * the first time a model is seen, head(last hidden) is checked against the logit the model itself returned, so
-  a model that post-processes its logits (soft-capping, logit scales) fails loudly instead of giving wrong
-  losses: set ``minillm.chunked_losses`` / ``kd.chunked`` to false for it.
+  an unknown post-processing is caught instead of giving wrong losses. The trainers probe each model once at
+  start (:func:`chunked_head_matches`) and fall back to the plain losses with one warning when it fails.
 """
 
 from __future__ import annotations
@@ -25,9 +27,50 @@ from torch import Tensor
 from . import chunked_losses
 from .sampling import _accepts_logits_to_keep
 
-__all__ = ["LMHead", "hidden_and_head", "lm_head", "response_hidden", "global_chunk_count"]
+__all__ = ["LMHead", "HeadMismatchError", "chunked_head_matches", "hidden_and_head", "lm_head", "logit_postprocessing",
+           "response_hidden", "global_chunk_count"]
 
 _VERIFIED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+class HeadMismatchError(ValueError):
+    """A model's logits are not what its LM head (and known post-processing) gives from its last hidden state."""
+
+
+# model_type → how the family rescales its logits after the head (read from its modeling code, transformers 5)
+_DIVIDE_BY_LOGITS_SCALING = {"granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                             "granitemoe_swa"}
+_MULTIPLY_BY_LOGITS_SCALING = {"hyperclovax"}
+_MULTIPLY_BY_LOGIT_SCALE = {"cohere", "cohere2", "cohere2_moe"}
+
+
+def logit_postprocessing(module) -> tuple[Callable[[Tensor], Tensor] | None, str]:
+    """The family's own map from lm_head outputs to its logits (None: none) and a description of it.
+
+    Soft-capping (``final_logit_softcapping``: cap·tanh(z/cap)) is applied the same way by every family that has
+    the attribute (Gemma-2/3/3n/4, Mistral-Large-4); the scales differ by family (Granite divides by
+    ``logits_scaling``, HyperCLOVA X multiplies by it), so those are matched on ``model_type``."""
+    config = getattr(module, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is None:
+        return None, ""
+    kind = getattr(text, "model_type", "")
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        cap = float(cap)
+        return (lambda z: torch.tanh(z / cap) * cap), f"soft-capping at {cap}"
+    scaling = getattr(text, "logits_scaling", None)
+    if kind in _DIVIDE_BY_LOGITS_SCALING and scaling not in (None, 1, 1.0):
+        scaling = float(scaling)
+        return (lambda z: z / scaling), f"logits / {scaling}"
+    if kind in _MULTIPLY_BY_LOGITS_SCALING and scaling not in (None, 1, 1.0):
+        scaling = float(scaling)
+        return (lambda z: z * scaling), f"logits x {scaling}"
+    scale = getattr(text, "logit_scale", None)
+    if kind in _MULTIPLY_BY_LOGIT_SCALE and isinstance(scale, (int, float)) and scale != 1:
+        scale = float(scale)
+        return (lambda z: z * scale), f"logits x {scale}"
+    return None, ""
 
 
 def _unwrap(model):
@@ -51,13 +94,14 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor | None = No
         with torch.no_grad():
             mine, theirs = head(hidden[:, -1]), trim(out.logits[:, -1])
         if mine.shape != theirs.shape:
-            raise ValueError(f"minillm.chunking: {type(module).__name__}'s lm_head(last hidden state) has shape "
+            raise HeadMismatchError(f"minillm.chunking: {type(module).__name__}'s lm_head(last hidden state) has shape "
                              f"{tuple(mine.shape)} but its logits {tuple(theirs.shape)}; set "
                              "minillm.chunked_losses=false and kd.chunked=false to use the plain losses")
         gap, tolerance = _log_prob_gap(mine, theirs)
         if not gap <= tolerance:  # NaN included
-            raise ValueError(f"minillm.chunking: {type(module).__name__}'s logits are not lm_head(last hidden "
-                             f"state) (the model post-processes them, e.g. soft-capping or a logit scale: their "
+            raise HeadMismatchError(
+                             f"minillm.chunking: {type(module).__name__}'s logits are not lm_head(last hidden "
+                             f"state) (the model post-processes them in a way minillm does not know: their "
                              f"log-probabilities differ by up to {gap:.3g}, more than the {tolerance:.3g} that "
                              f"{mine.dtype}/{theirs.dtype} rounding allows); set minillm.chunked_losses=false and "
                              "kd.chunked=false to use the plain losses")
@@ -99,13 +143,15 @@ class LMHead(torch.nn.Module):
     the wrapped head stays the model's own submodule, so ZeRO-3 hooks fire and tied embeddings stay tied.
     """
 
-    def __init__(self, head: torch.nn.Module, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None):
+    def __init__(self, head: torch.nn.Module, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None,
+                 post: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
-        self.head, self.trim, self.autocast = head, trim, autocast
+        self.head, self.trim, self.autocast, self.post = head, trim, autocast, post
 
     def forward(self, h: Tensor) -> Tensor:
         with (self.autocast() if self.autocast is not None else contextlib.nullcontext()):
-            return self.trim(self.head(h))
+            logits = self.head(h)
+            return self.trim(self.post(logits) if self.post is not None else logits)
 
 
 def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None) -> LMHead:
@@ -119,7 +165,35 @@ def lm_head(model, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=N
     if head_module is None:
         raise ValueError(f"minillm.chunking: {type(module).__name__} has no output embeddings (LM head); set "
                          "minillm.chunked_losses=false / kd.chunked=false for it")
-    return LMHead(head_module, trim, autocast)
+    return LMHead(head_module, trim, autocast, post=logit_postprocessing(module)[0])
+
+
+_WARNED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def chunked_head_matches(model, switch: str, *, trim: Callable[[Tensor], Tensor] = lambda x: x, autocast=None,
+                         device: torch.device | None = None) -> bool:
+    """Probe ``model`` once with a 4-token input: does the chunked path reproduce its logits? On a mismatch, log one
+    warning naming ``switch`` (the config key the trainer turns off) and return False, so the run continues on the
+    plain losses instead of stopping. Every rank must call it (the probe is a forward: collective under ZeRO-3)."""
+    module = _unwrap(model)
+    if module in _VERIFIED:
+        return True
+    if device is None:
+        device = next(module.parameters()).device
+    probe = torch.arange(4, dtype=torch.long, device=device)[None]
+    try:
+        with torch.no_grad():
+            hidden_and_head(model, probe, torch.ones_like(probe), trim=trim, autocast=autocast)
+    except HeadMismatchError as e:
+        if module not in _WARNED:
+            _WARNED.add(module)
+            from .tracking import get_logger
+
+            get_logger().warning("%s: %s. Falling back to the plain losses for this run (%s=false: full [B, L, V] "
+                                 "logits, more memory)", switch, e, switch)
+        return False
+    return True
 
 
 def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,

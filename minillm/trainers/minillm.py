@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import chunked_losses, losses
-from ..chunking import global_chunk_count, hidden_and_head, lm_head, response_hidden
+from ..chunking import chunked_head_matches, global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
 from ..engine import sample_rollouts
@@ -164,6 +164,12 @@ class MiniLLMTrainer:
         self.student = strategy.prepare_student(student, optimizer, scheduler)
         self.teacher = strategy.prepare_teacher(teacher)
         self._set_student_mode()
+        # A family whose logits are post-processed in a way the chunked head does not reproduce: plain losses
+        if m.chunked_losses and not all(
+                chunked_head_matches(x, "minillm.chunked_losses", trim=self._trim, autocast=strategy.autocast,
+                                     device=strategy.device) for x in (self.student, self.teacher)):
+            m.chunked_losses = False
+            self._reuse_teacher = False
 
         self.step = 0
         self.phase = 0
