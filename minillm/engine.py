@@ -262,7 +262,7 @@ class _LazyLM:
         self.forwards = 0
 
     def _static_failed(self, error: Exception, doing: str) -> None:
-        _warn_once(f"static-{type(error).__name__}-{type(self.model).__name__}",
+        _warn_once(f"static-{id(self.model)}",
                    f"minillm.engine: {doing} failed for {type(self.model).__name__} ({type(error).__name__}: "
                    f"{error}); decoding continues on a dynamic cache, eagerly (same results, slower). Set "
                    f"{_STATIC_SWITCH} to skip the attempt.")
@@ -280,7 +280,7 @@ class _LazyLM:
             except Exception as error:  # compiling or capturing failed: this step, and the rest, run eagerly
                 if _is_recompile_error(error):  # torch._dynamo.config.error_on_recompile: a check, not a failure
                     raise
-                _warn_once(f"graphs-{type(error).__name__}-{type(self.model).__name__}",
+                _warn_once(f"graphs-{id(self.model)}",
                            f"minillm.engine: the compiled decode step of {type(self.model).__name__} failed "
                            f"({type(error).__name__}: {error}); decoding continues eagerly (same results, slower). "
                            f"Set {_GRAPHS_SWITCH} to skip the attempt.")
@@ -350,6 +350,17 @@ class _LazyLM:
         # else: the sparse stop check decoded past the last kept column; every kept token was consumed, so its
         # log-prob is already known (and the cache cannot go back to catch up to an earlier step)
         return torch.stack([self.logprobs[j] for j in range(length)], dim=1)
+
+
+def _sampling_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator ``torch.multinomial`` draws from: the given one, else the device's default (None if unknown)."""
+    if generator is not None:
+        return generator
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
 
 
 def check_engine_inputs(where: str, student: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -423,6 +434,10 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     # CUDA graphs make a step cheap enough that a host sync per step shows; check the stop condition less often
     check_every = 16 if cuda_graphs else 1
     steps = length
+    # Draws made past the stop would shift the random stream of every later call (the next eval batch samples other
+    # tokens than with a check at every step): keep the states of the steps since the last check to rewind to.
+    rng = _sampling_generator(generator, device) if (do_sample and check_every > 1) else None
+    rng_states: dict[int, Tensor] = {}
 
     model_ids, model_mask = left_pad_to_bucket(ids, prompt_mask, pad_token_id, STATIC_PROMPT_BUCKET) if static_cache else (ids, prompt_mask)
     with _eval_mode(*models):
@@ -431,6 +446,8 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
         t_lm = _LazyLM(teacher, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size,
                        role=1) if use_teacher else None
         for t in range(length):
+            if rng is not None:
+                rng_states[t] = rng.get_state()  # host-side state (seed, offset on CUDA): no device sync
             lm = t_lm if teacher_turn[t] else s_lm
             logits = lm.catch_up(response, t)  # [B, V] fp32, predicting y_t
             logp = torch.log_softmax(process_logits(logits, **warp), dim=-1)
@@ -442,11 +459,15 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
             response[:, t] = token
             valid[:, t] = alive
             done = done | torch.isin(token, eos)
-            if (t + 1) % check_every == 0 and bool(done.all()):
-                steps = t + 1
-                break
+            if (t + 1) % check_every == 0:
+                if bool(done.all()):
+                    steps = t + 1
+                    break
+                rng_states.clear()  # the stop cannot lie before this step
         # columns after the step where every row had stopped are all padding: drop them (as the naive loop stops)
         steps = max(1, int(valid[:, :steps].any(0).sum()))
+        if steps in rng_states:  # sparse checks drew past the stop: leave the stream where a dense check leaves it
+            rng.set_state(rng_states[steps])
         s_lp = s_lm.finish(response, steps)
         t_lp = t_lm.finish(response, steps) if (t_lm is not None and score) else None
 
