@@ -126,6 +126,7 @@ class _DecodeStep:
         self.call = torch.compile(function, **config)
         self.owner = weakref.ref(model)  # a deep copy of the model copies the attribute: the owner check catches it
         self.shapes: set[tuple[int, ...]] = set()  # (batch, cache length) shapes decoded through this step
+        self.eager_shapes: set[tuple[int, ...]] = set()  # shapes past the recompile limit: decoded eagerly
         self.broken = False  # compiling or running it failed once: the model decodes eagerly from then on
 
     def compiled_entries(self) -> int:
@@ -152,20 +153,11 @@ def _decode_step(model: torch.nn.Module) -> _DecodeStep:
 
 def _compiled_call(model: torch.nn.Module, shape: tuple[int, ...]):
     """The compiled step to use for a batch of this (batch, cache length) shape, or None to decode eagerly: after a
-    failure, or when a new shape would push dynamo past its recompile limit (it would then run eagerly anyway,
-    silently; here the switch is explicit and logged once)."""
+    failure, or for a shape that hit dynamo's recompile limit before (see :meth:`_LazyLM._call`)."""
     step = _decode_step(model)
-    if step.broken:
+    if step.broken or shape in step.eager_shapes:
         return None
-    if shape not in step.shapes:
-        limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
-        if max(len(step.shapes), step.compiled_entries()) >= limit:
-            _warn_once(f"recompile-limit-{id(model)}",
-                       f"minillm.engine: the compiled decode step of {type(model).__name__} already holds {limit} "
-                       f"shapes (torch._dynamo.config.recompile_limit); batches of new (batch size, length) shapes "
-                       f"decode eagerly (same results, slower). Use fewer distinct batch shapes or raise the limit.")
-            return None
-        step.shapes.add(shape)
+    step.shapes.add(shape)
     return step
 
 
@@ -275,8 +267,21 @@ class _LazyLM:
         if self.keep_kw:
             kwargs["logits_to_keep"] = keep
         if self.step is not None and input_ids.shape[1] == 1:
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
             try:
-                return self.step.call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+                # Past its recompile limit dynamo would run the step eagerly without a word; make it raise instead
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    return self.step.call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+            except FailOnRecompileLimitHit:  # raised before anything ran: the cache is untouched
+                limit = torch._dynamo.config.recompile_limit
+                _warn_once(f"recompile-limit-{id(self.model)}",
+                           f"minillm.engine: the compiled decode step of {type(self.model).__name__} hit "
+                           f"torch._dynamo.config.recompile_limit ({limit}); batches of new (batch size, length) "
+                           "shapes decode eagerly (same results, slower). Use fewer distinct batch shapes or raise "
+                           "the limit.")
+                self.step.eager_shapes.add(self.cache_shape)
+                self.step = None
             except Exception as error:  # compiling or capturing failed: this step, and the rest, run eagerly
                 if _is_recompile_error(error):  # torch._dynamo.config.error_on_recompile: a check, not a failure
                     raise
