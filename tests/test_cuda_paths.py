@@ -223,9 +223,9 @@ def test_past_the_recompile_limit_new_shapes_decode_eagerly_with_one_warning(mon
 
     original = torch.compile
     monkeypatch.setattr(torch, "compile", lambda function, **config: original(function, backend=counting_backend))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     student = tiny_llama(VOCAB, seed=7)
-    with caplog.at_level(logging.WARNING, logger="minillm.engine"):
+    # config.patch, not monkeypatch: the config module's attributes do not survive monkeypatch's undo
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="minillm.engine"):
         for lengths in ([3, 5], [2, 4, 1], [1, 6, 2], [4, 4]):  # batch sizes 2, 3, 3, 2
             ids, mask = left_padded_prompts(VOCAB, lengths, seed=0)
             plain = run(student, None, ids, mask, 0, forced=False, alpha=0.0)
