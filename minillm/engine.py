@@ -25,8 +25,13 @@ it is handed to the naive loop.
 ``_can_compile_fullgraph``) it is a transformers ``StaticCache`` sized prompt + max_new_tokens, the attention
 mask is one fixed [B, P + max_new_tokens] buffer (left padding zeroed, every response slot 1: causality hides
 the slots not written yet) and positions are passed explicitly, so single-token steps have static shapes and
-``cuda_graphs`` can run them through the model's own ``get_compiled_call`` (``torch.compile``,
-mode "reduce-overhead", the path HF ``generate`` uses). Multi-token catch-ups run eagerly on the same cache.
+``cuda_graphs`` can run them through ``torch.compile`` with the model's own compile config (mode "reduce-overhead",
+as HF ``generate``), one compiled entry per model. Multi-token catch-ups run eagerly on the same cache. Static caches
+are kept and ``reset()`` per (model, batch, length), so CUDA-graph trees see the same addresses every batch. With
+CUDA graphs the stop condition is checked every 16 steps (a host sync per step would show); steps past the point
+where every row had stopped only decode padding and are dropped, so the result equals a check at every step.
+If compiling/capturing or the static cache fails at run time, one warning names the switch and decoding continues
+eagerly with the same result.
 Prompts are left-padded to a multiple of :data:`STATIC_PROMPT_BUCKET` columns first, so batches of different prompt
 widths share decode shapes and the compiled steps are not recompiled per batch.
 On CPU, and for other models, a ``DynamicCache`` and eager forwards give the same results.
@@ -34,8 +39,11 @@ On CPU, and for other models, a ``DynamicCache`` and eager forwards give the sam
 
 from __future__ import annotations
 
+import logging
 import math
+import types
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -81,15 +89,113 @@ class FastSampleOutput(SampleOutput):
         return FastSampleOutput(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in moved.items()})
 
 
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("minillm.engine")
+_WARNED: set[str] = set()
 
 
-def _compiled_call(model: torch.nn.Module):
-    """The model's compiled ``__call__`` for single-token steps (HF's own compile config), built once per model."""
-    if model not in _COMPILED:
-        get = getattr(model, "get_compiled_call", None)
-        _COMPILED[model] = get(None) if get is not None else torch.compile(model, mode="reduce-overhead")
-    return _COMPILED[model]
+def _warn_once(key: str, message: str) -> None:
+    """Optional speed-ups that fail fall back to the plain path with ONE warning per cause, not one per batch."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+# Switch names in warnings: the config key and the function argument, so either kind of caller knows what to set.
+_GRAPHS_SWITCH = "rollout.cuda_graphs (fast_mixed_sample(cuda_graphs=False))"
+_STATIC_SWITCH = "rollout.static_cache (fast_mixed_sample(static_cache=False))"
+
+
+class _DecodeStep:
+    """A model's compiled single-token step.
+
+    Dynamo keeps its compiled entries, and counts recompiles against ``torch._dynamo.config.recompile_limit``, per
+    *code object*. ``model.get_compiled_call`` compiles ``model.__call__``, whose code is shared by every model (the
+    student, the teacher, the sampling copy) and every eval shape, so past the limit decoding silently fell back to
+    eager. Each model gets a function with its own code object instead: its own cache entries and its own budget.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        def step(*args, **kwargs):
+            return model(*args, **kwargs)
+
+        name = f"minillm_decode_step_{type(model).__name__}_{id(model):x}"
+        self.code = step.__code__.replace(co_name=name, co_qualname=name)
+        function = types.FunctionType(self.code, step.__globals__, name, None, step.__closure__)
+        default = getattr(model, "_default_compile_config", None)
+        config = default().to_dict() if default is not None else {"mode": "reduce-overhead"}
+        self.call = torch.compile(function, **config)
+        self.owner = weakref.ref(model)  # a deep copy of the model copies the attribute: the owner check catches it
+        self.shapes: set[tuple[int, ...]] = set()  # (batch, cache length) shapes decoded through this step
+        self.eager_shapes: set[tuple[int, ...]] = set()  # shapes past the recompile limit: decoded eagerly
+        self.broken = False  # compiling or running it failed once: the model decodes eagerly from then on
+
+    def compiled_entries(self) -> int:
+        """Compiled graphs dynamo holds for this step (one per shape/guard set it recompiled for)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self.code))
+
+
+def _is_recompile_error(error: Exception) -> bool:
+    from torch._dynamo.exc import RecompileError
+
+    return isinstance(error, RecompileError)
+
+
+def _decode_step(model: torch.nn.Module) -> _DecodeStep:
+    """The model's :class:`_DecodeStep`, built once. Kept on the model (a cycle the GC collects with it), not in a
+    global map whose values, closing over the model, would keep every model alive."""
+    step = model.__dict__.get("_minillm_decode_step")
+    if step is None or step.owner() is not model:
+        step = model.__dict__["_minillm_decode_step"] = _DecodeStep(model)
+    return step
+
+
+def _compiled_call(model: torch.nn.Module, shape: tuple[int, ...]):
+    """The compiled step to use for a batch of this (batch, cache length) shape, or None to decode eagerly: after a
+    failure, or for a shape that hit dynamo's recompile limit before (see :meth:`_LazyLM._call`)."""
+    step = _decode_step(model)
+    if step.broken or shape in step.eager_shapes:
+        return None
+    step.shapes.add(shape)
+    return step
+
+
+# Static caches are reused per (model, batch, cache length): allocating a new one per call gave its tensors new
+# addresses, and CUDA-graph trees re-record a graph whenever a static input's address changes. A few shapes per model.
+_STATIC_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_STATIC_CACHES_PER_MODEL = 4
+
+
+def _static_cache(model: torch.nn.Module, key: tuple[int, ...]):
+    """A reset transformers ``StaticCache`` for this model and key (role, batch, cache length), the same object on
+    every call. The role (0 student, 1 teacher) keeps one model sampling against itself on two caches."""
+    from transformers import StaticCache
+
+    caches = _STATIC_CACHES.setdefault(model, OrderedDict())
+    max_cache_len = key[-1]
+    cache = caches.pop(key, None)
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    else:
+        cache.reset()  # zeroes the tensors in place and rewinds the write positions; addresses stay
+    caches[key] = cache  # most recently used last
+    while len(caches) > _STATIC_CACHES_PER_MODEL:
+        caches.popitem(last=False)
+    return cache
+
+
+def _drop_static_cache(model: torch.nn.Module, key: tuple[int, ...]) -> None:
+    _STATIC_CACHES.get(model, {}).pop(key, None)
+
+
+def _rewind_static_cache(cache, length: int) -> None:
+    """Set every static layer's write position back to ``length`` tokens (after a compiled call that failed part
+    way: the eager retry then rewrites the same slots with the same values)."""
+    for layer in getattr(cache, "layers", ()):
+        written = getattr(layer, "cumulative_length", None)
+        if isinstance(written, Tensor):
+            written.fill_(length)
 
 
 def _output_rows(model: torch.nn.Module) -> int:
@@ -114,7 +220,7 @@ class _LazyLM:
     """
 
     def __init__(self, model: torch.nn.Module, work_device: torch.device, prompt_ids: Tensor, prompt_mask: Tensor,
-                 max_new_tokens: int, static: bool, graphs: bool, warp: dict, vocab_size: int | None):
+                 max_new_tokens: int, static: bool, graphs: bool, warp: dict, vocab_size: int | None, role: int):
         self.model = model
         self.vocab_size = vocab_size
         self.device = _model_device(model)
@@ -128,30 +234,76 @@ class _LazyLM:
         self.full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1)
         self.prompt_positions = position_ids_from_mask(mask)
         self.first_position = self.prompt_positions[:, -1:] + 1  # [B, 1] position of y_0 (last column is real)
+        self.cache_shape = (batch, self.prompt_len + max_new_tokens)
         self.static = static
+        self.role = role
+        self.cache = None
         if static:
-            from transformers import StaticCache
-
-            self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + max_new_tokens)
-        else:
+            try:
+                self.cache = _static_cache(model, (role, *self.cache_shape))
+            except Exception as error:  # an optional speed-up: decode on a dynamic cache instead
+                self._static_failed(error, "building its static cache")
+        if self.cache is None:
             self.cache = _new_cache(model)
         self.cache_kw = _cache_keyword(model)
         self.keep_kw = _accepts_logits_to_keep(model)
-        self.step_call = _compiled_call(model) if graphs else None
+        self.step = _compiled_call(model, self.cache_shape) if (graphs and self.static) else None
         self.fed = -1  # response tokens in the cache; −1 = not even the prompt yet
         self.next_logits: Tensor | None = None
         self.logprobs: dict[int, Tensor] = {}  # response index → [B] processed log-prob of that token
         self.forwards = 0
 
-    def _forward(self, input_ids: Tensor, positions: Tensor, total_len: int, keep: int) -> Tensor:
-        """Feed [B, S] new tokens at ``positions`` [B, S]; the cache then holds ``total_len`` columns.
-        Returns the last ``keep`` logits [B, keep, V] as an fp32 copy (compiled calls reuse their output buffer)."""
+    def _static_failed(self, error: Exception, doing: str) -> None:
+        _warn_once(f"static-{id(self.model)}",
+                   f"minillm.engine: {doing} failed for {type(self.model).__name__} ({type(error).__name__}: "
+                   f"{error}); decoding continues on a dynamic cache, eagerly (same results, slower). Set "
+                   f"{_STATIC_SWITCH} to skip the attempt.")
+        _drop_static_cache(self.model, (self.role, *self.cache_shape))
+        self.static, self.step, self.cache = False, None, _new_cache(self.model)
+
+    def _call(self, input_ids: Tensor, positions: Tensor, total_len: int, keep: int):
         mask = self.full_mask if self.static else self.full_mask[:, :total_len]
         kwargs = {self.cache_kw: self.cache, "use_cache": True}
         if self.keep_kw:
             kwargs["logits_to_keep"] = keep
-        call = self.step_call if (self.step_call is not None and input_ids.shape[1] == 1) else self.model
-        out = call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+        if self.step is not None and input_ids.shape[1] == 1:
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            try:
+                # Past its recompile limit dynamo would run the step eagerly without a word; make it raise instead
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    return self.step.call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+            except FailOnRecompileLimitHit:  # raised before anything ran: the cache is untouched
+                limit = torch._dynamo.config.recompile_limit
+                _warn_once(f"recompile-limit-{id(self.model)}",
+                           f"minillm.engine: the compiled decode step of {type(self.model).__name__} hit "
+                           f"torch._dynamo.config.recompile_limit ({limit}); batches of new (batch size, length) "
+                           "shapes decode eagerly (same results, slower). Use fewer distinct batch shapes or raise "
+                           "the limit.")
+                self.step.eager_shapes.add(self.cache_shape)
+                self.step = None
+            except Exception as error:  # compiling or capturing failed: this step, and the rest, run eagerly
+                if _is_recompile_error(error):  # torch._dynamo.config.error_on_recompile: a check, not a failure
+                    raise
+                _warn_once(f"graphs-{id(self.model)}",
+                           f"minillm.engine: the compiled decode step of {type(self.model).__name__} failed "
+                           f"({type(error).__name__}: {error}); decoding continues eagerly (same results, slower). "
+                           f"Set {_GRAPHS_SWITCH} to skip the attempt.")
+                self.step.broken, self.step = True, None
+                _rewind_static_cache(self.cache, total_len - input_ids.shape[1])
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+
+    def _forward(self, input_ids: Tensor, positions: Tensor, total_len: int, keep: int) -> Tensor:
+        """Feed [B, S] new tokens at ``positions`` [B, S]; the cache then holds ``total_len`` columns.
+        Returns the last ``keep`` logits [B, keep, V] as an fp32 copy (compiled calls reuse their output buffer)."""
+        if self.static and self.fed < 0:  # the prefill allocates the static cache's tensors: it may fail there
+            try:
+                out = self._call(input_ids, positions, total_len, keep)
+            except Exception as error:
+                self._static_failed(error, "the prefill on its static cache")
+                out = self._call(input_ids, positions, total_len, keep)
+        else:
+            out = self._call(input_ids, positions, total_len, keep)
         self.forwards += 1
         if not self.static:
             returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -166,8 +318,12 @@ class _LazyLM:
         """Consume y_{fed}..y_{t−1} of ``response`` [B, ≥t] in one forward → logits [B, V] predicting y_t."""
         if self.fed == t:
             return self.next_logits
+        if self.fed > t:
+            raise RuntimeError(f"minillm.engine: catch_up to step {t} after consuming {self.fed} tokens (the cache "
+                               "cannot go back)")
         start = max(self.fed, 0)
         new_tokens = response[:, start:t].to(self.device)
+        # arange on the device: no host-to-device copy (a blocking one on CUDA) per catch-up
         new_positions = self.first_position + torch.arange(start, t, device=self.device)
         if self.fed < 0:  # first run: the prompt too; keep the logits predicting y_0..y_t
             logits = self._forward(torch.cat([self.prompt_ids, new_tokens], 1),
@@ -175,25 +331,41 @@ class _LazyLM:
         else:  # logits predicting y_{fed+1}..y_t, after the stored ones predicting y_{fed}
             logits = torch.cat([self.next_logits[:, None],
                                 self._forward(new_tokens, new_positions, self.prompt_len + t, t - start)], 1)
-        missing = [j for j in range(start, t) if j not in self.logprobs]
-        if missing:
-            cols = torch.as_tensor(missing, device=logits.device) - start
-            scores = process_logits(logits.index_select(1, cols), **self.warp)  # [B, n, V]
-            tokens = response[:, missing].to(logits.device).unsqueeze(-1)
+        # The tokens this model has no log-prob for are one contiguous run: y_fed may be its own draw (stored when
+        # drawn), every later one was drawn by the other model. A slice, so no index tensor is built on the host.
+        first = start + 1 if start in self.logprobs else start
+        if first < t:
+            scores = process_logits(logits[:, first - start:t - start], **self.warp)  # [B, n, V]
+            tokens = response[:, first:t].to(logits.device).unsqueeze(-1)
             values = (scores.gather(-1, tokens) - torch.logsumexp(scores, -1, keepdim=True)).squeeze(-1)
-            for i, j in enumerate(missing):
+            for i, j in enumerate(range(first, t)):
                 self.logprobs[j] = values[:, i]
         self.fed, self.next_logits = t, logits[:, -1]
         return self.next_logits
 
     def finish(self, response: Tensor, length: int) -> Tensor:
         """Processed log-probs [B, length] of y_0..y_{length−1} (one last catch-up if needed)."""
-        logits = self.catch_up(response, length - 1)
-        if length - 1 not in self.logprobs:
-            scores = process_logits(logits, **self.warp)
-            token = response[:, length - 1].to(scores.device).unsqueeze(-1)
-            self.logprobs[length - 1] = (scores.gather(-1, token) - torch.logsumexp(scores, -1, keepdim=True))[:, 0]
+        if self.fed < length:
+            logits = self.catch_up(response, length - 1)
+            if length - 1 not in self.logprobs:
+                scores = process_logits(logits, **self.warp)
+                token = response[:, length - 1].to(scores.device).unsqueeze(-1)
+                self.logprobs[length - 1] = (scores.gather(-1, token)
+                                             - torch.logsumexp(scores, -1, keepdim=True))[:, 0]
+        # else: the sparse stop check decoded past the last kept column; every kept token was consumed, so its
+        # log-prob is already known (and the cache cannot go back to catch up to an earlier step)
         return torch.stack([self.logprobs[j] for j in range(length)], dim=1)
+
+
+def _sampling_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator ``torch.multinomial`` draws from: the given one, else the device's default (None if unknown)."""
+    if generator is not None:
+        return generator
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
 
 
 def check_engine_inputs(where: str, student: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -267,13 +439,20 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     # CUDA graphs make a step cheap enough that a host sync per step shows; check the stop condition less often
     check_every = 16 if cuda_graphs else 1
     steps = length
+    # Draws made past the stop would shift the random stream of every later call (the next eval batch samples other
+    # tokens than with a check at every step): keep the states of the steps since the last check to rewind to.
+    rng = _sampling_generator(generator, device) if (do_sample and check_every > 1) else None
+    rng_states: dict[int, Tensor] = {}
 
     model_ids, model_mask = left_pad_to_bucket(ids, prompt_mask, pad_token_id, STATIC_PROMPT_BUCKET) if static_cache else (ids, prompt_mask)
     with _eval_mode(*models):
-        s_lm = _LazyLM(student, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size)
-        t_lm = _LazyLM(teacher, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size) \
-            if use_teacher else None
+        s_lm = _LazyLM(student, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size,
+                       role=0)
+        t_lm = _LazyLM(teacher, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size,
+                       role=1) if use_teacher else None
         for t in range(length):
+            if rng is not None:
+                rng_states[t] = rng.get_state()  # host-side state (seed, offset on CUDA): no device sync
             lm = t_lm if teacher_turn[t] else s_lm
             logits = lm.catch_up(response, t)  # [B, V] fp32, predicting y_t
             logp = torch.log_softmax(process_logits(logits, **warp), dim=-1)
@@ -285,11 +464,15 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
             response[:, t] = token
             valid[:, t] = alive
             done = done | torch.isin(token, eos)
-            if (t + 1) % check_every == 0 and bool(done.all()):
-                steps = t + 1
-                break
+            if (t + 1) % check_every == 0:
+                if bool(done.all()):
+                    steps = t + 1
+                    break
+                rng_states.clear()  # the stop cannot lie before this step
         # columns after the step where every row had stopped are all padding: drop them (as the naive loop stops)
         steps = max(1, int(valid[:, :steps].any(0).sum()))
+        if steps in rng_states:  # sparse checks drew past the stop: leave the stream where a dense check leaves it
+            rng.set_state(rng_states[steps])
         s_lp = s_lm.finish(response, steps)
         t_lp = t_lm.finish(response, steps) if (t_lm is not None and score) else None
 

@@ -207,7 +207,6 @@ def _check_vocab(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the decoding loop
-@torch.no_grad()
 def check_sampling_args(where: str, *, alpha: float, teacher: torch.nn.Module | None, max_new_tokens: int,
                         eos_token_id: int | Sequence[int] | Tensor | None, pad_token_id: int | None) -> int:
     """The argument checks every teacher-mixed sampler shares; returns the pad id (EOS when none is given)."""
@@ -225,6 +224,7 @@ def check_sampling_args(where: str, *, alpha: float, teacher: torch.nn.Module | 
     return int(pad_token_id)
 
 
+@torch.no_grad()  # without it every dynamic-cache torch.cat is recorded for autograd: memory grows as length²
 def mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None, input_ids: Tensor,
                  attention_mask: Tensor, *, max_new_tokens: int, alpha: float = 0.2, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,

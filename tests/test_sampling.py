@@ -434,3 +434,44 @@ def test_sample_output_to_moves_every_field():
     moved = out.to("meta")
     assert moved.response_ids.device.type == "meta" and moved.teacher_logprobs is None
     assert moved.response_ids.shape == out.response_ids.shape
+
+
+# --------------------------------------------------------------------------------------------- no autograd
+def _output_tensors(out) -> dict[str, torch.Tensor]:
+    from dataclasses import fields
+
+    return {f.name: getattr(out, f.name) for f in fields(out) if isinstance(getattr(out, f.name), torch.Tensor)}
+
+
+def test_every_sampling_and_scoring_entry_point_records_no_autograd():
+    """Called with grad enabled on trainable models (a benchmark, a notebook), sampling and scoring must not record
+    autograd: the naive loop's dynamic caches would otherwise keep every step's graph (memory ∝ length²). Only
+    ``rollout.response_logits`` keeps grad on purpose (the learning phase differentiates through it)."""
+    from minillm.engine import ENGINES, fast_mixed_sample, sample_rollouts
+    from minillm.rollout import score_samples
+    from minillm.speculative import speculative_mixed_sample
+
+    student, teacher = tiny_llama(16, seed=0).train(), tiny_gpt2(16, seed=1, head_std=0.5).train()
+    assert all(p.requires_grad for p in student.parameters()) and torch.is_grad_enabled()
+    ids, mask = left_padded_prompts(16, [2, 4, 3], seed=0)
+    common = dict(max_new_tokens=5, alpha=0.5, eos_token_id=EOS, pad_token_id=PAD)
+    outputs = {
+        "mixed_sample": mixed_sample(student, teacher, ids, mask, **common),
+        "mixed_sample greedy": mixed_sample(student, teacher, ids, mask, do_sample=False, **common),
+        "fast_mixed_sample": fast_mixed_sample(student, teacher, ids, mask, **common),
+        "speculative_mixed_sample": speculative_mixed_sample(student, teacher, ids, mask, **common),
+    }
+    for engine in ENGINES:
+        outputs[f"sample_rollouts {engine}"] = sample_rollouts(engine, student, teacher, ids, mask, **common)
+    tensors = {f"{name}.{field}": t for name, out in outputs.items() for field, t in _output_tensors(out).items()}
+    sample = outputs["mixed_sample"]
+    tensors["teacher_forced_logprobs"] = teacher_forced_logprobs(student, ids, mask, sample.response_ids,
+                                                                 sample.response_mask)
+    scored = score_samples(student=student, teacher=teacher, prompt_ids=ids, prompt_mask=mask,
+                           response_ids=sample.response_ids, response_mask=sample.response_mask,
+                           prompt_index=torch.arange(3), alpha=0.5, temperature=1.0, reward_scale=1.0,
+                           reward_clip=10.0, gamma=1.0, length_norm=True, include_current=True)
+    tensors.update({f"score_samples.{field}": t for field, t in _output_tensors(scored).items()})
+    recorded = sorted(name for name, t in tensors.items() if t.requires_grad or t.grad_fn is not None)
+    assert not recorded, f"these outputs carry autograd history: {recorded}"
+    assert student.training and teacher.training  # modes restored

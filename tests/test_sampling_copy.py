@@ -155,10 +155,18 @@ def test_compiled_decode_steps_follow_the_refreshed_weights_without_recompiling(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_steps_on_a_bf16_copy_follow_refreshes():
-    """On CUDA the copy's decode steps are CUDA graphs: replays must read the refreshed weights (same storage)."""
+    """On CUDA the copy's decode steps are CUDA graphs: replays must read the refreshed weights (same storage).
+
+    Not compared token for token with an *eager* bf16 rollout: compiled bf16 kernels round differently from eager
+    ones (inductor fuses ops and keeps fp32 intermediates), so after a near-tie a sampled token can differ and the
+    row diverges from there (seen on an H200: one row, last 2 of 24 positions). Oracles that a stale replay fails:
+    a fresh bf16 cast of the trained weights, compiled and replayed the same way, draws the same tokens (same kernels,
+    same numbers); and the log-probs the refreshed copy reports are, to bf16 rounding, those of the trained weights
+    (teacher-forced, eager), an order of magnitude closer to them than to the old weights'."""
     from test_engine import PAD, left_padded_prompts
 
     from minillm.engine import fast_mixed_sample
+    from minillm.sampling import teacher_forced_logprobs
 
     source = tiny_llama(64, seed=1).cuda()
     teacher = tiny_llama(64, seed=2).cuda().to(BF16)
@@ -168,12 +176,18 @@ def test_cuda_graph_steps_on_a_bf16_copy_follow_refreshes():
     def rollout(model, graphs: bool):
         return fast_mixed_sample(model, teacher, ids, mask, max_new_tokens=24, alpha=0.3, eos_token_id=None,
                                  pad_token_id=PAD, generator=torch.Generator("cuda").manual_seed(0),
-                                 static_cache=True, cuda_graphs=graphs).response_ids
+                                 static_cache=True, cuda_graphs=graphs)
 
-    before = rollout(half.refresh(), True)
+    old = cast_params(source)
+    before = rollout(half.refresh(), True).response_ids
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p), alpha=0.5)
     after = rollout(half.refresh(), True)
-    assert torch.equal(after, rollout(cast_params(source), False))
-    assert not torch.equal(after, before)
+    assert not torch.equal(after.response_ids, before)
+    assert torch.equal(after.response_ids, rollout(cast_params(source), True).response_ids)
+    new = cast_params(source)
+    forced = {name: teacher_forced_logprobs(model, ids, mask, after.response_ids, after.response_mask)
+              for name, model in (("new", new), ("old", old))}
+    error = {name: (after.student_logprobs - lp).abs().mean().item() for name, lp in forced.items()}
+    assert error["new"] < 0.1 * error["old"], error
