@@ -584,6 +584,8 @@ def find_config(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
+    if path.is_absolute() or name.startswith((".", "~")):  # a path, not a shipped name: nothing to look up
+        raise ConfigError(f"config file `{name}` does not exist")
     root = shipped_config_dir()
     if (root / name).is_file():
         return root / name

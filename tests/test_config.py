@@ -177,3 +177,10 @@ def test_distillm_recipes_evaluate_before_the_first_step():
     for path in recipes:
         cfg = load_config(str(path))
         assert cfg.kd.adaptive_off_policy and cfg.train.eval_at_start, path
+
+
+def test_a_missing_absolute_config_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("./missing.yaml")

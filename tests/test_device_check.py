@@ -83,3 +83,30 @@ def test_failures_exit_non_zero(monkeypatch, tmp_path, capsys):
     assert main(["--device", "--device-type", "cpu", "--scratch", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "RuntimeError: planted" in out and "2 failed" in out
+
+
+def test_console_entry_points_go_through_run_console():
+    """Every [project.scripts] target is a minillm.cli *_command that runs the module's main via run_console
+    (a failed run ends promptly with its error: minillm.runtime.run_main)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 8
+    for command, target in scripts.items():
+        module, attr = target.split(":")
+        assert module == "minillm.cli" and attr.endswith("_command"), (command, target)
+        entry = getattr(importlib.import_module(module), attr)
+        assert callable(entry) and entry.__doc__.endswith(f"minillm.cli.{attr[:-len('_command')]}.")
+        importlib.import_module(f"minillm.cli.{attr[:-len('_command')]}").main  # noqa: B018 — the module exists
+
+
+def test_a_failing_cli_exits_with_its_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "minillm.cli.train", "--no-preflight", "--config",
+                           "configs/tiny/kd.yaml", f"output_dir={tmp_path / 'out'}", "student.path=/no/such/model"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "/no/such/model" in proc.stderr

@@ -124,4 +124,6 @@ def run_preflight(config: str, overrides: list[str], *, quiet_ok: bool = False) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_console
+
+    run_console(main)

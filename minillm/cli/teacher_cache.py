@@ -120,4 +120,6 @@ def _training_set_cache(args, device):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_console
+
+    run_console(main)

@@ -136,4 +136,6 @@ def build_trainer(cfg, strategy):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_console
+
+    run_console(main)
