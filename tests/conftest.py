@@ -2,9 +2,10 @@
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Unconditionally: an exported HF_HUB_OFFLINE=0 must not send the suite to the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -19,6 +20,13 @@ ASSETS = REPO / "tests" / "assets"
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ASSETS
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    """Every test runs from the repository root (recipes name their assets relative to it), and whatever
+    directory a test moves to is restored after it."""
+    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture(autouse=True)

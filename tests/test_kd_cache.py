@@ -9,7 +9,6 @@ another kind or for another setup fails with a message that says what to rebuild
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ def full_cache(tmp_path_factory):
     """A k = V (512) fp32 cache of configs/tiny/kd.yaml's training set, through the CLI."""
     from minillm.cli.teacher_cache import main
 
-    os.chdir(REPO)
     out = tmp_path_factory.mktemp("kd-cache") / "top512"
     assert main(["--config", "configs/tiny/kd.yaml", "--top-k", "512", "--storage", "fp32", "--out", str(out),
                  "--batch-size", "7", "--no-progress"]) == 0
@@ -38,7 +36,6 @@ def build(tmp_path, *overrides):
     from minillm.cli.train import build_trainer
     from minillm.strategy import build_strategy
 
-    os.chdir(REPO)
     cfg = load_config("configs/tiny/kd.yaml", [f"output_dir={tmp_path}", *RUN, *overrides], world_size=1)
     return build_trainer(cfg, build_strategy(cfg).setup())
 
@@ -59,7 +56,6 @@ def test_rows_are_the_teachers_top_k_at_each_loss_position(tmp_path):
     from minillm.data import build_instruction_data
     from minillm.models import load_model, load_tokenizer
 
-    os.chdir(REPO)
     cfg = load_config("configs/tiny/kd.yaml")
     tokenizer = load_tokenizer(cfg.student)
     train = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed).train
@@ -122,7 +118,6 @@ def test_mismatches_fail_with_what_to_rebuild(full_cache, tmp_path):
     (["kd.kd_ratio=0"], "kd_ratio > 0"),
 ])
 def test_config_refuses_a_cache_it_cannot_use(overrides, message):
-    os.chdir(REPO)
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny/kd.yaml", ["kd.teacher_cache=somewhere", *overrides])
 
@@ -130,7 +125,6 @@ def test_config_refuses_a_cache_it_cannot_use(overrides, message):
 def test_cli_refuses_other_methods_and_stray_overrides(tmp_path, capsys):
     from minillm.cli.teacher_cache import main
 
-    os.chdir(REPO)
     assert main(["--config", "configs/tiny/minillm.yaml", "--out", str(tmp_path / "x")]) == 1
     assert "serves methods kd and seqkd" in capsys.readouterr().err
     assert main(["--corpus", "x", "--teacher", "y", "--out", str(tmp_path / "y"), "train.max_steps=1"]) == 2

@@ -10,13 +10,11 @@ untrained ones (so a stale copy would fail).
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from test_sampling import tiny_gpt2, tiny_llama
 
-from conftest import REPO
 from minillm.config import ConfigError, load_config
 from minillm.strategy import HalfPrecisionCopy, build_strategy
 
@@ -66,7 +64,6 @@ def test_refresh_follows_training_in_place():
 
 
 def strategy_for(tmp_path, *overrides):
-    os.chdir(REPO)
     cfg = load_config("configs/tiny/minillm.yaml", [f"output_dir={tmp_path}", *overrides], world_size=1)
     return cfg, build_strategy(cfg).setup()
 
