@@ -132,3 +132,31 @@ def test_cli_writes_the_cache_and_fails_clearly(corpus, tmp_path, capsys):
     assert main(["--corpus", str(tmp_path / "missing"), "--teacher", str(ASSETS / "teacher"), "--out",
                  str(tmp_path / "x")]) == 1
     assert "not a packed corpus" in capsys.readouterr().err
+
+
+def test_a_cache_of_the_same_shape_from_another_corpus_is_refused(corpus, teacher, tmp_path):
+    """Shapes alone cannot tell corpora apart: the token fingerprint does. Another teacher path is warned about."""
+    import shutil
+
+    from minillm.data.pretrain import PackedCorpus
+
+    path = build_teacher_topk_cache(corpus, teacher, tmp_path / "cache", top_k=4, teacher_name="teachers/a")
+    cache = TeacherTopKCache(path)
+    assert cache.check(corpus, 512, teacher_path="teachers/a") == []
+    warnings = cache.check(corpus, 512, teacher_path="teachers/b")
+    assert len(warnings) == 1 and "teachers/a" in warnings[0] and "teachers/b" in warnings[0]
+    # the same corpus with one token changed: same number of chunks, same length, same vocabulary
+    other = tmp_path / "other-corpus"
+    shutil.copytree(corpus.path, other)
+    tokens = (other / "tokens.bin").read_bytes()
+    (other / "tokens.bin").write_bytes(bytes([tokens[0] ^ 1]) + tokens[1:])
+    changed = PackedCorpus(other)
+    assert (len(changed), changed.seq_length) == (len(corpus), corpus.seq_length)
+    with pytest.raises(DataError, match="other tokens"):
+        cache.check(changed, 512)
+    # a cache without a fingerprint (older minillm) is refused rather than trusted
+    meta = json.loads((path / "teacher_topk.json").read_text())
+    del meta["fingerprint"]
+    (path / "teacher_topk.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="no corpus fingerprint"):
+        TeacherTopKCache(path).check(corpus, 512)

@@ -18,6 +18,7 @@ Layout of a cache folder (written to a temporary folder, then renamed, so a cras
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,16 @@ def read_cache_meta(path: Path, expected_format: str, build_hint: str) -> dict[s
     return meta
 
 
+def corpus_fingerprint(corpus) -> str:
+    """sha256 over the corpus's token ids ([num_chunks, seq_length] ``corpus.tokens``, as int64, in order): a cache of
+    the same shape built from another corpus, another packing or another tokenizer does not match."""
+    digest = hashlib.sha256()
+    tokens = corpus.tokens
+    for start in range(0, len(tokens), 4096):  # blocks of chunks: the memory map is never read whole
+        digest.update(np.ascontiguousarray(np.asarray(tokens[start:start + 4096]), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def build_teacher_topk_cache(corpus: PackedCorpus, teacher, out_dir: str | os.PathLike, *, top_k: int,
                              batch_size: int = 8, storage: str = "fp16", device: torch.device | str | None = None,
@@ -110,7 +121,8 @@ def build_teacher_topk_cache(corpus: PackedCorpus, teacher, out_dir: str | os.Pa
         logp_map[start:start + len(inputs)] = values.cpu().numpy().astype(STORAGE[storage])
     teacher.train(was_training)
     meta = {"format": FORMAT, "top_k": top_k, "vocab_size": vocab, "storage": storage, "num_chunks": n,
-            "seq_length": corpus.seq_length, "corpus": str(corpus.path), "teacher": teacher_name}
+            "seq_length": corpus.seq_length, "corpus": str(corpus.path), "teacher": teacher_name,
+            "fingerprint": corpus_fingerprint(corpus)}
     return commit_cache(tmp, out, meta, (ids_map, logp_map))
 
 
@@ -127,12 +139,25 @@ class TeacherTopKCache:
     def __len__(self) -> int:
         return int(self.meta["num_chunks"])
 
-    def check(self, corpus: PackedCorpus, vocab_size: int) -> None:
-        """Fail clearly when the cache was built for another corpus layout or vocabulary."""
+    def check(self, corpus: PackedCorpus, vocab_size: int, teacher_path: str | None = None) -> list[str]:
+        """Fail clearly unless the cache was built from exactly this corpus (token fingerprint) and vocabulary.
+        Returns warnings: a cache built from another teacher path (weights are not fingerprinted)."""
+        where = self.path / META_FILE
         for key, want in (("num_chunks", len(corpus)), ("seq_length", corpus.seq_length), ("vocab_size", vocab_size)):
             if int(self.meta[key]) != int(want):
-                raise DataError(f"{self.path / META_FILE}: {key}={self.meta[key]}, but the run has {want}; rebuild "
-                                "the cache for this corpus and teacher (minillm.pt_teacher_cache)")
+                raise DataError(f"{where}: {key}={self.meta[key]}, but the run has {want}; rebuild the cache for "
+                                "this corpus and teacher (minillm.pt_teacher_cache)")
+        if self.meta.get("fingerprint") is None:
+            raise DataError(f"{where}: the cache has no corpus fingerprint (built by an older minillm), so it cannot "
+                            "be matched to this corpus; rebuild it with minillm-teacher-cache")
+        if self.meta["fingerprint"] != corpus_fingerprint(corpus):
+            raise DataError(f"{where}: built from other tokens than the corpus `{corpus.path}` (same shape, different "
+                            "text, packing or tokenizer); rebuild it for this corpus (minillm.pt_teacher_cache)")
+        built = self.meta.get("teacher") or ""
+        if teacher_path and built and built != teacher_path:
+            return [f"minillm.pt_teacher_cache {self.path} was built from teacher {built} but teacher.path is "
+                    f"{teacher_path}; rebuild it if the teacher changed (weights are not fingerprinted)"]
+        return []
 
     def topk(self, chunk_indices: Sequence[int] | Tensor) -> TopKLogprobs:
         """The top-k rows of the given chunks as :class:`TopKLogprobs` [B, seq_length − 1, k] on the CPU: the
@@ -147,5 +172,5 @@ class TeacherTopKCache:
         return self.topk(chunk_indices).dense(device)
 
 
-__all__ = ["build_teacher_topk_cache", "expand_topk", "TeacherTopKCache", "open_topk_arrays", "commit_cache",
+__all__ = ["build_teacher_topk_cache", "corpus_fingerprint", "expand_topk", "TeacherTopKCache", "open_topk_arrays", "commit_cache",
            "read_cache_meta"]

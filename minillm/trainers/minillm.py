@@ -155,7 +155,8 @@ class MiniLLMTrainer:
 
             self.pt_cache = TeacherTopKCache(m.pt_teacher_cache)
             rows = alignment.vocab_size if alignment is not None else teacher.get_output_embeddings().weight.shape[0]
-            self.pt_cache.check(self.corpus, rows)
+            for warning in self.pt_cache.check(self.corpus, rows, teacher_path=config.teacher.path):
+                log.warning(warning)
 
         from ..optim import build_optimizer, build_scheduler
 
