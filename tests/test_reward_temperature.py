@@ -52,3 +52,28 @@ def test_reward_uses_the_configured_teacher_temperature(chunk_size, mode):
                                atol=1e-5, rtol=0)
     if mode == "one":  # the two modes really differ at T != 1
         assert (p_reward - p_t).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("gamma, length_norm", [(0.95, True), (0.8, False)])
+def test_returns_discount_and_length_normalise_the_scored_rewards(gamma, length_norm):
+    """score_samples' returns against DESIGN §4 written out: R_t = Σ_{t'≥t} γ^{t'−t} r_{t'} over valid tokens,
+    divided by the number of valid tokens summed with length_norm."""
+    student, teacher = tiny_llama(seed=1).eval(), tiny_llama(hidden_size=48, seed=2).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(3, 256, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.long)
+    response = torch.randint(3, 256, (2, 5), generator=g)
+    response_mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out = score_samples(student=student, teacher=teacher, prompt_ids=ids, prompt_mask=mask, response_ids=response,
+                        response_mask=response_mask, prompt_index=torch.arange(2), alpha=0.2, temperature=1.0,
+                        reward_scale=SCALE, reward_clip=100.0, gamma=gamma, length_norm=length_norm,
+                        include_current=True)
+    r = out.rewards.double()
+    for row in range(2):
+        n = int(response_mask[row].sum())
+        for t in range(5):
+            if t >= n:
+                assert out.returns[row, t].item() == 0.0
+                continue
+            total = sum(gamma ** (u - t) * r[row, u].item() for u in range(t, n))
+            expected = total / (n - t) if length_norm else total
+            assert out.returns[row, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (row, t)
