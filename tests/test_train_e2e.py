@@ -65,6 +65,12 @@ def test_method_end_to_end(method, tmp_path):
     dev = [r for r in rows if "dev/rougeL" in r]
     assert [r["step"] for r in dev] == [10, 20]
     assert all(0.0 <= r["dev/rougeL"] <= 100.0 and r["dev/loss"] > 0 for r in dev)
+    # best/ is the checkpoint of the best dev step (Rouge-L maximised, the first of equals), not just some weights
+    best_step = max(dev, key=lambda r: (r["dev/rougeL"], -r["step"]))["step"]
+    best, at_step = weights(out / "best"), weights(out / "checkpoints" / f"step-{best_step}")
+    assert best.keys() == at_step.keys() and all(torch.equal(best[k], at_step[k]) for k in best)
+    other = weights(out / "checkpoints" / f"step-{30 - best_step}")  # the other evaluated step differs
+    assert any(not torch.equal(best[k], other[k]) for k in best)
     if method == "kd":
         assert all("train/kd" in r and "train/ce" in r for r in rows if "train/loss" in r)
     saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
@@ -172,5 +178,10 @@ def test_sft_dev_rouge_with_the_fast_engine_equals_hf_generate_when_greedy(tmp_p
         cfg.eval.engine = engine
         scores[engine] = trainer._dev_rouge()
     assert scores["fast"] == scores["hf"] > 0  # the trained teacher as the student: answers overlap
+    # ordering, not a range: the untrained student scores below the trained teacher on the same prompts
+    random_cfg = load_config(str(REPO / "configs/tiny/kd.yaml"), [f"output_dir={tmp_path / 'r'}", "eval.num_prompts=6",
+                                                                  "eval.max_new_tokens=10", "eval.do_sample=false"])
+    random_student = build_trainer(random_cfg, build_strategy(random_cfg).setup())
+    assert random_student._dev_rouge() < scores["hf"]
     cfg.eval.do_sample = True
     assert 0.0 <= trainer._dev_rouge() <= 100.0
