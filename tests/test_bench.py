@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,11 +13,11 @@ from minillm.bench import measure_ceilings
 from minillm.cli.bench import DEVICES, PRESETS, SHAPES, main
 
 
-def test_help_is_fast_and_imports_nothing_heavy():
-    start = time.perf_counter()
+def test_help_imports_nothing_heavy():
+    """--help answers without importing torch (what keeps it fast; a wall-clock bound would be flaky on a busy box)."""
     out = subprocess.run([sys.executable, "-m", "minillm.cli.bench", "--help"], capture_output=True, text=True,
                          check=True)
-    assert "--preset" in out.stdout and time.perf_counter() - start < 5.0
+    assert "--preset" in out.stdout
     code = "import sys, minillm.cli.bench; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
