@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import shipped_config_dir
+from .errors import UserError
 
 BASE_METHODS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "minillm-single-step", "minillm-ranking")
 WORD_LEVEL = ("kd", "seqkd", "gkd", "distillm")
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")  # = minillm.losses.DIVERGENCES (no torch import here)
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A bad method name, a missing recipe or a failed run, with what to do about it."""
 
 

@@ -23,8 +23,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the key and the file it came from in the message."""
 
 

@@ -103,10 +103,25 @@ def test_console_entry_points_go_through_run_console():
 
 
 def test_a_failing_cli_exits_with_its_error(tmp_path):
+    """A user error is one line `minillm-train: error: ...` with exit status 2 and no traceback; MINILLM_DEBUG=1
+    shows the traceback; a bug (here a planted one) keeps its traceback and exits 1."""
+    import os
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "minillm.cli.train", "--no-preflight", "--config",
-                           "configs/tiny/kd.yaml", f"output_dir={tmp_path / 'out'}", "student.path=/no/such/model"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "/no/such/model" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"broken\n')
+    cmd = [sys.executable, "-m", "minillm.cli.train", "--no-preflight", "--config", "configs/tiny/kd.yaml",
+           f"output_dir={tmp_path / 'out'}", f"data.train={bad}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == [f"minillm-train: error: {bad}:2: malformed JSON (Unterminated string starting at at column 2)"]
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, MINILLM_DEBUG="1"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "DataError" in debug.stderr
+    bug = subprocess.run([sys.executable, "-c", "import minillm.cli as c\n"
+                          "def main():\n    raise KeyError('planted')\n"
+                          "main.__module__ = 'minillm.cli.train'\nc.run_console(main)"],
+                         capture_output=True, text=True, timeout=60)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'planted'" in bug.stderr

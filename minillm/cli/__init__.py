@@ -10,11 +10,41 @@ import importlib
 import sys
 
 
+def command_name(main) -> str:
+    """``minillm.cli.teacher_cache`` → ``minillm-teacher-cache`` (also under ``python -m``, where the module is
+    ``__main__`` and its spec keeps the real name)."""
+    module = sys.modules.get(main.__module__)
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None else main.__module__
+    return "minillm-" + name.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A mistake in what the user gave (minillm.errors.UserError: config, data, settings...) or a problem with a
+    path, a permission or the disk (OSError): reported as one line. Anything else is a bug and keeps its traceback."""
+    from ..errors import UserError
+
+    return isinstance(error, (UserError, OSError))
+
+
 def run_console(main) -> None:
-    """``sys.exit(main())``, with a failure ending the process promptly (minillm.runtime.run_main)."""
+    """``sys.exit(main())`` for a console script: a user error prints ``minillm-<cmd>: error: ...`` and exits 2
+    (``MINILLM_DEBUG=1``: with its traceback); any failure ends the process promptly (minillm.runtime.run_main)."""
+    import os
+
     from ..runtime import run_main
 
-    sys.exit(run_main(main))
+    def guarded():
+        try:
+            return main()
+        except Exception as error:  # noqa: BLE001 — classified here, re-raised unless it is the user's
+            if not is_user_error(error) or os.environ.get("MINILLM_DEBUG", "") not in ("", "0"):
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"{command_name(main)}: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    sys.exit(run_main(guarded))
 
 
 def _entry(module: str):

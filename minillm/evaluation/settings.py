@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import UserError
+
 # The evaluation protocol of DESIGN §6 (lmops-notes §5).
 DEFAULT_SEEDS = [10, 20, 30, 40, 50]
 EVAL_SETS = ("dolly", "self_inst", "vicuna", "sinst", "uinst")
@@ -40,7 +42,7 @@ def engine_conflict(engine: str, *, no_repeat_ngram_size: int = 0, zero3: bool =
     return None
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A bad flag or config-file value, naming the flag/key and what to do."""
 
 

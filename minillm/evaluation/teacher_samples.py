@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import UserError
 from .settings import engine_conflict
 
 FORMAT = "minillm-generate/1"
 CHUNK_SEED_STRIDE = 100_003  # a prime: chunk seeds of nearby --seed values do not coincide for 100k chunks
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """Bad settings or an output file that cannot be resumed."""
 
 
