@@ -81,9 +81,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume_dir(resume: str | None, output_dir: str | Path) -> Path:
-    """``--resume`` with no value: the newest checkpoint of output_dir; with a value: that checkpoint folder,
-    or the newest checkpoint of that run folder."""
+def resolve_resume_dir(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``--resume`` with no value: the newest checkpoint of output_dir (an error when there is none); ``auto``: the
+    same, or None (start fresh) when there is none yet, for job scripts that are requeued after preemption and
+    always pass it; with a folder: that checkpoint folder, or the newest checkpoint of that run folder."""
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
     if resume in (None, "", "latest"):
         found = latest_checkpoint(output_dir)
         if found is None:

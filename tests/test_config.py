@@ -184,3 +184,19 @@ def test_a_missing_absolute_config_path_is_a_config_error(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("./missing.yaml")
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_path):
+    from minillm.checkpoint import resolve_resume_dir
+
+    assert resolve_resume_dir("auto", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume_dir(None, tmp_path)  # plain --resume keeps its strict meaning
+    (tmp_path / "checkpoints" / ".tmp-step-8").mkdir(parents=True)  # a save that never completed
+    assert resolve_resume_dir("auto", tmp_path) is None
+    for step in (4, 12):
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.pt").write_bytes(b"")
+    assert resolve_resume_dir("auto", tmp_path) == tmp_path / "checkpoints" / "step-12"
+    assert resolve_resume_dir(None, tmp_path) == tmp_path / "checkpoints" / "step-12"

@@ -4,6 +4,7 @@
     minillm-train --config opt-1.3b.yaml train.max_steps=100 optim.lr=1e-5
     minillm-train --config configs/tiny/sft.yaml --dry-run          # validate, print resolved YAML, exit
     minillm-train --config configs/tiny/sft.yaml --resume            # continue the newest checkpoint
+    minillm-train --config configs/tiny/sft.yaml --resume auto       # the newest checkpoint, or start fresh
     deepspeed --num_gpus 8 -m minillm.cli.train --config configs/minillm/opt-1.3b.yaml
     torchrun --nproc_per_node 8 -m minillm.cli.train --config ... strategy.backend=deepspeed
 """
@@ -26,7 +27,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-preflight", action="store_true",
                    help="skip the teacher/student pre-flight check (minillm-check --config) before loading models")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                   help="continue exactly from the newest checkpoint of output_dir, or from DIR")
+                   help="continue exactly from the newest checkpoint of output_dir, or from DIR; `--resume auto`: "
+                        "the newest checkpoint if there is one, else start fresh (for requeued jobs)")
     p.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -92,6 +94,13 @@ def run(cfg, resume: str | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
         resume_dir = resolve_resume_dir(resume, out) if resume else None
+        metrics = out / "metrics.jsonl"
+        if resume_dir is None and strategy.is_main and metrics.exists():
+            # a fresh start in a used folder (a run killed before its first checkpoint, then requeued): its rows
+            # would mix with this run's; keep them aside rather than delete them
+            metrics.replace(out / "metrics.previous.jsonl")
+            log.warning("%s held rows of an earlier start without a checkpoint; moved to metrics.previous.jsonl",
+                        metrics)
         seed_everything(cfg.seed + strategy.rank)
         trainer = build_trainer(cfg, strategy)
         result = trainer.train(resume_from=resume_dir)
