@@ -157,6 +157,11 @@ class LocalStrategy:
     def unwrap(self, model):
         return model
 
+    def zero3_init_config(self, *, teacher: bool = False) -> dict | None:
+        """The DeepSpeed config to build the student (or teacher) straight into ZeRO-3 shards with
+        (``models.load_model(zero3_config=...)``); None when that model is not ZeRO-3-partitioned."""
+        return None
+
     @contextlib.contextmanager
     def gathered(self, model) -> Iterator[Any]:
         yield self.unwrap(model)
@@ -292,6 +297,7 @@ class DeepSpeedStrategy(LocalStrategy):
         super().__init__(run)
         self._engines: dict[int, Any] = {}  # id(module) → its ZeRO-3 engine, to find the hooks from a bare module
         self._unhooked: set[int] = set()  # id(module) of ZeRO-3 modules whose hooks are removed right now
+        self._window_has_gradient = False  # some micro-step of the current accumulation window ran a real backward
 
     def setup(self) -> "DeepSpeedStrategy":
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -373,6 +379,10 @@ class DeepSpeedStrategy(LocalStrategy):
         if self.cfg.teacher_zero_stage is not None:
             return self.cfg.teacher_zero_stage
         return 3 if self.cfg.zero_stage == 3 else 0
+
+    def zero3_init_config(self, *, teacher: bool = False) -> dict | None:
+        stage = self.teacher_stage() if teacher else self.cfg.zero_stage
+        return self.ds_config(teacher=teacher) if stage == 3 else None
 
     # -- models ----------------------------------------------------------------------------
     def prepare_student(self, model, optimizer, scheduler):
@@ -470,20 +480,34 @@ class DeepSpeedStrategy(LocalStrategy):
     # -- optimisation ----------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # scales by 1/accumulation itself
+        self._window_has_gradient = True
 
     def skip_micro_step(self, loss: torch.Tensor) -> None:
-        """Backward a zero with the loss's graph instead of skipping backward: the engine's micro-step
-        bookkeeping, ZeRO-1/2's gradient buffers (a boundary step after no backward finds them None) and every
-        collective of the backward (gradient reductions; ZeRO-3 parameter fetches) run exactly as on a normal
-        micro-step, on every rank. ``nan_to_num`` passes a zero gradient for non-finite entries, so the
-        micro-batch adds exactly nothing to the accumulated gradient when its forward was finite up to the loss."""
-        self.model.backward(torch.nan_to_num(loss.float(), nan=0.0, posinf=0.0, neginf=0.0) * 0.0)
+        """Backward a zero instead of skipping backward: the engine's micro-step bookkeeping, ZeRO-1/2's gradient
+        buffers (a boundary step after no backward finds them None: TypeError) and every collective of the
+        backward run as on a normal micro-step, on every rank (the NaN guard skips on all ranks together).
+
+        ZeRO 0-2: the zero is built from the parameters themselves, not from the loss, whose graph holds the
+        non-finite values (0 × NaN is NaN): every gradient is exactly 0. ZeRO-3 parameters are empty shards
+        outside a forward, so there the zero is the loss's own graph with its non-finite values zeroed; its
+        backward runs the forward's parameter fetches, and should the gradient still come out non-finite,
+        DeepSpeed drops the step (fp32, fp16 and, by default, bf16 check for that)."""
+        params = [p for p in self.unwrap(self.model).parameters() if p.requires_grad]
+        if self.cfg.zero_stage < 3 and params:
+            zero = sum(p.reshape(-1)[:1].float().sum() for p in params) * 0.0
+        else:
+            zero = torch.nan_to_num(loss.float(), nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        self.model.backward(zero)
 
     def _loss_scale(self) -> float | None:
-        """The fp16 dynamic loss scale now (None unless fp16)."""
-        if self.run.student.dtype != "fp16":
+        """The fp16 dynamic loss scale now; None unless the student trains in fp16 with a dynamic scale (a static
+        ``fp16.loss_scale`` never adapts, so each of its overflows counts)."""
+        if self.run.student.dtype != "fp16" or self.ds_config()["fp16"].get("loss_scale", 0) != 0:
             return None
-        for owner in (self.optimizer, getattr(self.optimizer, "loss_scaler", None)):
+        # ZeRO-1/2/3 optimizers: .loss_scale / .loss_scaler.cur_scale; ZeRO-0's FP16_Optimizer: .loss_scale_config
+        owners = (self.optimizer, getattr(self.optimizer, "loss_scaler", None),
+                  getattr(self.optimizer, "loss_scale_config", None))
+        for owner in owners:
             for name in ("loss_scale", "cur_scale"):
                 value = getattr(owner, name, None)
                 if isinstance(value, (int, float, torch.Tensor)):
@@ -491,18 +515,34 @@ class DeepSpeedStrategy(LocalStrategy):
         return None
 
     def _min_loss_scale(self) -> float:
-        scaler = getattr(self.optimizer, "loss_scaler", None)
-        value = getattr(scaler, "min_scale", None)
-        if value is None:
-            value = self.ds_config()["fp16"].get("min_loss_scale", 1.0)  # DeepSpeed's default minimum is 1
-        return float(value)
+        for owner, name in ((getattr(self.optimizer, "loss_scaler", None), "min_scale"),
+                            (getattr(self.optimizer, "loss_scale_config", None), "min_loss_scale")):
+            value = getattr(owner, name, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return float(self.ds_config()["fp16"].get("min_loss_scale", 1.0))  # DeepSpeed's default minimum is 1
 
     def step(self) -> StepResult:
         boundary = self.model.is_gradient_accumulation_boundary()
         scale = self._loss_scale() if boundary else None
+        # A window whose every micro-step was skipped has an all-zero gradient, but Adam's momentum and weight
+        # decay would still move the weights: step at learning rate 0 (the local strategy's None gradients move
+        # nothing either). A scheduler step inside the engine's step sets the learning rates again; when none
+        # happened (no scheduler, or an fp16 overflow skipped it), the saved ones are put back.
+        frozen = boundary and not self._window_has_gradient
+        groups = self.optimizer.param_groups if frozen else []
+        saved = [g["lr"] for g in groups]
+        scheduler = getattr(self.model, "lr_scheduler", None)
+        epoch = getattr(scheduler, "last_epoch", None)
+        for g in groups:
+            g["lr"] = 0.0
         self.model.step()
+        if frozen and (epoch is None or getattr(scheduler, "last_epoch", None) == epoch):
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
         if not boundary:
             return StepResult(stepped=False)
+        self._window_has_gradient = False
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
         skipped = bool(getattr(self.optimizer, "overflow", False))  # DeepSpeed dropped the step (grad not finite)
