@@ -1,10 +1,16 @@
-"""ZeRO-3 on 2 CPU ranks (gloo) with sampled generation: rollouts, GKD student samples and dev answers finish.
+"""Two CPU ranks (gloo, torchrun): runs that used to hang on a GPU node must finish, or fail promptly.
+
+ZeRO-3 with sampled generation: rollouts, student samples and dev answers finish.
 
 Under ZeRO-3 ranks decode different numbers of tokens (per-rank sampling seeds, rows that stop at different
 steps). With DeepSpeed's module hooks installed during generation every forward joins collectives, so the first
 rank to stop left the other waiting forever (the minillm command below logged no step in 300 s). The strategy now
 removes the hooks while the parameters are gathered for generation; these runs must finish well inside the
 timeout and log every step.
+
+A rank that raises: the other ranks are inside some collective. ``cleanup`` used to barrier while the exception
+unwound, so the failing rank hung there too (on NCCL for the 30-minute collective timeout, its error unseen). Now
+it tears the process group down without a barrier and exits, and the launcher stops the others.
 """
 
 import json
@@ -24,17 +30,33 @@ TIMEOUT = 240  # a hang shows up as a failure, not as a stuck test session
 
 
 def run_bounded(cmd, timeout, env=None):
-    """(returncode, stdout, stderr) of ``cmd`` run in its own process group; on timeout the whole group (torchrun
-    and its workers, which a plain subprocess timeout would leave running) is killed and the test fails."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"no exit within {timeout} s (hung)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return proc.returncode, out, err
+    """(returncode, stdout, stderr) of a torchrun ``cmd``; past ``timeout`` the test fails instead of hanging.
+
+    torchrun starts its workers in sessions of their own, so on timeout it gets SIGTERM (it stops its workers
+    then) before a SIGKILL of its own group; output goes to files, which orphaned workers cannot hold open.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if hung:
+        pytest.fail(f"no exit within {timeout} s (hung)\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr
 
 
 def run_two_ranks(args, timeout=TIMEOUT):
@@ -149,3 +171,34 @@ def test_zero3_ranks_may_run_different_numbers_of_forwards_inside_generation_con
     with torch.no_grad():
         t_ref = float(tiny_llama(seed=1)(input_ids=ids).logits.double().sum())
     assert got["teacher_logit_sum"] == pytest.approx(t_ref, rel=1e-5)
+
+
+FAILING = r"""
+import sys
+import minillm.cli.train as cli
+
+build = cli.build_trainer
+
+
+def build_then_fail_on_rank_1(cfg, strategy):
+    trainer = build(cfg, strategy)  # collective engine set-up on both ranks, then rank 1 dies; rank 0 trains on
+    if strategy.rank == 1:
+        raise RuntimeError("injected failure on rank 1")
+    return trainer
+
+
+cli.build_trainer = build_then_fail_on_rank_1
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_exits_promptly_with_its_error_and_the_job_fails(tmp_path):
+    (tmp_path / "failing.py").write_text(FAILING)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "failing.py"), "--config", "configs/tiny/kd.yaml", "strategy.backend=deepspeed",
+           "strategy.zero_stage=1", "train.max_steps=2", "train.eval_interval=0", "train.save_interval=0",
+           f"output_dir={tmp_path / 'run'}"]
+    rc, out, err = run_bounded(cmd, 120, {**clean_env(), "PYTHONPATH": str(REPO)})
+    assert rc != 0
+    assert "RuntimeError: injected failure on rank 1" in err  # the real error, not a timeout
+    assert "local_rank: 1" in err and "exitcode  : 1" in err  # the launcher reports rank 1 as the failure
