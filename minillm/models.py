@@ -45,22 +45,44 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     return tok
 
 
-def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str | None = None) -> "PreTrainedModel":
+def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str | None = None,
+               zero3_config: dict | None = None) -> "PreTrainedModel":
     """Load a causal LM.
 
     A trainable student is loaded in fp32: its precision (``cfg.dtype``) is applied by the strategy
     (autocast locally, DeepSpeed's bf16/fp16 mode with fp32 master weights otherwise). A frozen model
     (the teacher) is loaded directly in ``cfg.dtype``, put in eval mode and has ``requires_grad`` off.
+
+    ``zero3_config`` (``strategy.zero3_init_config(...)``: the DeepSpeed config of the engine the model is
+    going to) builds the model straight into ZeRO-3 shards: transformers' ``HfDeepSpeedConfig`` makes
+    ``from_pretrained`` construct it under ``deepspeed.zero.Init`` and load each tensor into its shards, so no
+    rank ever holds the whole model in host RAM (every rank of a node would otherwise load a full copy).
     """
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if trainable else TORCH_DTYPES[cfg.dtype]
+    sharded = previous = None
+    if zero3_config is not None:
+        import transformers.integrations.deepspeed as hf_deepspeed
+
+        ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # a caller's own global config, restored afterwards
+        previous = ref() if ref is not None else None
+        # transformers keeps only a weak reference: the object must live for the duration of from_pretrained
+        sharded = hf_deepspeed.HfDeepSpeedConfig(zero3_config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load the model `{cfg.path}`: {e}. Pass a local folder (a save_pretrained "
                       "output) or allow hub access.") from e
+    finally:
+        if sharded is not None:
+            # later from_pretrained calls (another model, replicated) must not be sharded with this config
+            if previous is not None:
+                hf_deepspeed.set_hf_deepspeed_config(previous)
+            else:
+                hf_deepspeed.unset_hf_deepspeed_config()
+            del sharded
     if trainable:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

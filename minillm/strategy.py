@@ -32,6 +32,9 @@ from typing import Any, Iterator
 import torch
 
 from .config import RunConfig, StrategyConfig
+from .tracking import get_logger
+
+log = get_logger()
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "deepspeed"
 
@@ -78,12 +81,38 @@ class StepResult:
     stepped: bool  # an optimizer step was taken (end of an accumulation window)
     grad_norm: float | None = None  # global gradient norm before clipping, when it stepped
     skipped: bool = False  # the step was dropped because the gradient was not finite
+    # The skip was fp16 dynamic loss scaling doing its job (an overflow above the minimum loss scale: the scale
+    # is lowered and the next step retries), not a diverging run: the NaN guard does not count it.
+    overflow: bool = False
+
+
+def device_ordinal(local_rank: int, device_count: int) -> int:
+    """The CUDA ordinal of the process with ``local_rank``.
+
+    ``torchrun``/``deepspeed`` show every GPU of the node to every process (ordinal = local rank), but launchers
+    that give each task its own ``CUDA_VISIBLE_DEVICES`` (``srun --gpus-per-task``) show one device, ordinal 0,
+    to processes whose local rank is 0..N-1: ``local_rank % device_count`` is right in both layouts.
+    """
+    if device_count < 1:
+        raise RuntimeError("strategy.device=cuda but no CUDA device is visible to this process "
+                           f"(LOCAL_RANK={local_rank}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return local_rank % device_count
 
 
 def _pick_device(cfg: StrategyConfig, local_rank: int = 0) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", device_ordinal(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def comm_backend(device: torch.device) -> str:
+    """The process-group backend for tensors on ``device``: NCCL only handles CUDA tensors and gloo the CPU's, so
+    it follows the chosen device, not whether the node has a GPU (``strategy.device=cpu`` on a GPU node)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor given to a collective is not on the strategy's device (NCCL would crash; gloo hides it)."""
 
 
 class LocalStrategy:
@@ -103,6 +132,7 @@ class LocalStrategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self._sampling_copies: dict[int, tuple[torch.nn.Module, HalfPrecisionCopy]] = {}  # id(model) → copy
+        self._sampling_copy_failed = False  # building or refreshing the copy failed once: decode with the model
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -113,8 +143,8 @@ class LocalStrategy:
         self.device = _pick_device(self.cfg)
         return self
 
-    def cleanup(self) -> None:
-        pass
+    def cleanup(self, ok: bool = True) -> None:
+        """End of the run; ``ok`` False while an exception unwinds (see DeepSpeedStrategy.cleanup)."""
 
     # -- models ----------------------------------------------------------------------------
     def prepare_student(self, model, optimizer, scheduler):
@@ -127,6 +157,11 @@ class LocalStrategy:
     def unwrap(self, model):
         return model
 
+    def zero3_init_config(self, *, teacher: bool = False) -> dict | None:
+        """The DeepSpeed config to build the student (or teacher) straight into ZeRO-3 shards with
+        (``models.load_model(zero3_config=...)``); None when that model is not ZeRO-3-partitioned."""
+        return None
+
     @contextlib.contextmanager
     def gathered(self, model) -> Iterator[Any]:
         yield self.unwrap(model)
@@ -138,13 +173,23 @@ class LocalStrategy:
         module = self.unwrap(model)
         dtype = torch.bfloat16 if self.precision == "bf16" else None
         enabled = self.cfg.sampling_copy if self.cfg.sampling_copy is not None else self.device.type == "cuda"
-        if not enabled or dtype is None or all(p.dtype == dtype for p in module.parameters() if p.is_floating_point()):
+        if (not enabled or dtype is None or self._sampling_copy_failed
+                or all(p.dtype == dtype for p in module.parameters() if p.is_floating_point())):
             yield module  # nothing to cast (fp32 precision, or weights that are half precision already)
             return
-        entry = self._sampling_copies.get(id(module))
-        if entry is None or entry[0] is not module:
-            entry = self._sampling_copies[id(module)] = (module, HalfPrecisionCopy(module, dtype))
-        yield entry[1].refresh()
+        try:
+            entry = self._sampling_copies.get(id(module))
+            if entry is None or entry[0] is not module:
+                entry = self._sampling_copies[id(module)] = (module, HalfPrecisionCopy(module, dtype))
+            copy_module = entry[1].refresh()
+        except Exception as e:  # an optional speed-up (e.g. out of memory for the copy): never kill the run
+            self._sampling_copy_failed = True
+            self._sampling_copies.clear()
+            log.warning("strategy.sampling_copy: building the bf16 sampling copy of the student failed (%s: %s); "
+                        "decoding with the model itself from now on (set strategy.sampling_copy=false to silence "
+                        "this)", type(e).__name__, e)
+            copy_module = module
+        yield copy_module
 
     def autocast(self):
         if self.precision == "fp32":
@@ -156,8 +201,9 @@ class LocalStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
 
-    def skip_micro_step(self) -> None:
-        """A micro-batch whose loss was not finite: no backward, but it still counts towards the window."""
+    def skip_micro_step(self, loss: torch.Tensor) -> None:
+        """A micro-batch whose loss was not finite (on some rank): no backward, but it still counts towards the
+        window."""
 
     def step(self) -> StepResult:
         self._micro += 1
@@ -179,7 +225,19 @@ class LocalStrategy:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # -- communication ---------------------------------------------------------------------
+    def check_collective_tensor(self, tensor: torch.Tensor, what: str) -> None:
+        """Every tensor a collective gets must live on ``self.device``: NCCL crashes on a CPU tensor, while gloo
+        (CPU runs, the tests) accepts it silently, so this check makes CPU runs fail where a GPU run would."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"strategy.{what}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != self.device:
+            raise CollectiveDeviceError(
+                f"strategy.{what}: a {tuple(tensor.shape)} {tensor.dtype} tensor is on {tensor.device} but the "
+                f"strategy's device is {self.device}; create it with device=strategy.device (NCCL accepts only "
+                "tensors on the rank's GPU)")
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        self.check_collective_tensor(tensor, "all_reduce")
         return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -235,34 +293,54 @@ class DeepSpeedStrategy(LocalStrategy):
 
     backend = "deepspeed"
 
+    def __init__(self, run: RunConfig):
+        super().__init__(run)
+        self._engines: dict[int, Any] = {}  # id(module) → its ZeRO-3 engine, to find the hooks from a bare module
+        self._unhooked: set[int] = set()  # id(module) of ZeRO-3 modules whose hooks are removed right now
+        self._window_has_gradient = False  # some micro-step of the current accumulation window ran a real backward
+
     def setup(self) -> "DeepSpeedStrategy":
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}.items():
             os.environ.setdefault(key, value)  # without them init_distributed falls back to MPI discovery
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # The device comes first: the backend and DeepSpeed's accelerator follow it, not the node's hardware.
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.device = _pick_device(self.cfg, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:
+            accelerator = os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if accelerator != "cpu":
+                raise RuntimeError(f"strategy.device is {self.device} but DS_ACCELERATOR={accelerator}: DeepSpeed "
+                                   "would place the engines there; unset DS_ACCELERATOR or set it to cpu")
             # The CPU accelerator JIT-compiles a shared-memory all-reduce op (~30 s) on first use; plain gloo
             # gives identical results, so skip the build. (`import deepspeed.comm.torch as m` would bind torch.)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
         from datetime import timedelta
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend,
+        deepspeed.init_distributed(dist_backend=comm_backend(self.device),
                                    timeout=timedelta(minutes=self.cfg.dist_timeout_minutes))
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = _pick_device(self.cfg, self.local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         return self
 
-    def cleanup(self) -> None:
-        # Without an explicit teardown two-process gloo runs sometimes abort at exit (env-notes §2c).
-        if torch.distributed.is_initialized():
+    def cleanup(self, ok: bool = True) -> None:
+        """Tear the process group down. ``ok`` False while an exception unwinds: then no barrier, because the
+        other ranks are not coming to it (they are inside some collective, or dead), and waiting for them would
+        hide this rank's error behind a hang until the collective timeout; exiting lets the launcher stop the
+        rest. On success the barrier keeps ranks from leaving while others still write (and without an
+        explicit teardown, two-process gloo runs sometimes abort at exit: env-notes §2c)."""
+        if not torch.distributed.is_initialized():
+            return
+        if ok:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+            return
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # the real error is already unwinding: do not replace it with this one
+            log.warning("rank %d: destroying the process group after an error failed: %s", self.rank, e)
 
     # -- DeepSpeed configs -----------------------------------------------------------------
     def ds_config(self, *, teacher: bool = False) -> dict:
@@ -302,6 +380,10 @@ class DeepSpeedStrategy(LocalStrategy):
             return self.cfg.teacher_zero_stage
         return 3 if self.cfg.zero_stage == 3 else 0
 
+    def zero3_init_config(self, *, teacher: bool = False) -> dict | None:
+        stage = self.teacher_stage() if teacher else self.cfg.zero_stage
+        return self.ds_config(teacher=teacher) if stage == 3 else None
+
     # -- models ----------------------------------------------------------------------------
     def prepare_student(self, model, optimizer, scheduler):
         import deepspeed
@@ -309,6 +391,7 @@ class DeepSpeedStrategy(LocalStrategy):
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config())
         self.model, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self._engines[id(engine.module)] = engine
         return engine
 
     def prepare_teacher(self, model):
@@ -318,6 +401,7 @@ class DeepSpeedStrategy(LocalStrategy):
 
         engine = deepspeed.initialize(model=model, config=self.ds_config(teacher=True))[0]
         engine.eval()
+        self._engines[id(engine.module)] = engine
         return engine
 
     def unwrap(self, model):
@@ -328,15 +412,63 @@ class DeepSpeedStrategy(LocalStrategy):
 
     @contextlib.contextmanager
     def gathered(self, model) -> Iterator[Any]:
-        """Full parameters on every rank for the duration (one gather, not one per layer per token)."""
+        """Full parameters on every rank for the duration (one gather, not one per layer per token), and no
+        ZeRO-3 module hooks: forwards inside are purely local, so ranks may run different numbers of them.
+
+        That is what generation needs. Each rank decodes until its own rows stop (and GKD/DistiLLM coins, mixed
+        sampling draws and EOS positions differ per rank); with DeepSpeed's hooks still installed every forward
+        would re-fetch and release the parameters submodule by submodule (all-gathers) and the root hook
+        would join trace checks across ranks, so the rank that stops first leaves the others waiting forever in
+        a collective (NCCL: until the watchdog kills the job). The hooks are put back on exit, before the
+        parameters are partitioned again; entering and leaving are collective (every rank must do both).
+        """
         module = self.unwrap(model)
         if not self.is_zero3(module):
             yield module
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None), \
+                self._zero3_hooks_removed(model):
             yield module
+
+    def _zero3_offload(self, model):
+        """DeepSpeed's ZeRO-3 parameter-offload object that owns ``model``'s module hooks, or None."""
+        engine = model if hasattr(model, "module") else self._engines.get(id(model))
+        optimizer = getattr(engine, "optimizer", None)
+        # training engine: the ZeRO-3 optimizer holds it; frozen inference engine: the optimizer slot is it
+        offload = getattr(optimizer, "parameter_offload", optimizer)
+        needed = ("forward_hooks", "backward_hooks", "fwd_pre_hook", "module", "_register_deepspeed_module")
+        return offload if all(hasattr(offload, name) for name in needed) else None
+
+    @contextlib.contextmanager
+    def _zero3_hooks_removed(self, model) -> Iterator[None]:
+        offload = self._zero3_offload(model)
+        if offload is None:
+            raise RuntimeError(f"{type(self.unwrap(model)).__name__} is ZeRO-3-partitioned but not by an engine of "
+                               "this strategy (prepare_student / prepare_teacher); cannot generate with it safely")
+        module = offload.module
+        if id(module) in self._unhooked:  # nested use: the outer context restores the hooks
+            yield
+            return
+        # DeepSpeed keeps the start-of-forward hook (trace bookkeeping, which all-gathers while the trace is
+        # being recorded) apart from the per-submodule fetch/release hooks; remove both and keep the former's
+        # function to put it back.
+        start_hook = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+        for hook in (*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        for p in module.parameters():
+            p.ds_active_sub_modules.clear()  # nothing is "in use" by a hook: the gather's exit may release all
+        self._unhooked.add(id(module))
+        try:
+            yield
+        finally:
+            self._unhooked.discard(id(module))
+            offload.fwd_pre_hook = module.register_forward_pre_hook(start_hook)
+            # re-registers every submodule's hooks and invalidates the recorded trace (it re-records on the
+            # next training forward); a fresh counter numbers the submodules as at the first registration
+            offload._register_deepspeed_module(module, count=[0])
 
     def sampling_model(self, model):
         """Rollouts decode with the engine's own weights (already bf16/fp16 in its half-precision modes)."""
@@ -348,16 +480,79 @@ class DeepSpeedStrategy(LocalStrategy):
     # -- optimisation ----------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # scales by 1/accumulation itself
+        self._window_has_gradient = True
+
+    def skip_micro_step(self, loss: torch.Tensor) -> None:
+        """Backward a zero instead of skipping backward: the engine's micro-step bookkeeping, ZeRO-1/2's gradient
+        buffers (a boundary step after no backward finds them None: TypeError) and every collective of the
+        backward run as on a normal micro-step, on every rank (the NaN guard skips on all ranks together).
+
+        ZeRO 0-2: the zero is built from the parameters themselves, not from the loss, whose graph holds the
+        non-finite values (0 × NaN is NaN): every gradient is exactly 0. ZeRO-3 parameters are empty shards
+        outside a forward, so there the zero is the loss's own graph with its non-finite values zeroed; its
+        backward runs the forward's parameter fetches, and should the gradient still come out non-finite,
+        DeepSpeed drops the step (fp32, fp16 and, by default, bf16 check for that)."""
+        params = [p for p in self.unwrap(self.model).parameters() if p.requires_grad]
+        if self.cfg.zero_stage < 3 and params:
+            zero = sum(p.reshape(-1)[:1].float().sum() for p in params) * 0.0
+        else:
+            zero = torch.nan_to_num(loss.float(), nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        self.model.backward(zero)
+
+    def _loss_scale(self) -> float | None:
+        """The fp16 dynamic loss scale now; None unless the student trains in fp16 with a dynamic scale (a static
+        ``fp16.loss_scale`` never adapts, so each of its overflows counts)."""
+        if self.run.student.dtype != "fp16" or self.ds_config()["fp16"].get("loss_scale", 0) != 0:
+            return None
+        # ZeRO-1/2/3 optimizers: .loss_scale / .loss_scaler.cur_scale; ZeRO-0's FP16_Optimizer: .loss_scale_config
+        owners = (self.optimizer, getattr(self.optimizer, "loss_scaler", None),
+                  getattr(self.optimizer, "loss_scale_config", None))
+        for owner in owners:
+            for name in ("loss_scale", "cur_scale"):
+                value = getattr(owner, name, None)
+                if isinstance(value, (int, float, torch.Tensor)):
+                    return float(value)
+        return None
+
+    def _min_loss_scale(self) -> float:
+        for owner, name in ((getattr(self.optimizer, "loss_scaler", None), "min_scale"),
+                            (getattr(self.optimizer, "loss_scale_config", None), "min_loss_scale")):
+            value = getattr(owner, name, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return float(self.ds_config()["fp16"].get("min_loss_scale", 1.0))  # DeepSpeed's default minimum is 1
 
     def step(self) -> StepResult:
         boundary = self.model.is_gradient_accumulation_boundary()
+        scale = self._loss_scale() if boundary else None
+        # A window whose every micro-step was skipped has an all-zero gradient, but Adam's momentum and weight
+        # decay would still move the weights: step at learning rate 0 (the local strategy's None gradients move
+        # nothing either). A scheduler step inside the engine's step sets the learning rates again; when none
+        # happened (no scheduler, or an fp16 overflow skipped it), the saved ones are put back.
+        frozen = boundary and not self._window_has_gradient
+        groups = self.optimizer.param_groups if frozen else []
+        saved = [g["lr"] for g in groups]
+        scheduler = getattr(self.model, "lr_scheduler", None)
+        epoch = getattr(scheduler, "last_epoch", None)
+        for g in groups:
+            g["lr"] = 0.0
         self.model.step()
+        if frozen and (epoch is None or getattr(scheduler, "last_epoch", None) == epoch):
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
         if not boundary:
             return StepResult(stepped=False)
+        self._window_has_gradient = False
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        skipped = bool(getattr(self.optimizer, "overflow", False))  # fp16 loss-scale overflow skips the step
-        return StepResult(stepped=True, grad_norm=norm, skipped=skipped)
+        skipped = bool(getattr(self.optimizer, "overflow", False))  # DeepSpeed dropped the step (grad not finite)
+        # fp16: an overflow is routine loss scaling (the scale halves, the next step retries) unless the scale
+        # was already at its minimum, where halving is no longer possible: only that is a real divergence.
+        overflow = skipped and scale is not None and scale > self._min_loss_scale()
+        if overflow:
+            log.info("fp16 loss-scale overflow at scale %g: step skipped, the scale is now %s", scale,
+                     self._loss_scale())
+        return StepResult(stepped=True, grad_norm=norm, skipped=skipped, overflow=overflow)
 
     def current_lr(self) -> float:
         return float(self.model.get_lr()[0])
@@ -366,6 +561,7 @@ class DeepSpeedStrategy(LocalStrategy):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
                "min": torch.distributed.ReduceOp.MIN}
+        self.check_collective_tensor(tensor, "all_reduce")
         torch.distributed.all_reduce(tensor, op=ops[op])
         return tensor
 

@@ -87,6 +87,7 @@ def run(cfg, resume: str | None = None) -> int:
 
     strategy = build_strategy(cfg).setup()
     log = setup_logging(cfg.output_dir, strategy.is_main, strategy.rank)
+    ok = False
     try:
         cfg.resolve(strategy.world_size)
         out = Path(cfg.output_dir)
@@ -105,8 +106,9 @@ def run(cfg, resume: str | None = None) -> int:
         trainer = build_trainer(cfg, strategy)
         result = trainer.train(resume_from=resume_dir)
         log.info("done: %s", result)
+        ok = True
     finally:
-        strategy.cleanup()
+        strategy.cleanup(ok)  # no barrier while an exception unwinds: it would hang instead of failing
     return 0
 
 

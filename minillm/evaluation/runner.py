@@ -157,9 +157,10 @@ class EvalContext:
         if self.strategy is not None:
             self.strategy.barrier()
 
-    def cleanup(self) -> None:
+    def cleanup(self, ok: bool = True) -> None:
+        """``ok`` False while an exception unwinds: no barrier then (see DeepSpeedStrategy.cleanup)."""
         if self.strategy is not None:
-            self.strategy.cleanup()
+            self.strategy.cleanup(ok)
 
 
 def setup_context(settings: EvalSettings) -> EvalContext:
@@ -369,6 +370,7 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
     judge = extras.make_judge() if settings.judge else None  # fails before any model is loaded
     records = {source: read_eval_records(source, settings) for source in settings.data}  # so does bad data
     ctx = setup_context(settings)
+    ok = False
     try:
         teacher = teacher_tok = None
         if settings.teacher:
@@ -430,9 +432,10 @@ def run_eval(settings: EvalSettings, log=print) -> EvalOutcome:
                      if any(m in e.get("mean", {}) for r in results.values() for e in r.values())]
             (out / "table_all.md").write_text("\n".join(every))
         ctx.barrier()
+        ok = True
         return outcome
     finally:
-        ctx.cleanup()
+        ctx.cleanup(ok)
 
 
 def settings_record(settings: EvalSettings, names: list[str], sets: list[str], ctx: EvalContext,

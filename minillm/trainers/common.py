@@ -29,8 +29,10 @@ class NonFiniteLossError(RuntimeError):
 class NanGuard:
     """Skip and count micro-batches whose loss is not finite on any rank; abort past a limit.
 
-    The flag is all-reduced so every rank skips the same micro-batch (under ZeRO a rank that skipped
-    backward while another ran it would deadlock in the gradient reduction).
+    The flag is all-reduced so every rank skips the same micro-batch, and the strategy's ``skip_micro_step``
+    still runs a (zero) backward, so every rank runs the same collectives (under ZeRO a rank that skipped
+    backward while another ran it would deadlock in the gradient reduction). Optimizer steps DeepSpeed drops
+    for a non-finite gradient count too, but not fp16 loss-scale overflows above the minimum scale.
     """
 
     def __init__(self, strategy, limit: int) -> None:
@@ -198,11 +200,13 @@ def guarded_micro_step(trainer, loss: torch.Tensor, parts: dict[str, float], tok
             strategy.backward(loss)
         trainer.window.add(parts, tokens=tokens)
     else:
-        strategy.skip_micro_step()
+        strategy.skip_micro_step(loss)
         guard.record_skip("loss", trainer.step + 1)
     with trainer.timer(step_phase) if step_phase else contextlib.nullcontext():
         result = strategy.step()
-    if result.stepped and result.skipped:
+    # fp16 loss-scale overflows above the minimum scale are routine (the scaler lowers the scale and retries):
+    # counting them would abort healthy fp16 runs at train.max_nan_skips
+    if result.stepped and result.skipped and not result.overflow:
         guard.record_skip("gradient", trainer.step + 1)
     return result
 
