@@ -129,8 +129,8 @@ def test_minillm_trainer_falls_back_to_the_plain_losses(tmp_path, monkeypatch):
 
     real = minillm.models.load_model
 
-    def load(cfg, *, trainable, device=None):
-        model = real(cfg, trainable=trainable, device=device)
+    def load(cfg, *, trainable, **kwargs):
+        model = real(cfg, trainable=trainable, **kwargs)
         if not trainable:
             model.register_forward_hook(lambda m, a, out: setattr(out, "logits", out.logits * 1.5) or out)
         return model

@@ -122,7 +122,8 @@ def build_trainer(cfg, strategy):
     tokenizer = load_tokenizer(cfg.student)
     data = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed)
     log.info("data: %s", data.stats)
-    student = load_model(cfg.student, trainable=True)
+    # under ZeRO-3 straight into shards: no rank holds a whole copy in host RAM
+    student = load_model(cfg.student, trainable=True, zero3_config=strategy.zero3_init_config())
     teacher, alignment = None, None
     if cfg.method != "sft":
         student_data = cfg.kd.on_policy_fraction > 0 or cfg.kd.adaptive_off_policy  # sampled batches: online teacher
@@ -133,7 +134,7 @@ def build_trainer(cfg, strategy):
                                               cfg.strategy.backend)
             if advice:
                 log.warning(advice)
-            teacher = load_model(cfg.teacher, trainable=False)
+            teacher = load_model(cfg.teacher, trainable=False, zero3_config=strategy.zero3_init_config(teacher=True))
         teacher_tok = load_tokenizer(cfg.teacher) if (cfg.teacher.tokenizer or cfg.teacher.path) != (
             cfg.student.tokenizer or cfg.student.path) else None
         alignment = check_compatibility(student, teacher, tokenizer, teacher_tok)
