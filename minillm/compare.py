@@ -14,7 +14,7 @@ A *method* names a shipped recipe folder, optionally with a word-level divergenc
 
 Every run gets the same ``seed`` and the same ``--train-override`` values (e.g. ``train.max_steps=100``), writes to
 ``OUT/runs/<method>``, and its ``best/`` (or ``final/``) model is then evaluated together with the others by one
-:func:`minillm.evaluation.runner.run_eval` call (the ``minillm-eval`` protocol: same sets, prompts, sampling seeds).
+:func:`minillm.evaluation.protocol.run_eval` call (the ``minillm-eval`` protocol: same sets, prompts, sampling seeds).
 Outputs: ``OUT/eval/`` (minillm-eval's files), ``OUT/compare.json`` (per method: config, overrides, training
 summary, evaluation means/stds) and ``OUT/compare.md`` (the table, also printed).
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,7 +138,8 @@ def run_comparison(methods: Sequence[str], pair: str, out: str | Path, data: Seq
                    launcher: str = "", skip_trained: bool = False, progress: bool = True,
                    log=print) -> dict[str, Any]:
     """Train every method, evaluate them side by side, write compare.json / compare.md; returns the JSON."""
-    from .evaluation.runner import run_eval, set_names, write_json
+    from .evaluation.protocol import run_eval
+    from .evaluation.runner import set_names, write_json
     from .evaluation.settings import EvalSettings
 
     if not methods:
@@ -173,9 +173,3 @@ def run_comparison(methods: Sequence[str], pair: str, out: str | Path, data: Seq
     (out / "compare.md").write_text(table)
     log(table)
     return result
-
-
-def main_entry(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - exercised through cli.compare
-    from .cli.compare import main
-
-    return main(list(argv) if argv is not None else sys.argv[1:])

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..data.records import DataError
     from ..evaluation.judge import JudgeError
-    from ..evaluation.runner import run_eval
+    from ..evaluation.protocol import run_eval
     from ..models import ModelCompatibilityError
 
     try:

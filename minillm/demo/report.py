@@ -9,10 +9,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Demo
+
+class Demo(Protocol):
+    """What the report reads of a :class:`minillm.demo.pipeline.Demo` run (a protocol: the report never imports the
+    pipeline, which imports the report)."""
+
+    profile: Any
+    paths: Any
+    stages: Any
+    device: str
+    dtype: str
+    teacher_dir: Path
+    eval_models: Any
 
 METRICS = ("rougeL", "teacher_logprob", "reverse_kl_k3", "dist4")
 MODEL_LABELS = {"teacher": "Teacher", "sft": "SFT student", "minillm": "MiniLLM student"}
