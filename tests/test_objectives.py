@@ -50,12 +50,16 @@ def test_divergence_value_and_gradient_equal_the_direct_definition(kind, beta, s
 
 
 def test_jsd_endpoint_limits_and_skew_endpoints():
-    """β → 0/1 makes m equal one of the distributions (JSD → 0, continuously); skew 0 gives plain KL."""
+    """β → 0 makes the unnormalised JSD vanish continuously (JSD_β/β → KL(p‖q)), so β = 0 itself is defined as that
+    limit, the forward KL (GKD/TRL); skew 0 gives plain KL."""
     g = torch.Generator().manual_seed(6)
     s, t = torch.randn(1, 3, 5, generator=g, dtype=torch.float64), torch.randn(1, 3, 5, generator=g, dtype=torch.float64)
     mask = torch.ones(1, 3)
-    near = [L.divergence(s, t, mask, "jsd", beta=b).item() for b in (1e-4, 1e-6, 0.0)]
-    assert near[0] > near[1] > near[2] == 0.0
+    near = [L.divergence(s, t, mask, "jsd", beta=b).item() for b in (1e-4, 1e-6)]
+    assert near[0] > near[1] > 0.0
+    fkl = direct_divergence(s, t, mask, "fkl").item()
+    assert near[1] / 1e-6 == pytest.approx(fkl, rel=1e-4)
+    assert L.divergence(s, t, mask, "jsd", beta=0.0).item() == pytest.approx(fkl, rel=1e-12)
     assert L.divergence(s, t, mask, "sfkl", skew=0.0).item() == pytest.approx(direct_divergence(s, t, mask, "fkl").item())
     assert L.divergence(s, t, mask, "srkl", skew=0.0).item() == pytest.approx(direct_divergence(s, t, mask, "rkl").item())
 
