@@ -202,7 +202,7 @@ class EvalConfig:
     top_p: float = _f(1.0, "Nucleus filter (1.0: off).")
     seed: int = _f(10, "Generation seed, so dev Rouge-L is comparable across evaluations.")
     engine: Literal["auto", "hf", "fast"] = _f(
-        "auto", "Sampler of the sft/kd/seqkd dev answers: hf (transformers generate), fast (minillm.engine with the "
+        "auto", "Sampler of the sft/kd/seqkd dev answers: hf (transformers generate), fast (minillm.generation.engine with the "
         "student alone: static caches and CUDA graphs on CUDA), auto (fast on CUDA, hf on CPU). Same distribution, "
         "different random streams: compare dev Rouge-L only within one engine. method minillm samples its dev "
         "answers with rollout.engine at alpha 0.")
@@ -210,7 +210,7 @@ class EvalConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling of responses during MiniLLM training. Used by ``minillm.rollout``."""
+    """Sampling of responses during MiniLLM training. Used by ``minillm.generation.rollout``."""
 
     num_rollouts: int = _f(256, "Responses sampled per rollout phase, over all ranks.")
     chunk_size: int = _f(16, "Prompts per generation batch on one rank.")
@@ -222,11 +222,11 @@ class RolloutConfig:
     do_sample: bool = _f(True, "Draw y_t ~ p̃ (the method). False takes argmax p̃ per token: deterministic rollouts "
                          "for debugging and for comparing strategies, not for training.")
     engine: Literal["naive", "fast", "speculative"] = _f(
-        "fast", "fast = minillm.engine (one shared Bernoulli(alpha) coin per step picks the model that draws the "
+        "fast", "fast = minillm.generation.engine (one shared Bernoulli(alpha) coin per step picks the model that draws the "
         "token; the teacher runs only on its steps; exact p~ per sequence, rows of a batch share the coins); "
-        "speculative = minillm.speculative (the student drafts rollout.draft_tokens tokens, the teacher verifies "
+        "speculative = minillm.generation.speculative (the student drafts rollout.draft_tokens tokens, the teacher verifies "
         "them in one forward; exact p~ with independent rows; eager only); naive = both models every step "
-        "(minillm.sampling). fast and naive draw identical tokens when alpha is 0 or 1.")
+        "(minillm.generation.sampling). fast and naive draw identical tokens when alpha is 0 or 1.")
     draft_tokens: int = _f(4, "speculative engine: student draft tokens per teacher verification forward.")
     cuda_graphs: bool = _f(True, "fast engine on CUDA: static KV caches and CUDA-graph decode steps (torch.compile).")
 

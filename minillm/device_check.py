@@ -158,8 +158,8 @@ def _decode_and_rescore(student, teacher, ids, mask, tok, *, alpha: float, stati
                         tol: float, seed: int = 1, student_scorer=None) -> str:
     """Sample with the fast engine, then re-score every response with one teacher-forced forward per model
     (``student_scorer``, default ``student``: the model whose log-probs the student's should be)."""
-    from .engine import fast_mixed_sample
-    from .sampling import teacher_forced_logprobs
+    from .generation.engine import fast_mixed_sample
+    from .generation.sampling import teacher_forced_logprobs
 
     device = ids.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -252,7 +252,8 @@ def _check_autocast(paths, device, dtype: torch.dtype) -> str:
 
 def _check_chunked_losses(device, dtype: torch.dtype | None) -> str:
     """Chunked (fused and checkpointed) single-step KL and PT loss against the plain losses: values and gradients."""
-    from . import chunked_losses, losses
+    from .losses import chunked as chunked_losses
+    from . import losses
 
     gen = torch.Generator(device=device).manual_seed(0)
     b, length, h, ht, v = 3, 7, 16, 24, 97

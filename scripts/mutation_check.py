@@ -39,20 +39,20 @@ class Mutation:
 
 
 MUTATIONS = (
-    # ---- MiniLLM: scoring (minillm/rollout.py)
-    Mutation("reward-sign", "minillm/rollout.py",
+    # ---- MiniLLM: scoring (minillm/generation/rollout.py)
+    Mutation("reward-sign", "minillm/generation/rollout.py",
              "rewards = losses.token_rewards(reward_teacher_lp, old,", "rewards = losses.token_rewards(old, reward_teacher_lp,",
              ("tests/test_reward_temperature.py", "tests/test_training_direction.py"),
              "reward = log q − log p instead of log p − log q"),
-    Mutation("alpha-in-weights", "minillm/rollout.py",
+    Mutation("alpha-in-weights", "minillm/generation/rollout.py",
              "weights = losses.importance_weights(old, teacher_lp, mask, alpha)",
              "weights = losses.importance_weights(old, teacher_lp, mask, 0.0)",
              ("tests/test_reward_temperature.py",), "importance weights computed with α = 0 (all ones)"),
-    Mutation("discounting", "minillm/rollout.py",
+    Mutation("discounting", "minillm/generation/rollout.py",
              "returns = losses.long_range_advantages(rewards, mask, gamma=gamma,",
              "returns = losses.long_range_advantages(rewards, mask, gamma=1.0,",
              ("tests/test_reward_temperature.py",), "γ ignored in the long-range returns"),
-    Mutation("length-norm", "minillm/rollout.py",
+    Mutation("length-norm", "minillm/generation/rollout.py",
              "length_norm=length_norm,\n", "length_norm=False,\n",
              ("tests/test_reward_temperature.py",), "length normalisation of the returns ignored"),
     # ---- MiniLLM: learning (minillm/trainers/minillm.py)

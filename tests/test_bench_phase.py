@@ -1,4 +1,4 @@
-"""The measured whole phase (minillm.bench_phase, ``minillm-bench --phase``).
+"""The measured whole phase (minillm.bench.phase, ``minillm-bench --phase``).
 
 Oracles: at α ∈ {0, 1} the naive and fast engines draw the same tokens from the same generator, and chunked
 losses and reused teacher states equal the plain ones, so one whole phase under the naive and the fast
@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_sampling import tiny_llama
 
-from minillm.bench_phase import PhaseSetup, RandomTokenCorpus, measure_phases, phase_trainer, random_prompts
+from minillm.bench.phase import PhaseSetup, RandomTokenCorpus, measure_phases, phase_trainer, random_prompts
 from minillm.cli.bench import main as bench_main
 
 VOCAB = 40
@@ -133,7 +133,7 @@ def test_kl_target_chunked_needs_a_fraction_of_the_plain_memory():
     each chunk's [c, V] tensors are above glibc's 32 MB mmap threshold, so freed chunks leave the resident set), the chunked
     single-step KL computes the same value with well under half the plain version's peak (fresh processes,
     ru_maxrss growth over the step; a first backward's fixed ~0.25 GB of runtime buffers is in both)."""
-    from minillm.bench_kl import measure_kl_target
+    from minillm.bench.kl import measure_kl_target
 
     result = measure_kl_target(batch=16, length=512, vocab=16000, student_hidden=64, teacher_hidden=128,
                                chunk_size=1024, variants=("chunked",))

@@ -1,4 +1,4 @@
-"""The trainers' chunked vocabulary-wide losses (``minillm.chunked_losses``, ``kd.chunked``) equal the plain ones.
+"""The trainers' chunked vocabulary-wide losses (``minillm.losses.chunked``, ``kd.chunked``) equal the plain ones.
 
 Through the real code paths: ``MiniLLMTrainer.micro_batch_loss`` (PPO term, single-step KL, PT loss with its KD
 half), ``score_samples`` (teacher and old-student log-probs) and ``SFTTrainer.compute_loss`` (CE + KD at a
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minillm.config import load_config
-from minillm.rollout import score_samples
+from minillm.generation.rollout import score_samples
 from minillm.strategy import build_strategy
 
 REPO_CONFIGS = "configs/tiny"

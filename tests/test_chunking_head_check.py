@@ -1,4 +1,4 @@
-"""The first-call check of ``minillm.chunking.hidden_and_head`` in half precision.
+"""The first-call check of ``minillm.losses.heads.hidden_and_head`` in half precision.
 
 The check compares the head applied to the last hidden state with the logits the model itself returned. In bf16
 and fp16 two evaluations of one head legitimately differ by a few ulps: on CUDA, cuBLAS chooses kernels by
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm import chunking
+from minillm.losses import heads as chunking
 from minillm.models import tiny_llama
 
 V = 256

@@ -22,8 +22,8 @@ from test_engine import assert_logprobs_close
 from test_sampling import PAD, left_padded_prompts, tiny_gpt2, tiny_llama
 
 from conftest import REPO
-from minillm import engine
-from minillm.engine import fast_mixed_sample
+from minillm.generation import engine
+from minillm.generation.engine import fast_mixed_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -164,7 +164,7 @@ def eager_reference(student, teacher, seed=0):
 
 
 def warnings_about(caplog, switch: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "minillm.engine" and switch in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "minillm.generation.engine" and switch in r.getMessage()]
 
 
 def test_a_compiled_step_that_fails_part_way_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
@@ -185,7 +185,7 @@ def test_a_compiled_step_that_fails_part_way_falls_back_to_eager_with_one_warnin
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     ids, mask, plain = eager_reference(student, teacher)
-    with caplog.at_level(logging.WARNING, logger="minillm.engine"):
+    with caplog.at_level(logging.WARNING, logger="minillm.generation.engine"):
         for _ in range(2):
             fast = run(student, teacher, ids, mask, 0, forced=True, alpha=0.4, max_new_tokens=8)
             assert_same_rollout(fast, plain, 0.4)
@@ -202,7 +202,7 @@ def test_a_failing_static_cache_falls_back_to_the_dynamic_cache_with_one_warning
     monkeypatch.setattr(transformers, "StaticCache", broken)
     student, teacher = tiny_llama(VOCAB, seed=5), tiny_gpt2(VOCAB, seed=6, head_std=0.5)
     ids, mask, plain = eager_reference(student, teacher, seed=1)
-    with caplog.at_level(logging.WARNING, logger="minillm.engine"):
+    with caplog.at_level(logging.WARNING, logger="minillm.generation.engine"):
         for _ in range(2):
             fast = run(student, teacher, ids, mask, 1, forced=True, alpha=0.4, max_new_tokens=8)
             assert_same_rollout(fast, plain, 0.4)
@@ -225,7 +225,7 @@ def test_past_the_recompile_limit_new_shapes_decode_eagerly_with_one_warning(mon
     monkeypatch.setattr(torch, "compile", lambda function, **config: original(function, backend=counting_backend))
     student = tiny_llama(VOCAB, seed=7)
     # config.patch, not monkeypatch: the config module's attributes do not survive monkeypatch's undo
-    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="minillm.engine"):
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="minillm.generation.engine"):
         for lengths in ([3, 5], [2, 4, 1], [1, 6, 2], [4, 4]):  # batch sizes 2, 3, 3, 2
             ids, mask = left_padded_prompts(VOCAB, lengths, seed=0)
             plain = run(student, None, ids, mask, 0, forced=False, alpha=0.0)
@@ -242,7 +242,7 @@ PLANTED = textwrap.dedent("""
     import torch
     sys.path.insert(0, "tests")
     from test_sampling import PAD, left_padded_prompts, tiny_llama
-    from minillm.engine import fast_mixed_sample
+    from minillm.generation.engine import fast_mixed_sample
     from minillm.runtime import run_main
 
     def main():

@@ -51,7 +51,7 @@ def test_stale_sampling_copy_is_caught(workspace, monkeypatch):
 
 def test_wrong_decoder_log_probs_are_caught(workspace, monkeypatch):
     """A decoder whose reported log-probs do not match its tokens (what a stale cache produces) fails the check."""
-    from minillm import engine
+    from minillm.generation import engine
 
     real = engine._LazyLM.finish
 
@@ -65,7 +65,7 @@ def test_wrong_decoder_log_probs_are_caught(workspace, monkeypatch):
 
 def test_a_logged_fallback_is_reported_as_fell_back():
     def check():
-        logging.getLogger("minillm.engine").warning("rollout.cuda_graphs: compiling failed (boom); falling back "
+        logging.getLogger("minillm.generation.engine").warning("rollout.cuda_graphs: compiling failed (boom); falling back "
                                                     "to eager decoding")
         return "decoded"
 

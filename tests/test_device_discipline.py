@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from minillm import losses
-from minillm.rollout import Rollout
+from minillm.generation.rollout import Rollout
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minillm"
 
@@ -41,9 +41,9 @@ HOST_SIDE = {
                                                 "rows chunk by chunk to the loss's device",
     "data/sampler.py::ResumableSampler.epoch_indices": "index permutation for a DataLoader sampler, host-side",
     # argument validation: a 1x1 dummy through the warpers before any forward, never mixed with model outputs
-    "engine.py::check_engine_inputs": "validates warper settings on a 1x1 CPU dummy",
-    "sampling.py::mixed_sample": "validates warper settings on a 1x1 CPU dummy",
-    "sampling.py::teacher_forced_logprobs": "validates warper settings on a 1x1 CPU dummy",
+    "generation/engine.py::check_engine_inputs": "validates warper settings on a 1x1 CPU dummy",
+    "generation/sampling.py::mixed_sample": "validates warper settings on a 1x1 CPU dummy",
+    "generation/sampling.py::teacher_forced_logprobs": "validates warper settings on a 1x1 CPU dummy",
     # analyses run after generation on CPU copies of the outputs
     "evaluation/analysis.py::_as_1d": "post-hoc analysis on CPU lists",
     "evaluation/analysis.py::_right_pad": "post-hoc analysis on CPU lists",
@@ -59,11 +59,11 @@ HOST_SIDE = {
     "trainers/student_data.py::StudentData._coin_generator": "CPU coin stream, identical on every rank and device",
     "trainers/student_data.py::StudentData.choose": "CPU coin stream, identical on every rank and device",
     # benchmarks draw their synthetic inputs on the CPU with a seeded CPU generator, then move them
-    "bench.py::run_benchmark": "seeded synthetic prompts, moved to the device after",
-    "bench_kl.py::_inputs": "seeded synthetic inputs, moved to the device after",
-    "bench_kl.py::_inputs.randn": "seeded synthetic inputs, moved to the device after",
-    "bench_phase.py::RandomTokenCorpus.__init__": "seeded synthetic corpus, a CPU dataset",
-    "bench_phase.py::random_prompts": "seeded synthetic prompts, moved to the device after",
+    "bench/parts.py::run_benchmark": "seeded synthetic prompts, moved to the device after",
+    "bench/kl.py::_inputs": "seeded synthetic inputs, moved to the device after",
+    "bench/kl.py::_inputs.randn": "seeded synthetic inputs, moved to the device after",
+    "bench/phase.py::RandomTokenCorpus.__init__": "seeded synthetic corpus, a CPU dataset",
+    "bench/phase.py::random_prompts": "seeded synthetic prompts, moved to the device after",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tests of minillm.engine: the fast teacher-mixed sampler (shared per-step coin, lazy catch-up, static caches).
+"""Tests of minillm.generation.engine: the fast teacher-mixed sampler (shared per-step coin, lazy catch-up, static caches).
 
 Oracles: the naive loop (token for token at α ∈ {0, 1}, where neither draws a coin; in distribution otherwise),
 exact processed distributions from plain unpadded forwards (chi-square on first tokens and token pairs, given
@@ -15,8 +15,9 @@ import torch
 from test_sampling import (EOS, PAD, batch_of, bigram_llama, chi_square, chi_square_or_impossible, critical_value,
                            exact_next_token, left_padded_prompts, tiny_gpt2, tiny_llama)
 
-from minillm.engine import FastSampleOutput, fast_mixed_sample, left_pad_to_bucket, sample_rollouts
-from minillm.sampling import mixed_sample, teacher_forced_logprobs
+from minillm.generation.engine import FastSampleOutput, fast_mixed_sample, left_pad_to_bucket
+from minillm.generation.dispatch import sample_rollouts
+from minillm.generation.sampling import mixed_sample, teacher_forced_logprobs
 
 WARPED = dict(temperature=0.7, top_k=6, top_p=0.9)
 VOCAB = 10
@@ -287,7 +288,7 @@ def test_compiled_decode_steps_match_eager_and_are_not_recompiled_per_prompt_wid
     step: with prompt bucketing turned off (bucket 1) that second batch recompiles, which this test catches."""
     import torch._dynamo
 
-    monkeypatch.setattr("minillm.engine.STATIC_PROMPT_BUCKET", bucket)
+    monkeypatch.setattr("minillm.generation.engine.STATIC_PROMPT_BUCKET", bucket)
     torch._dynamo.reset()  # dynamo's per-function state (sizes seen, shapes made dynamic) must not leak in
     student, teacher = tiny_llama(32, seed=1), tiny_llama(32, seed=2)
     first = _compiled_rollout(student, teacher, [3, 5, 1], seed=0)

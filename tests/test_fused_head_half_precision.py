@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm import chunked_losses as CL
+from minillm.losses import chunked as CL
 
 N, H, H_T, V, CHUNK = 256, 32, 16, 256, 64  # 4 chunks; a 1/256 share of the mean per token
 KD_RATIO = 0.3

@@ -14,8 +14,9 @@ import logging
 import pytest
 import torch
 
-from minillm import chunked_losses, losses
-from minillm.chunking import chunked_head_matches, hidden_and_head
+from minillm.losses import chunked as chunked_losses
+from minillm import losses
+from minillm.losses.heads import chunked_head_matches, hidden_and_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

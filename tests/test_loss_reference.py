@@ -17,7 +17,7 @@ import torch
 
 from minillm.cli.train import build_trainer
 from minillm.config import load_config
-from minillm.rollout import Rollout
+from minillm.generation.rollout import Rollout
 from minillm.strategy import build_strategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from minillm import chunked_losses as CL
+from minillm.losses import chunked as CL
 from minillm import losses as L
 
 LN2 = math.log(2.0)
@@ -578,7 +578,7 @@ def test_fused_chunks_through_a_tied_lm_head_give_the_plain_gradients():
     must add up in the one shared parameter, as in the plain backward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minillm.chunking import hidden_and_head
+    from minillm.losses.heads import hidden_and_head
 
     config = GPT2Config(vocab_size=61, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(0)

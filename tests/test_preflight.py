@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from minillm.cli.check import main as check_main
 from minillm.cli.train import main as train_main

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minillm.models import tiny_llama
-from minillm.rollout import score_samples
+from minillm.generation.rollout import score_samples
 
 T, SCALE, ALPHA = 0.6, 0.5, 0.2
 

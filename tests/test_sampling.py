@@ -1,4 +1,4 @@
-"""Tests of minillm.sampling: the warpers, the teacher-mixed decoding loop, and teacher-forced scoring.
+"""Tests of minillm.generation.sampling: the warpers, the teacher-mixed decoding loop, and teacher-forced scoring.
 
 The oracles: HF's own warpers and ``generate`` (greedy, α = 0), full-sequence forwards without a cache
 (log-probs), exact p̃ from unpadded forwards (chi-square on thousands of draws), and a hand-built bigram model
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm.sampling import SampleOutput, mixed_sample, process_logits, teacher_forced_logprobs
+from minillm.generation.sampling import SampleOutput, mixed_sample, process_logits, teacher_forced_logprobs
 
 PAD, EOS = 0, 1
 
@@ -447,9 +447,10 @@ def test_every_sampling_and_scoring_entry_point_records_no_autograd():
     """Called with grad enabled on trainable models (a benchmark, a notebook), sampling and scoring must not record
     autograd: the naive loop's dynamic caches would otherwise keep every step's graph (memory ∝ length²). Only
     ``rollout.response_logits`` keeps grad on purpose (the learning phase differentiates through it)."""
-    from minillm.engine import ENGINES, fast_mixed_sample, sample_rollouts
-    from minillm.rollout import score_samples
-    from minillm.speculative import speculative_mixed_sample
+    from minillm.generation.dispatch import ENGINES, sample_rollouts
+    from minillm.generation.engine import fast_mixed_sample
+    from minillm.generation.rollout import score_samples
+    from minillm.generation.speculative import speculative_mixed_sample
 
     student, teacher = tiny_llama(16, seed=0).train(), tiny_gpt2(16, seed=1, head_std=0.5).train()
     assert all(p.requires_grad for p in student.parameters()) and torch.is_grad_enabled()

@@ -94,7 +94,7 @@ def test_config_refuses_a_copy_that_cannot_apply(tmp_path, overrides):
 
 def test_trainer_rollouts_decode_the_current_weights_cast(tmp_path):
     from minillm.cli.train import build_trainer
-    from minillm.rollout import pad_responses
+    from minillm.generation.rollout import pad_responses
 
     cfg, strategy = strategy_for(tmp_path, "student.dtype=bf16", "strategy.sampling_copy=true",
                                  "rollout.do_sample=false", "rollout.teacher_mix_alpha=0", "train.eval_interval=0",
@@ -127,7 +127,7 @@ def test_compiled_decode_steps_follow_the_refreshed_weights_without_recompiling(
     import torch._dynamo
     from test_engine import PAD, left_padded_prompts
 
-    from minillm.engine import fast_mixed_sample
+    from minillm.generation.engine import fast_mixed_sample
 
     torch._dynamo.reset()
     source, teacher = tiny_llama(32, seed=1), tiny_llama(32, seed=2)
@@ -162,8 +162,8 @@ def test_cuda_graph_steps_on_a_bf16_copy_follow_refreshes():
     (teacher-forced, eager), an order of magnitude closer to them than to the old weights'."""
     from test_engine import PAD, left_padded_prompts
 
-    from minillm.engine import fast_mixed_sample
-    from minillm.sampling import teacher_forced_logprobs
+    from minillm.generation.engine import fast_mixed_sample
+    from minillm.generation.sampling import teacher_forced_logprobs
 
     source = tiny_llama(64, seed=1).cuda()
     teacher = tiny_llama(64, seed=2).cuda().to(BF16)

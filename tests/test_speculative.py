@@ -1,4 +1,4 @@
-"""Tests of minillm.speculative: teacher-mixed sampling with the student drafting and the teacher verifying.
+"""Tests of minillm.generation.speculative: teacher-mixed sampling with the student drafting and the teacher verifying.
 
 Oracles: exact whole-sequence p̃ tables enumerated from plain unpadded forwards (chi-square on thousands of draws),
 the product of those tables for pairs of rows (independence), the naive loop (homogeneity on a left-padded batch;
@@ -18,9 +18,9 @@ from test_engine import homogeneity
 from test_sampling import (EOS, PAD, batch_of, bigram_llama, chi_square, chi_square_or_impossible, critical_value,
                            exact_next_token, left_padded_prompts, teacher_mask, tiny_gpt2, tiny_llama)
 
-from minillm.engine import fast_mixed_sample
-from minillm.sampling import SampleOutput, mixed_sample, teacher_forced_logprobs
-from minillm.speculative import SpeculativeSampleOutput, _SlotLM, speculative_mixed_sample
+from minillm.generation.engine import fast_mixed_sample
+from minillm.generation.sampling import SampleOutput, mixed_sample, teacher_forced_logprobs
+from minillm.generation.speculative import SpeculativeSampleOutput, _SlotLM, speculative_mixed_sample
 
 VOCAB = 6
 WARPED = dict(temperature=0.7, top_k=4, top_p=0.9)

@@ -1,4 +1,4 @@
-"""Top-k teacher rows (minillm.topk.TopKLogprobs) in the chunked losses.
+"""Top-k teacher rows (minillm.losses.topk.TopKLogprobs) in the chunked losses.
 
 Oracle: a TopKLogprobs must act exactly like the dense [B, L, V] tensor it stands for (expand_topk of all rows),
 for every chunked loss that takes ``teacher_logprobs``, values and gradients, whatever the chunking, while only
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm import chunked_losses
+from minillm.losses import chunked as chunked_losses
 from minillm.losses import IGNORE_INDEX
-from minillm.topk import TopKLogprobs, expand_topk
+from minillm.losses.topk import TopKLogprobs, expand_topk
 
 B, L, H, V, K = 3, 7, 8, 40, 6
 
@@ -84,7 +84,7 @@ def test_chunked_losses_take_topk_rows_as_the_dense_tensor(name, fused):
 
 def test_only_a_chunks_rows_are_expanded(monkeypatch):
     """The expansion never sees more than chunk_size rows at once (no [B, L, V] tensor is built)."""
-    import minillm.topk as topk_module
+    import minillm.losses.topk as topk_module
 
     seen = []
     original = topk_module.expand_topk

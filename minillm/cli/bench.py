@@ -20,7 +20,6 @@ reports it as ``phases.phase_measured`` next to the composed ``phases.phase_esti
 from __future__ import annotations
 
 import argparse
-import sys
 
 # name → (transformers model_type, config fields). Published shapes; vocabularies as released.
 SHAPES: dict[str, tuple[str, dict]] = {

@@ -2,7 +2,7 @@
 
 Word-level KD and SeqKD train on fixed sequences for many epochs (10 to 20 in the paper's recipes), and the
 teacher's distribution at each response position never changes, so running the teacher at every micro-step
-repeats the same forward once per epoch. The cache stores it once, as top-k rows (:mod:`minillm.topk`: the tail
+repeats the same forward once per epoch. The cache stores it once, as top-k rows (:mod:`minillm.losses.topk`: the tail
 mass spread evenly over the other entries, exact when k equals the vocabulary), and the trainer then never
 holds the teacher on a GPU.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..topk import TopKLogprobs
+from ..losses.topk import TopKLogprobs
 from .collate import IGNORE_INDEX, SFTCollator
 from .instruction import SFTDataset
 from .records import DataError

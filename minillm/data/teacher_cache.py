@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..topk import TopKLogprobs, expand_topk
+from ..losses.topk import TopKLogprobs, expand_topk
 from .pretrain import PackedCorpus
 from .records import DataError
 

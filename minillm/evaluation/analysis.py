@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..losses.heads import sequence_inputs
+
 __all__ = [
     "calibration_bins",
     "expected_calibration_error",
@@ -293,14 +295,6 @@ def exposure_bias_curve(kl_free: Tensor, mask_free: Tensor, kl_oracle: Tensor, m
             "n_free": n_free, "n_oracle": n_oracle}
 
 
-def _sequence_inputs(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor) -> dict[str, Tensor]:
-    """[prompt; response] with left-padded prompts: position ids count attended tokens only."""
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-
-
 @torch.no_grad()
 def response_forward_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                         response_mask: Tensor, batch_size: int = 8, vocab_size: int | None = None) -> Tensor:
@@ -324,7 +318,7 @@ def response_forward_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tenso
     with _EvalMode(student), _EvalMode(teacher):
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
-            inputs = _sequence_inputs(prompt_ids[rows], prompt_mask[rows], response_ids[rows])
+            inputs = sequence_inputs(prompt_ids[rows], prompt_mask[rows].long(), response_ids[rows])
             # Column P−1+t predicts response token t.
             s_logits = student(**{k: v.to(s_dev) for k, v in inputs.items()}).logits[:, width - 1: width - 1 + length]
             t_logits = teacher(**{k: v.to(t_dev) for k, v in inputs.items()}).logits[:, width - 1: width - 1 + length]
@@ -360,7 +354,7 @@ def exposure_bias(student, teacher, free_run: Any, oracle: Any, batch_size: int 
 
     ``free_run`` holds responses sampled from the student, ``oracle`` responses sampled from the teacher, for
     the same kind of prompts; each is a mapping or object with ``prompt_ids``, ``prompt_mask``,
-    ``response_ids`` and ``response_mask`` in the rollout layout (a :class:`minillm.rollout.Rollout` works).
+    ``response_ids`` and ``response_mask`` in the rollout layout (a :class:`minillm.generation.rollout.Rollout` works).
     Both models are run teacher-forced on both sets; the result also carries the tables ``kl_free`` [N, L1]
     and ``kl_oracle`` [M, L2].
     """

@@ -33,7 +33,7 @@ class GeneratedBatch:
 
 def resolve_engine(engine: str, device: torch.device, *, no_repeat_ngram_size: int = 0,
                    synced_gpus: bool = False) -> str:
-    """``hf`` (Hugging Face ``generate``) or ``fast`` (:func:`minillm.engine.fast_mixed_sample` at α = 0: the
+    """``hf`` (Hugging Face ``generate``) or ``fast`` (:func:`minillm.generation.engine.fast_mixed_sample` at α = 0: the
     student alone, with static caches and CUDA graphs on CUDA). ``auto`` picks ``fast`` on CUDA unless HF is
     needed: ``--no-repeat-ngram-size`` (HF's logits processor) or ZeRO-3 (``synced_gpus``: ranks that finish
     early must keep joining the others' parameter gathers). Both draw from the same distribution; their random
@@ -49,7 +49,7 @@ def resolve_engine(engine: str, device: torch.device, *, no_repeat_ngram_size: i
 def _fast_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                    do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """[B, ≤ max_new_tokens] responses from the rollout engine at α = 0 (the global RNG, seeded by the caller)."""
-    from ..engine import fast_mixed_sample
+    from ..generation.engine import fast_mixed_sample
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None

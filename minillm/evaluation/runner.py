@@ -251,7 +251,7 @@ def teacher_scores(model, teacher, tokenizer, batches, ctx: EvalContext) -> list
     T = 1 (no top-k/top-p), as the MiniLLM trainer's dev evaluation does.
     """
     from ..losses import k3_reverse_kl, response_mask
-    from ..sampling import teacher_forced_logprobs
+    from ..generation.sampling import teacher_forced_logprobs
 
     out = []
     for b in batches:

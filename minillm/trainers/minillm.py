@@ -5,7 +5,7 @@ One *phase* of training:
 1. **rollout**: sample ``rollout.num_rollouts`` responses (this rank's share) from the teacher-mixed
    distribution p̃ = (1−α)·q_θ + α·p with the current student, in eval mode (no dropout);
 2. **score**: teacher and old-student log-probs, importance weights w = q_old/p̃, rewards
-   r_t = (log p − log q_old)/scale, long-range returns (``minillm.rollout.score_samples``);
+   r_t = (log p − log q_old)/scale, long-range returns (``minillm.generation.rollout.score_samples``);
 3. **learn**: ``minillm.ppo_epochs`` passes over the shuffled buffer in micro-batches; each micro-step adds
    the PPO-clipped long-range term (advantages whitened per micro-batch, statistics all-reduced over ranks),
    the exact single-step KL over the vocabulary, and ``ptx_coef`` × the pre-training loss on a corpus batch;
@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import chunked_losses, losses
-from ..chunking import chunked_head_matches, global_chunk_count, hidden_and_head, lm_head, response_hidden
+from ..losses import chunked as chunked_losses
+from .. import losses
+from ..losses.heads import chunked_head_matches, global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
-from ..engine import sample_rollouts
+from ..generation.dispatch import sample_rollouts
 from ..evaluation import rouge_l
-from ..rollout import Rollout, pad_responses, response_logits, score_samples
-from ..sampling import teacher_forced_logprobs
+from ..generation.rollout import Rollout, pad_responses, response_logits, score_samples
+from ..generation.sampling import teacher_forced_logprobs
 from ..tracking import MetricsLogger, get_logger
 from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,

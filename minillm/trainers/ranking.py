@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from .. import chunked_losses, losses
-from ..chunking import global_chunk_count, hidden_and_head, response_hidden
-from ..rollout import Rollout, response_logits
+from ..losses import chunked as chunked_losses
+from .. import losses
+from ..losses.heads import global_chunk_count, hidden_and_head, response_hidden
+from ..generation.rollout import Rollout, response_logits
 from .common import to_device
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import chunked_losses, losses
+from ..losses import chunked as chunked_losses
+from .. import losses
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
 from ..evaluation import rouge_l
@@ -152,7 +153,7 @@ class SFTTrainer:
     def _chunked_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """``compute_loss`` from hidden states + LM heads, ``kd.chunk_size`` positions at a time: the same values
         (to fp32 rounding) without [B, L, V] fp32 logits of either model (DESIGN §4 memory note)."""
-        from ..chunking import global_chunk_count, hidden_and_head
+        from ..losses.heads import global_chunk_count, hidden_and_head
 
         kd, strategy = self.cfg.kd, self.strategy
         trim = self.alignment.trim if self.alignment is not None else (lambda x: x)

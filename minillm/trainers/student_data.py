@@ -24,7 +24,7 @@ responses are replaced by responses the *student* samples for the same prompts, 
 Sampled batches have the SFT layout: ``input_ids`` = prompt + response without its last token, ``labels`` = the
 response tokens up to and including the first EOS (every sampled token when no EOS came within
 ``kd.student_max_new_tokens``), −100 on the prompt and on padding. Samples are drawn with
-:func:`minillm.sampling.mixed_sample` at α = 0 (pure student, eval mode, no grad; previous modes restored).
+:func:`minillm.generation.sampling.mixed_sample` at α = 0 (pure student, eval mode, no grad; previous modes restored).
 
 Determinism and resume: the per-micro-batch coin and the replay draw come from a generator seeded by
 (seed, micro-batch counter), identical on every rank, so every rank makes the same choice (a rank sampling
@@ -43,7 +43,7 @@ import torch
 
 from ..data.collate import IGNORE_INDEX
 from ..data.instruction import sft_item
-from ..sampling import mixed_sample
+from ..generation.sampling import mixed_sample
 
 FIXED, FRESH, REPLAY = "data", "student", "replay"
 

@@ -35,7 +35,7 @@ whitening, α = 0 and no clipping, the expected update of Σ_t [−A_t·ρ_t + K
 proves this by enumeration.
 
 The memory-lean twins of the vocabulary-wide losses (hidden states + LM head, chunk by chunk) live in
-:mod:`minillm.chunked_losses`.
+:mod:`minillm.losses.chunked`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ from typing import Callable, Sequence
 import torch
 
 Tensor = torch.Tensor
+
+__all__ = ["IGNORE_INDEX", "DIVERGENCES", "masked_mean", "token_logprobs", "response_mask", "mix_probs",
+           "importance_weights", "token_rewards", "long_range_advantages", "whiten", "k3_reverse_kl",
+           "ppo_clip_loss", "single_step_kl", "pt_loss", "divergence", "sequence_logprobs", "ranking_loss"]
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")

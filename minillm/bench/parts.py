@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import chunked_losses, losses
-from .chunking import response_hidden
-from .engine import fast_mixed_sample
-from .rollout import response_logits
-from .sampling import mixed_sample
+from ..losses import chunked as chunked_losses
+from .. import losses
+from ..losses.heads import response_hidden
+from ..generation.engine import fast_mixed_sample
+from ..generation.rollout import response_logits
+from ..generation.sampling import mixed_sample
 
 
 def _sync(device: torch.device) -> None:
@@ -211,7 +212,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     rollout["fast_student_only"] = rollout_entry(secs, peak, out.student_forwards, 0)
     rollout["fast_student_only"]["cuda_graphs"] = graphs
     if args.draft_tokens > 0:  # the speculative engine: independent rows, eager only
-        from .speculative import speculative_mixed_sample
+        from ..generation.speculative import speculative_mixed_sample
 
         secs, out, peak = _timed(device, lambda: speculative_mixed_sample(
             student, teacher, prompts, prompt_mask, generator=seeded(), score=False, draft_tokens=args.draft_tokens,
@@ -374,8 +375,8 @@ def _head_sizes(shape: tuple[str, dict] | None, path: str | None) -> tuple[int, 
 
 
 def _kl_target(args, shapes, s_name, t_name, device, dtype) -> dict:
-    """The single-step KL at ``--kl-target BxL`` with the models' head sizes (:mod:`minillm.bench_kl`)."""
-    from .bench_kl import measure_kl_target
+    """The single-step KL at ``--kl-target BxL`` with the models' head sizes (:mod:`minillm.bench.kl`)."""
+    from .kl import measure_kl_target
 
     try:
         batch, length = (int(x) for x in (args.kl_target or "16x512").lower().split("x"))
@@ -389,10 +390,10 @@ def _kl_target(args, shapes, s_name, t_name, device, dtype) -> dict:
 
 
 def _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens, train_batch) -> dict:
-    """One whole phase per configuration through the trainer (:mod:`minillm.bench_phase`). The models keep the
+    """One whole phase per configuration through the trainer (:mod:`minillm.bench.phase`). The models keep the
     bench's dtype: on CUDA the student trains in bf16 weights under bf16 autocast, the compute DeepSpeed's bf16
     mode does (its fp32 master weights live in the optimizer, which this leaves out)."""
-    from .bench_phase import PhaseSetup, measure_phases
+    from .phase import PhaseSetup, measure_phases
 
     rollouts = args.phase_rollouts or 4 * batch
     setup = PhaseSetup(num_rollouts=rollouts, chunk_size=batch, micro_batch=train_batch, ppo_epochs=args.ppo_epochs,
