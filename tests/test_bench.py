@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from minillm.bench import measure_ceilings
+from minillm.bench.parts import measure_ceilings
 from minillm.cli.bench import DEVICES, PRESETS, SHAPES, main
 
 
@@ -118,7 +118,7 @@ def test_bf16_run_times_the_rollout_without_the_sampling_copy(tmp_path):
 
 def test_measured_ceilings_are_consistent_with_their_own_timings(monkeypatch):
     """The ceilings are bytes (read + written) and 2·n³ FLOPs over the median of the timed calls."""
-    import minillm.bench as bench
+    import minillm.bench.parts as bench
 
     timings = iter([0.5, 0.25])  # the copy, then the matmul
 

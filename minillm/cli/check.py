@@ -81,14 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="  %(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per tiny model would bury the rows
     print(f"minillm-check --device on {device}: {_environment(device)}", flush=True)
-    results = run_device_checks(device, scratch=args.scratch, compiled_on_cpu=args.compiled_on_cpu,
-                                distributed=True if args.distributed else None,
-                                report=lambda r: print(f"  {r.status:<9} {r.name} ({r.seconds:.1f}s)", flush=True))
+    # warnings of the library while the checks run, on this command's stderr; the handler goes when they are done
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("  %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("minillm")
+    logger.addHandler(handler)
+    try:
+        results = run_device_checks(device, scratch=args.scratch, compiled_on_cpu=args.compiled_on_cpu,
+                                    distributed=True if args.distributed else None,
+                                    report=lambda r: print(f"  {r.status:<9} {r.name} ({r.seconds:.1f}s)", flush=True))
+    finally:
+        logger.removeHandler(handler)
     print()
     print(format_table(results))
     if args.json:
