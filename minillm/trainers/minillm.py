@@ -398,6 +398,15 @@ class MiniLLMTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
+        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
+        # imported here, not in the module's import block (which another change reorganises)
+        from .preemption import StopControl
+
+        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
+            return self._train(resume_from)
+
+    def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy, t = self.cfg, self.strategy, self.cfg.train
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -429,6 +438,10 @@ class MiniLLMTrainer:
                     self.save()
                 if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                     return stop_early(self, bar)
+                if self.step < self.total_steps and self.stopper.should_stop():
+                    from .common import stop_gracefully
+
+                    return stop_gracefully(self, bar, self.stopper.reason)
             if self.micro_index >= self.micro_per_epoch:
                 self._end_ppo_epoch()
         if bar is not None:
@@ -560,8 +573,11 @@ class MiniLLMTrainer:
         return state
 
     def save(self) -> None:
+        from .preemption import measure_save
+
         directory = self.output_dir / "checkpoints" / f"step-{self.step}"
-        with self.timer("save"):
+        self.saved_step = self.step
+        with self.timer("save"), measure_save(getattr(self, "stopper", None)):
             save_checkpoint(directory, self.strategy, self.tokenizer, self.state_dict(),
                             self.cfg.train.keep_checkpoints, self.output_dir, extra=self._buffer_files())
 

@@ -178,6 +178,15 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
+        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
+        # imported here, not in the module's import block (which another change reorganises)
+        from .preemption import StopControl
+
+        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
+            return self._train(resume_from)
+
+    def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -228,6 +237,10 @@ class SFTTrainer:
                 self.save()
             if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                 return stop_early(self, bar)
+            if self.step < self.total_steps and self.stopper.should_stop():
+                from .common import stop_gracefully
+
+                return stop_gracefully(self, bar, self.stopper.reason)
         if bar is not None:
             bar.close()
         self.save()
@@ -307,7 +320,10 @@ class SFTTrainer:
                 "world_size": self.strategy.world_size}
 
     def save(self) -> None:
-        with self.timer("save"):
+        from .preemption import measure_save
+
+        self.saved_step = self.step
+        with self.timer("save"), measure_save(getattr(self, "stopper", None)):
             extra = {} if self.student_data is None else {  # per rank: the replay buffer differs between ranks
                 f"student-data-rank{self.strategy.rank}.pt": self.student_data.state_dict()}
             save_checkpoint(self.output_dir / "checkpoints" / f"step-{self.step}", self.strategy, self.tokenizer,
