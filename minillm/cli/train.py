@@ -85,7 +85,11 @@ def preflight_passes(cfg) -> bool:
     for finding in findings:  # dtype advice is logged by build_trainer, on the device the run really got
         if first and finding.severity != "info" and finding.check != "dtype":
             print(f"minillm-train pre-flight: {finding.line()}", file=sys.stderr)
-    return not any(f.severity == ERROR for f in findings)
+    errors = sum(f.severity == ERROR for f in findings)
+    if errors and first:
+        print(f"minillm-train: error: the pre-flight check found {errors} error(s), listed above; fix them, or "
+              "pass --no-preflight to train anyway", file=sys.stderr)
+    return not errors
 
 
 def run(cfg, resume: str | None = None) -> int:
@@ -101,10 +105,13 @@ def run(cfg, resume: str | None = None) -> int:
     try:
         cfg.resolve(strategy.world_size)
         out = Path(cfg.output_dir)
+        resume_dir = resolve_resume_dir(resume, out) if resume else None
+        seed_everything(cfg.seed + strategy.rank)
+        # data and models first: a typo in them must fail before anything in output_dir is rewritten or moved
+        trainer = build_trainer(cfg, strategy)
         if strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
-        resume_dir = resolve_resume_dir(resume, out) if resume else None
         metrics = out / "metrics.jsonl"
         if resume_dir is None and strategy.is_main and metrics.exists():
             # a fresh start in a used folder (a run killed before its first checkpoint, then requeued): its rows
@@ -112,8 +119,6 @@ def run(cfg, resume: str | None = None) -> int:
             metrics.replace(out / "metrics.previous.jsonl")
             log.warning("%s held rows of an earlier start without a checkpoint; moved to metrics.previous.jsonl",
                         metrics)
-        seed_everything(cfg.seed + strategy.rank)
-        trainer = build_trainer(cfg, strategy)
         result = trainer.train(resume_from=resume_dir)
         log.info("done: %s", result)
         ok = True

@@ -129,7 +129,9 @@ class MiniLLMTrainer:
                                                world_size=strategy.world_size, shuffle=True, drop_last=True)
         prompts_per_epoch = len(self.prompt_sampler)
         if prompts_per_epoch < r.chunk_size:
-            raise ValueError(f"{len(data.train_prompts)} training prompts are fewer than one generation batch per "
+            from ..config import ConfigError
+
+            raise ConfigError(f"{len(data.train_prompts)} training prompts are fewer than one generation batch per "
                              f"rank (rollout.chunk_size={r.chunk_size}); lower it")
         # Stop at max_steps or after `epochs` passes over the prompts, whichever comes first (the reference).
         phases_per_epoch = max(1, prompts_per_epoch // self.rollouts_per_rank)

@@ -49,7 +49,9 @@ class SFTTrainer:
         self.alignment = alignment
         self.output_dir = Path(config.output_dir)
         if config.method in ("kd", "seqkd") and teacher is None:
-            raise ValueError(f"method `{config.method}` needs a teacher")
+            from ..config import ConfigError
+
+            raise ConfigError(f"method `{config.method}` needs a teacher")
         self.use_teacher = config.method in ("kd", "seqkd") and config.kd.kd_ratio > 0
 
         t = config.train
@@ -58,7 +60,9 @@ class SFTTrainer:
         micro_per_epoch = len(self.sampler) // t.micro_batch_size
         self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(data.train)} training examples are fewer than one optimizer step needs "
+            from ..config import ConfigError
+
+            raise ConfigError(f"{len(data.train)} training examples are fewer than one optimizer step needs "
                              f"(train.global_batch_size={t.global_batch_size}); lower the batch size")
         by_epochs = t.epochs * self.steps_per_epoch if t.epochs > 0 else None
         self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
@@ -339,7 +343,9 @@ class SFTTrainer:
         if self.student_data is not None:
             student_file = directory / f"student-data-rank{self.strategy.rank}.pt"
             if not student_file.is_file():
-                raise FileNotFoundError(f"{student_file}: missing; the checkpoint was written without "
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"{student_file}: missing; the checkpoint was written without "
                                         "kd.on_policy_fraction / kd.adaptive_off_policy")
             self.student_data.load_state_dict(torch.load(student_file, weights_only=True))
         self.metrics.truncate_after(self.step)
