@@ -122,6 +122,32 @@ def test_signal_checkpoints_the_exact_position_and_resume_equals_uninterrupted(m
     assert_same_run(reference(method), out)
 
 
+def test_a_signal_during_a_rollout_stops_between_generation_batches(reference, tmp_path, monkeypatch):
+    """The second phase samples 16 rollouts in 2 generation batches of 8; SIGTERM during the first batch stops
+    before the second (not after the whole phase and a step): the checkpoint is the phase start, step 4, with
+    the prompt cursor and RNG of that moment, and resuming reproduces the uninterrupted run."""
+    from minillm.trainers.minillm import MiniLLMTrainer
+
+    calls = []
+    original = MiniLLMTrainer._sample
+
+    def sample(self, *args, **kwargs):
+        calls.append(self.phase)
+        if self.phase == 1 and calls.count(1) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MiniLLMTrainer, "_sample", sample)
+    out = tmp_path / "parted"
+    assert run(config("minillm", out)) == EXIT_PREEMPTED
+    assert calls == [0, 0, 1]  # the second generation batch of phase 1 never ran
+    assert [step for step, _ in list_checkpoints(out)] == [4]
+    assert not (out / "checkpoints" / "step-4" / "rollout-rank0.pt").exists()
+    monkeypatch.undo()
+    assert run(config("minillm", out), resume="auto") == 0
+    assert_same_run(reference("minillm"), out)
+
+
 def test_a_second_signal_during_the_save_is_ignored_and_the_checkpoint_is_complete(reference, tmp_path, monkeypatch,
                                                                                    capfd):
     signal_at(monkeypatch, 1, signal.SIGTERM, again=signal.SIGINT)
@@ -193,3 +219,52 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     a, b = final_weights(full), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(full) == rows(out)
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_line_torn_by_a_kill(tmp_path):
+    """kill -9 in the middle of a metrics write leaves a torn last line, and the next append glues its row onto it;
+    resume must drop both (they are past the checkpoint) instead of failing on them or keeping duplicates."""
+    from minillm.config import LoggingConfig
+    from minillm.tracking import MetricsLogger, read_metrics
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress_bar=False), is_main=True)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"train/loss": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # torn by the kill
+    logger.truncate_after(3)
+    assert read_metrics(tmp_path) == [{"step": s, "train/loss": float(s)} for s in (1, 2, 3)]
+    logger.log(4, {"train/loss": 4.0})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_pruning_never_leaves_a_half_deleted_checkpoint_that_resume_would_take(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is deleted: rmtree removes files in no set order, and a step folder that still
+    had trainer_state.pt but no weights was taken as complete. Pruning renames it away first; keep=0 still keeps
+    the newest."""
+    import shutil
+
+    from minillm import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step-{step}").mkdir(parents=True)
+        (root / f"step-{step}" / "model.safetensors").write_bytes(b"w")
+        (root / f"step-{step}" / "trainer_state.pt").write_bytes(b"s")
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):  # the kill: weights gone, trainer state still there
+        if not Path(path).exists():
+            return
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune_checkpoints(tmp_path, 1, is_main=True)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 6]  # step-2 is out of the step-N namespace
+    assert all((p / "model.safetensors").is_file() for _, p in list_checkpoints(tmp_path))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.prune_checkpoints(tmp_path, 0, is_main=True)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6]
+    assert sorted(p.name for p in root.iterdir()) == ["step-6"]  # the leftover of the killed prune is gone

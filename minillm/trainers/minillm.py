@@ -247,7 +247,11 @@ class MiniLLMTrainer:
         generator = torch.Generator(device=strategy.device)
         generator.manual_seed(cfg.seed * 1_000_003 + self.phase * 1009 + strategy.rank)
         collected = 0
+        stopper = getattr(self, "stopper", None)  # set by train(): a stop request ends a phase between batches
+        from .preemption import RolloutInterrupted
         while collected < self.rollouts_per_rank:
+            if collected and stopper is not None and stopper.should_stop(boundary=False):
+                raise RolloutInterrupted(stopper.reason)
             batch = self._next_prompts()
             take = min(self.rollouts_per_rank - collected, batch["input_ids"].shape[0])
             prompt_ids = batch["input_ids"][:take].to(strategy.device)
@@ -423,7 +427,18 @@ class MiniLLMTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="minillm", dynamic_ncols=True)
         while self.step < self.total_steps:
             if self.buffer is None:
-                self.buffer = self.rollout_and_score()
+                from .preemption import RolloutInterrupted, phase_start_state, restore_phase_start
+                from .common import stop_gracefully
+
+                start = phase_start_state(self.prompt_sampler)
+                try:
+                    self.buffer = self.rollout_and_score()
+                except RolloutInterrupted as stop:
+                    # a signal between generation batches (a phase's sampling can take minutes): back to the
+                    # state at the phase start, which is the position the checkpoint records
+                    restore_phase_start(self.prompt_sampler, start)
+                    self._prompt_iter = None
+                    return stop_gracefully(self, bar, str(stop))
                 self.ppo_epoch, self.micro_index = 0, 0
             perm = self._permutation(len(self.buffer))
             while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:

@@ -3,7 +3,8 @@
 A cluster that preempts a job (or reaches its wall limit) sends a signal and kills the job some time later
 (SLURM: ``--signal=TERM@120`` gives 120 s). The trainers install :class:`StopControl` for the length of
 ``train()``: the signal handler only records the signal, and the loop asks :meth:`StopControl.should_stop` at
-every optimizer-step boundary. The answer is all-reduced (max) over ranks, so every rank stops after the same
+every optimizer-step boundary, and MiniLLM also between the generation batches of a rollout (sampling a phase can
+take minutes; the checkpoint is then the phase start, with the RNG and prompt cursor of that moment). The answer is all-reduced (max) over ranks, so every rank stops after the same
 step even when only some got the signal or their clocks disagree. The trainer then writes a checkpoint of that
 exact position (mid-phase for MiniLLM: the rollout buffer and the PPO position are part of it) and returns; the
 command exits with :data:`EXIT_PREEMPTED`, and ``--resume auto`` continues to the same weights and metrics as an
@@ -118,11 +119,13 @@ class StopControl:
         save = self._longest_save or self._longest_step  # no save timed yet: assume one costs a step
         return (now - self.started) + 1.5 * (self._longest_step + save) >= self.max_time_s
 
-    def should_stop(self) -> str | None:
-        """At a step boundary, on every rank (a collective when there are several): why to stop now, or None."""
+    def should_stop(self, boundary: bool = True) -> str | None:
+        """At a step boundary, on every rank (a collective when there are several): why to stop now, or None.
+        ``boundary=False``: a check between generation batches of a rollout, which does not time a step."""
         now = self.clock()
-        self._longest_step = max(self._longest_step, now - self._last_check)
-        self._last_check = now
+        if boundary:
+            self._longest_step = max(self._longest_step, now - self._last_check)
+            self._last_check = now
         local = _REASON_SIGNAL if self.signal is not None else _REASON_TIME if self._over_budget(now) else 0.0
         if self.strategy.world_size > 1:
             flag = torch.tensor([local], dtype=torch.float32, device=self.strategy.device)
@@ -149,3 +152,21 @@ class StopControl:
 def measure_save(control: StopControl | None):
     """``control.measure_save()``, or nothing outside ``train()`` (a save called from a notebook)."""
     return control.measure_save() if control is not None else contextlib.nullcontext()
+
+
+class RolloutInterrupted(Exception):
+    """A stop request between two generation batches of a MiniLLM rollout; the message is the reason."""
+
+
+def phase_start_state(sampler) -> tuple[dict, dict]:
+    """What sampling a rollout changes besides its buffer: every RNG and the prompt cursor."""
+    from ..checkpoint import rng_state
+
+    return rng_state(), sampler.state_dict()
+
+
+def restore_phase_start(sampler, state: tuple[dict, dict]) -> None:
+    from ..checkpoint import set_rng_state
+
+    set_rng_state(state[0])
+    sampler.load_state_dict(state[1])
