@@ -168,3 +168,13 @@ def test_minillm_debug_shows_the_traceback(precious, monkeypatch, capsys):
         run_console(main)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "Traceback" in err and "does not exist" in err
+
+
+def test_train_overrides_may_follow_flags(capsys):
+    """`minillm-train --config X --dry-run key=value` (and after --resume DIR) was an argparse error."""
+    from minillm.cli.train import main
+
+    assert main(["--config", "configs/tiny/sft.yaml", "--dry-run", "train.max_steps=3", "--no-preflight",
+                 "optim.lr=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "lr: 0.25" in out

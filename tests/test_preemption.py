@@ -268,3 +268,16 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint_that_resume_would_take(t
     checkpoint.prune_checkpoints(tmp_path, 0, is_main=True)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6]
     assert sorted(p.name for p in root.iterdir()) == ["step-6"]  # the leftover of the killed prune is gone
+
+
+def test_max_time_reads_slurm_durations_and_unquoted_yaml():
+    from minillm.config import ConfigError, parse_duration
+
+    assert [parse_duration(t) for t in ("3:55:00", "55:00", "90", "1-02:00:00")] == [14100, 3300, 90, 93600]
+    # unquoted in YAML, 3:55:00 arrives as the base-60 integer 14100: the same seconds
+    assert load_config("configs/tiny/sft.yaml", ["train.max_time=3:55:00"]).train.max_time_seconds() == 14100
+    assert load_config("configs/tiny/sft.yaml", ['train.max_time="3:55:00"']).train.max_time_seconds() == 14100
+    assert load_config("configs/tiny/sft.yaml").train.max_time_seconds() is None
+    for bad in ("soon", "0:00:00", '"1:2:3:4"', "-5"):
+        with pytest.raises(ConfigError, match="train.max_time"):
+            load_config("configs/tiny/sft.yaml", [f"train.max_time={bad}"])

@@ -156,6 +156,8 @@ def test_sigterm_to_one_of_two_deepspeed_ranks_stops_both_mid_phase_and_they_res
     assert launcher.returncode != 0  # torchrun reports a worker's non-zero status as a failure
     assert "exitcode  : 75" in output or "exitcode: 75" in output, output[-4000:]
     assert "SIGTERM received" in output
+    # the last line of train.log, which the README's job script reads to requeue
+    assert "exit status 75" in (out / "train.log").read_text().splitlines()[-1]
     (step, ckpt), = list_checkpoints(out)
     assert 1 <= step < 6 and not (out / "final").exists()
     state = load_trainer_state(ckpt)
