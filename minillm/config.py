@@ -350,7 +350,8 @@ class RunConfig:
                 if parse_duration(t.max_time) <= 0:
                     raise ValueError
             except ValueError:
-                fail("train.max_time", f"{t.max_time!r} is not a positive duration; write \"H:MM:SS\", e.g. \"3:55:00\"")
+                fail("train.max_time", f"{t.max_time!r} is not a positive duration; write \"H:MM:SS\", "
+                     "e.g. \"3:55:00\"")
         if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
             fail("train.max_steps", "set max_steps > 0 or epochs > 0")
         if not 0.0 <= self.kd.kd_ratio <= 1.0:

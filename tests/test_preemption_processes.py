@@ -92,7 +92,10 @@ def test_kill_9_at_random_moments_including_mid_checkpoint_then_resume_equals_un
     kill9(p)
     # 2. in the middle of a checkpoint (weights written, trainer state not yet): a .tmp-step-N folder exists
     p = start([*args, "--resume", "auto"], SLOW_SAVE="1.5")
-    tmp_dirs = lambda: list((out / "checkpoints").glob(".tmp-step-*")) if (out / "checkpoints").is_dir() else []
+
+    def tmp_dirs():
+        return list((out / "checkpoints").glob(".tmp-step-*")) if (out / "checkpoints").is_dir() else []
+
     wait_until(lambda: bool(tmp_dirs()), p)
     time.sleep(rng.uniform(0.1, 1.0))
     half = tmp_dirs()

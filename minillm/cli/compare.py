@@ -15,7 +15,6 @@ OUT/eval/ (results.json, table.md), OUT/compare.json and OUT/compare.md (the tab
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ unless --skip-bad-records counts and skips it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,6 @@ OPENAI_BASE_URL), MINILLM_JUDGE_MODEL, MINILLM_JUDGE_API_KEY (or OPENAI_API_KEY)
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import finish_process
 

@@ -12,7 +12,6 @@ and appended (a partially written last line is discarded); other settings fail u
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:

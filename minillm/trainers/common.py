@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpoint import (AtomicDir, latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state, save_trainer_state,
-                          set_rng_state)
+from ..checkpoint import (AtomicDir, latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state,
+                          save_trainer_state, set_rng_state)
 from ..errors import CheckpointError, UserError
 from ..tracking import get_logger
 

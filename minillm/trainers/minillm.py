@@ -410,7 +410,10 @@ class MiniLLMTrainer:
         from .preemption import StopControl
 
         with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
-            return self._train(resume_from)
+            try:
+                return self._train(resume_from)
+            finally:
+                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
 
     def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy, t = self.cfg, self.strategy, self.cfg.train

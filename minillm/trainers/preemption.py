@@ -4,8 +4,9 @@ A cluster that preempts a job (or reaches its wall limit) sends a signal and kil
 (SLURM: ``--signal=TERM@120`` gives 120 s). The trainers install :class:`StopControl` for the length of
 ``train()``: the signal handler only records the signal, and the loop asks :meth:`StopControl.should_stop` at
 every optimizer-step boundary, and MiniLLM also between the generation batches of a rollout (sampling a phase can
-take minutes; the checkpoint is then the phase start, with the RNG and prompt cursor of that moment). The answer is all-reduced (max) over ranks, so every rank stops after the same
-step even when only some got the signal or their clocks disagree. The trainer then writes a checkpoint of that
+take minutes; the checkpoint is then the phase start, with the RNG and prompt cursor of that moment). The answer
+is all-reduced (max) over ranks, so every rank stops at the same point even when only some got the signal or
+their clocks disagree. The trainer then writes a checkpoint of that
 exact position (mid-phase for MiniLLM: the rollout buffer and the PPO position are part of it) and returns; the
 command exits with :data:`EXIT_PREEMPTED`, and ``--resume auto`` continues to the same weights and metrics as an
 uninterrupted run.
@@ -29,11 +30,6 @@ import time
 from typing import Callable, Iterator
 
 import torch
-
-from ..config import parse_duration  # noqa: F401  (re-exported: the budget's format)
-from ..tracking import get_logger
-
-log = get_logger()
 
 # sysexits.h EX_TEMPFAIL: "try again later". The run stopped on a signal or train.max_time after writing a
 # checkpoint of its exact position; `minillm-train ... --resume auto` continues it. A job script can requeue on it.

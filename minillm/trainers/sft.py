@@ -188,7 +188,10 @@ class SFTTrainer:
         from .preemption import StopControl
 
         with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
-            return self._train(resume_from)
+            try:
+                return self._train(resume_from)
+            finally:
+                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
 
     def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
