@@ -124,7 +124,11 @@ class AtomicDir:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            return  # leave the temporary folder for inspection; resume ignores it
+            if issubclass(exc_type, OSError) and self.strategy.is_main:
+                # a full disk or a write error: the half-written folder is of no use and holds space the next
+                # save needs. Other failures leave it for inspection; resume ignores it either way.
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return
         self.strategy.barrier()
         if self.strategy.is_main:
             if self.final.exists():
@@ -139,10 +143,23 @@ class AtomicDir:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int, is_main: bool) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (at least the newest one; -1: keep all), oldest
+    first, after the new one is complete (save_checkpoint calls this after the rename).
+
+    Each folder is first renamed out of the ``step-N`` namespace, then deleted: ``rmtree`` removes files in no
+    particular order, and a kill during it could otherwise leave a ``step-N`` that still has its
+    trainer_state.pt but lost weights, which resume would pick as complete. Leftovers of such a kill (and of
+    interrupted saves) are removed on the next prune."""
     if keep < 0 or not is_main:
         return
-    for _, path in list_checkpoints(output_dir)[:-keep] if keep else list_checkpoints(output_dir):
-        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoint_root(output_dir)
+    for _, path in list_checkpoints(output_dir)[:-max(keep, 1)]:
+        trash = path.parent / f".delete-{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for leftover in root.glob(".delete-*") if root.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any], is_main: bool) -> None:

@@ -106,6 +106,12 @@ class TrainLoopConfig:
     eval_at_start: bool = _f(False, "Evaluate before the first step.")
     stop_at_step: int = _f(-1, "Save and stop at this step as if interrupted, without changing the schedule "
                            "(time-boxed jobs; continue later with --resume). -1: off.")
+    max_time: str = _f("", "Wall-time budget of this process, \"H:MM:SS\" (or \"D-HH:MM:SS\", or seconds): checkpoint "
+                       "and exit (status 75) before it runs out, leaving room for one more step and the save; "
+                       "continue with --resume auto. Empty: no budget.")
+
+    def max_time_seconds(self) -> float | None:
+        return parse_duration(self.max_time) if self.max_time else None
 
 
 @dataclass
@@ -339,6 +345,13 @@ class RunConfig:
         if t.gradient_accumulation_steps not in (-1, accumulation):
             fail("train.gradient_accumulation_steps", f"is derived ({accumulation} here); leave it at -1")
         t.gradient_accumulation_steps = accumulation
+        if t.max_time:
+            try:
+                if parse_duration(t.max_time) <= 0:
+                    raise ValueError
+            except ValueError:
+                fail("train.max_time", f"{t.max_time!r} is not a positive duration; write \"H:MM:SS\", "
+                     "e.g. \"3:55:00\"")
         if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
             fail("train.max_steps", "set max_steps > 0 or epochs > 0")
         if not 0.0 <= self.kd.kd_ratio <= 1.0:
@@ -529,6 +542,10 @@ def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "") -
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {sorted(names)}")
+    if cls is TrainLoopConfig and isinstance(data.get("max_time"), (int, float)) and \
+            not isinstance(data["max_time"], bool):
+        # YAML 1.1 reads an unquoted 3:55:00 as the base-60 integer 14100, which is that duration in seconds
+        data = {**data, "max_time": str(data["max_time"])}
     kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -598,6 +615,21 @@ def find_config(name: str) -> Path:
         raise ConfigError(f"config `{name}`: no such file, and no shipped config of that name under {root}")
     listed = ", ".join(str(c.relative_to(root)) for c in candidates)
     raise ConfigError(f"config `{name}` is ambiguous: {listed}; give the folder, e.g. `{candidates[0].relative_to(root)}`")
+
+
+def parse_duration(text: str) -> float:
+    """``"H:MM:SS"``, ``"MM:SS"``, ``"D-HH:MM:SS"`` (SLURM's forms) or plain seconds → seconds; ValueError if not."""
+    text, days = str(text).strip(), 0
+    if "-" in text:
+        head, text = text.split("-", 1)
+        days = int(head)
+    parts = [float(p) for p in text.split(":")]
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or days < 0:
+        raise ValueError(f"not a duration: {text!r}")
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return days * 86400 + seconds
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None,

@@ -8,3 +8,8 @@ traceback. Each message names the file, key or field and what to do. Importing t
 
 class UserError(Exception):
     """An error in the user's input or setup, reported by the CLIs as one line (exit status 2)."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be written (a full disk, permissions) or resumed (another world size, missing
+    files); the message says which checkpoint is still good and how to continue."""

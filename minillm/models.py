@@ -8,11 +8,13 @@ prefers them; ``.bin`` files are loaded with ``weights_only`` by transformers it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig
+from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,8 +22,30 @@ if TYPE_CHECKING:  # pragma: no cover
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelCompatibilityError(ValueError):
+class ModelCompatibilityError(UserError, ValueError):
     """Student and teacher cannot be distilled into each other as configured."""
+
+
+def _local_problem(name: str, what: str) -> str | None:
+    """Why ``name`` cannot be a model folder, when it is meant as one: a path that does not exist (absolute,
+    ``./``, ``../``, ``~``, more than one ``/``, or a Windows-style separator; a hub id is ``org/name``) or a file.
+    None when it exists as a folder or reads as a hub id. transformers would otherwise answer "Repo id must be in
+    the form 'repo_name' or 'namespace/repo_name'", which does not say that a folder is missing."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{what} `{name}` is a file, not a model folder (a save_pretrained output)"
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name or \
+            name.endswith("/"):
+        return f"{what} folder `{name}` does not exist; check the path (relative paths start at {Path.cwd()})"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """transformers' messages run over several lines of advice; the first says what failed."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
@@ -33,11 +57,14 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.path
+    problem = _local_problem(name, "tokenizer" if cfg.tokenizer else "model")
+    if problem:
+        raise FileNotFoundError(problem)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load the tokenizer `{name}`: {e}. Pass a local folder or set HF_HUB_OFFLINE=0 "
-                      "with network access.") from e
+        raise OSError(f"cannot load the tokenizer `{name}`: {_first_line(e)}. Pass a local folder (with its "
+                      "tokenizer files) or set HF_HUB_OFFLINE=0 with network access.") from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelCompatibilityError(f"tokenizer `{name}` has neither a pad nor an EOS token")
@@ -69,12 +96,15 @@ def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str 
         previous = ref() if ref is not None else None
         # transformers keeps only a weak reference: the object must live for the duration of from_pretrained
         sharded = hf_deepspeed.HfDeepSpeedConfig(zero3_config)
+    problem = _local_problem(cfg.path, "model")
+    if problem:
+        raise FileNotFoundError(problem)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load the model `{cfg.path}`: {e}. Pass a local folder (a save_pretrained "
-                      "output) or allow hub access.") from e
+        raise OSError(f"cannot load the model `{cfg.path}`: {_first_line(e)}. Pass a local folder (a "
+                      "save_pretrained output) or allow hub access.") from e
     finally:
         if sharded is not None:
             # later from_pretrained calls (another model, replicated) must not be sharded with this config
@@ -101,11 +131,14 @@ def load_model_shape(cfg: ModelConfig) -> "PreTrainedModel":
     taken. For the shape checks of a run that never runs the model (a teacher replaced by an offline cache)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    problem = _local_problem(cfg.path, "model")
+    if problem:
+        raise FileNotFoundError(problem)
     try:
         config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load the config of `{cfg.path}`: {e}. Pass a local folder (a save_pretrained "
-                      "output) or allow hub access.") from e
+        raise OSError(f"cannot load the config of `{cfg.path}`: {_first_line(e)}. Pass a local folder (a "
+                      "save_pretrained output) or allow hub access.") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype],
                                                  trust_remote_code=cfg.trust_remote_code)

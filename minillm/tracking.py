@@ -64,7 +64,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise ImportError("logging.tensorboard=true needs `pip install tensorboard`") from e
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            self._tb_dir = str(Path(output_dir) / "tensorboard")
+            self._tb = SummaryWriter(self._tb_dir)
         if cfg.wandb:
             try:
                 import wandb
@@ -74,14 +75,28 @@ class MetricsLogger:
                                      config=config, resume="allow")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads like one uninterrupted run."""
-        if not self.is_main or not self.path.exists():
+        """On resume, drop what was logged after the checkpoint's ``step`` so the run reads like one uninterrupted
+        run: rows of ``metrics.jsonl`` (rewritten atomically; a line torn by a kill in the middle of its write is
+        dropped too) and TensorBoard events (reopened with ``purge_step``, which hides the later events)."""
+        if not self.is_main:
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # empty, or torn by a kill during its write
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    kept.append(line)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.is_main:
@@ -105,4 +120,10 @@ class MetricsLogger:
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line torn by a kill during its write (truncate_after drops it on resume)
+            continue
+    return rows

@@ -58,7 +58,7 @@ def test_record_missing_its_field(tmp_path, assets, capsys):
     rows = TEMPLATE_RECORDS[:2] + [{"instruction": "Add 2 and 2."}] + TEMPLATE_RECORDS[3:]
     src = _write(tmp_path / "bad.jsonl", rows)
     args = ["--tokenizer", str(assets / "tokenizer"), "--train", str(src), "--dev-num", "0", "--out", str(tmp_path / "o")]
-    assert data_main(args) == 1
+    assert data_main(args) == 2
     err = capsys.readouterr().err
     assert f"{src}:3: missing field `output`" in err
     assert data_main(args + ["--skip-bad-records"]) == 0
@@ -71,7 +71,7 @@ def test_record_missing_its_field(tmp_path, assets, capsys):
 def test_nothing_to_do_and_offline_download(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data_main(["--out", str(tmp_path)])
-    assert data_main(["--download", "vicuna", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert data_main(["--download", "vicuna", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "huggingface-cli download MiniLLM/Vicuna" in capsys.readouterr().err
 
 

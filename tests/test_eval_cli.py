@@ -274,7 +274,7 @@ def test_shipped_eval_config_resolves():
 
 def test_named_set_offline_fails_fast_with_advice(tmp_path, assets, capsys):
     assert eval_main(["--model", str(assets / "student"), "--data", "vicuna", "--out", str(tmp_path),
-                      "--cache-dir", str(tmp_path / "cache")]) == 1
+                      "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     assert "MiniLLM/Vicuna" in err and "huggingface-cli download" in err
     assert not (tmp_path / "results.json").exists()

@@ -66,13 +66,13 @@ def test_resume_appends_only_missing_records(tmp_path, assets, capsys):
 def test_other_settings_refuse_to_resume_unless_overwrite(tmp_path, assets, capsys):
     out = tmp_path / "g.jsonl"
     assert generate_main(_args(assets, out, "--num", "4")) == 0
-    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 1
+    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 2
     err = capsys.readouterr().err
     assert "seed: 10 -> 11" in err and "--overwrite" in err
     assert generate_main(_args(assets, out, "--num", "4", "--seed", "11", "--overwrite")) == 0
     assert json.loads((tmp_path / "g.jsonl.meta.json").read_text())["settings"]["seed"] == 11
     (tmp_path / "g.jsonl.meta.json").unlink()
-    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 1
+    assert generate_main(_args(assets, out, "--num", "4", "--seed", "11")) == 2
     assert "without its sidecar" in capsys.readouterr().err
 
 
@@ -110,7 +110,7 @@ def test_fast_engine_writes_the_same_rows_and_records_itself(tmp_path, assets, c
     again = tmp_path / "again.jsonl"
     assert generate_main(_args(assets, again, "--engine", "fast")) == 0
     assert again.read_text() == out.read_text()
-    assert generate_main(_args(assets, out, "--engine", "hf")) == 1
+    assert generate_main(_args(assets, out, "--engine", "hf")) == 2
     assert "engine" in capsys.readouterr().err
-    assert generate_main(_args(assets, tmp_path / "x.jsonl", "--engine", "fast", "--no-repeat-ngram-size", "3")) == 1
+    assert generate_main(_args(assets, tmp_path / "x.jsonl", "--engine", "fast", "--no-repeat-ngram-size", "3")) == 2
     assert "--engine fast does not implement --no-repeat-ngram-size" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_config_refuses_a_cache_it_cannot_use(overrides, message):
 def test_cli_refuses_other_methods_and_stray_overrides(tmp_path, capsys):
     from minillm.cli.teacher_cache import main
 
-    assert main(["--config", "configs/tiny/minillm.yaml", "--out", str(tmp_path / "x")]) == 1
+    assert main(["--config", "configs/tiny/minillm.yaml", "--out", str(tmp_path / "x")]) == 2
     assert "serves methods kd and seqkd" in capsys.readouterr().err
     assert main(["--corpus", "x", "--teacher", "y", "--out", str(tmp_path / "y"), "train.max_steps=1"]) == 2
     assert "need --config" in capsys.readouterr().err

@@ -130,7 +130,7 @@ def test_cli_writes_the_cache_and_fails_clearly(corpus, tmp_path, capsys):
     meta = json.loads((out / "teacher_topk.json").read_text())
     assert (meta["top_k"], meta["num_chunks"], meta["seq_length"], meta["vocab_size"]) == (4, len(corpus), 32, 512)
     assert main(["--corpus", str(tmp_path / "missing"), "--teacher", str(ASSETS / "teacher"), "--out",
-                 str(tmp_path / "x")]) == 1
+                 str(tmp_path / "x")]) == 2
     assert "not a packed corpus" in capsys.readouterr().err
 
 

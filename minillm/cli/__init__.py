@@ -27,6 +27,19 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, (UserError, OSError))
 
 
+def report_user_error(command: str, error: BaseException) -> int:
+    """For a ``main`` that catches its expected errors itself (and returns a status, for tests and notebooks):
+    print ``<command>: error: <message>`` on one line and return 2, as run_console does; with ``MINILLM_DEBUG=1``
+    re-raise instead, so the traceback shows."""
+    import os
+
+    if os.environ.get("MINILLM_DEBUG", "") not in ("", "0"):
+        raise error
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_console(main) -> None:
     """``sys.exit(main())`` for a console script: a user error prints ``minillm-<cmd>: error: ...`` and exits 2
     (``MINILLM_DEBUG=1``: with its traceback); any failure ends the process promptly (minillm.runtime.run_main)."""

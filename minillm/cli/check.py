@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         return run_preflight(args.config, args.overrides)
     if args.overrides:
-        print("minillm-check: key=value overrides go with --config", file=sys.stderr)
+        print("minillm-check: error: key=value overrides go with --config", file=sys.stderr)
         return 2
     if not args.device:
-        print("minillm-check: choose a mode: --device or --config FILE (see --help)", file=sys.stderr)
+        print("minillm-check: error: choose a mode: --device or --config FILE (see --help)", file=sys.stderr)
         return 2
     import json
     import logging
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(args.device_type)
     except ValueError as e:
-        print(e, file=sys.stderr)
+        print(f"minillm-check: error: {e}", file=sys.stderr)
         return 2
     from transformers.utils import logging as hf_logging
 
@@ -115,12 +115,12 @@ def run_preflight(config: str, overrides: list[str], *, quiet_ok: bool = False) 
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
-        print(f"minillm-check: config error: {e}", file=sys.stderr)
+        print(f"minillm-check: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     try:
         findings = preflight(cfg)
     except (OSError, ValueError) as e:  # a missing model folder or tokenizer: say which, no traceback
-        print(f"error   load: {e}", file=sys.stderr)
+        print(f"minillm-check: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for f in findings:
         if not (quiet_ok and f.severity == "info"):

@@ -15,7 +15,6 @@ OUT/eval/ (results.json, table.md), OUT/compare.json and OUT/compare.md (the tab
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -52,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
                        launcher=args.launcher, skip_trained=args.skip_trained, progress=not args.no_progress)
     except (CompareError, ConfigError) as e:
-        print(f"minillm-compare: error: {e}", file=sys.stderr)
-        return 2
+        from . import report_user_error
+
+        return report_user_error("minillm-compare", e)
     return 0
 
 

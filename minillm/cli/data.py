@@ -15,7 +15,6 @@ unless --skip-bad-records counts and skips it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -53,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args["train"] or args["pretrain"] or args["download"]):
         parser.error("nothing to do: give --train, --pretrain and/or --download")
     from ..data.prepare import PrepareSettings, prepare
-    from ..data.records import DataError
+    from ..errors import UserError
+    from . import report_user_error
 
     try:
         prepare(PrepareSettings(**args))
-    except (DataError, OSError) as e:
-        print(f"minillm-data: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, OSError) as e:  # data, tokenizer, paths: one line, exit 2
+        return report_user_error("minillm-data", e)
     return 0
 
 

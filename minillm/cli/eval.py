@@ -19,7 +19,6 @@ OPENAI_BASE_URL), MINILLM_JUDGE_MODEL, MINILLM_JUDGE_API_KEY (or OPENAI_API_KEY)
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import finish_process
 
@@ -96,18 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve_settings(args, args.get("config"))
     except SettingsError as e:
-        print(f"minillm-eval: error: {e}", file=sys.stderr)
-        return 2
-    from ..data.records import DataError
-    from ..evaluation.judge import JudgeError
+        from . import report_user_error
+
+        return report_user_error("minillm-eval", e)
+    from ..errors import UserError
     from ..evaluation.protocol import run_eval
-    from ..models import ModelCompatibilityError
+    from . import report_user_error
 
     try:
         outcome = run_eval(settings)
-    except (DataError, JudgeError, OSError, ModelCompatibilityError, SettingsError) as e:
-        print(f"minillm-eval: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, OSError) as e:  # data, models, judge settings, paths: one line, exit 2
+        return report_user_error("minillm-eval", e)
     if outcome.table:
         print(f"\nRouge-L (mean ± std over seeds {' '.join(map(str, settings.seeds))}); "
               f"results in {outcome.out_dir}/results.json\n")

@@ -12,7 +12,6 @@ and appended (a partially written last line is discarded); other settings fail u
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,15 +46,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(make_parser().parse_args(argv))
-    from ..data.records import DataError
-    from ..evaluation.teacher_samples import GenerateError, generate_seqkd_data, settings_from_args
+    from ..errors import UserError
+    from ..evaluation.teacher_samples import generate_seqkd_data, settings_from_args
+    from . import report_user_error
 
     try:
         generate_seqkd_data(settings_from_args(args), args["out"], device=args["device"],
                             overwrite=args["overwrite"], progress=args["progress"])
-    except (GenerateError, DataError, OSError) as e:
-        print(f"minillm-generate: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, OSError) as e:  # settings, data, models, paths: one line, exit 2
+        return report_user_error("minillm-generate", e)
     return 0
 
 

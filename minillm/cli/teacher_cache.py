@@ -55,20 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..strategy import _pick_device
 
     if args.corpus and args.overrides:
-        print("minillm-teacher-cache: key=value overrides need --config", file=sys.stderr)
+        print("minillm-teacher-cache: error: key=value overrides need --config", file=sys.stderr)
         return 2
     if args.corpus and not args.teacher:
-        print("minillm-teacher-cache: --corpus needs --teacher", file=sys.stderr)
+        print("minillm-teacher-cache: error: --corpus needs --teacher", file=sys.stderr)
         return 2
     device = _pick_device(StrategyConfig(device=args.device))
     try:
         out, what = (_training_set_cache if args.config else _corpus_cache)(args, device)
-    except ConfigError as e:
-        print(f"minillm-teacher-cache: config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, ModelCompatibilityError, OSError, ValueError) as e:
-        print(f"minillm-teacher-cache: error: {e}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataError, ModelCompatibilityError, OSError, ValueError) as e:
+        from . import report_user_error
+
+        return report_user_error("minillm-teacher-cache", e)
     print(f"minillm-teacher-cache: wrote {out} ({what}, top-{args.top_k})")
     return 0
 

@@ -5,6 +5,12 @@
     minillm-train --config configs/tiny/sft.yaml --dry-run          # validate, print resolved YAML, exit
     minillm-train --config configs/tiny/sft.yaml --resume            # continue the newest checkpoint
     minillm-train --config configs/tiny/sft.yaml --resume auto       # the newest checkpoint, or start fresh
+    minillm-train --config ... train.max_time=3:55:00 --resume auto  # checkpoint and exit 75 before 3h55m
+
+SIGTERM, SIGINT or SIGUSR1 during training: the current optimizer step is finished on every rank, a checkpoint of
+that exact position is written and the process exits with status 75 (EX_TEMPFAIL), as when train.max_time is
+nearly used; `--resume auto` continues to the same weights and metrics as an uninterrupted run. Exit status 2: a
+problem with the config, data, paths or models, printed as one line.
     deepspeed --num_gpus 8 -m minillm.cli.train --config configs/minillm/opt-1.3b.yaml
     torchrun --nproc_per_node 8 -m minillm.cli.train --config ... strategy.backend=deepspeed
 """
@@ -35,19 +41,23 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = make_parser().parse_intermixed_args(argv)  # overrides may follow --resume, --no-preflight ...
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume output_dir=x`: argparse gave the override to --resume's optional DIR
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     from ..config import ConfigError, explain, load_config, to_yaml
 
     if args.explain:
         print("\n".join(explain()))
         return 0
     if not args.config:
-        print("minillm-train: --config is required (see --help)", file=sys.stderr)
+        print("minillm-train: error: --config is required (see --help)", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"minillm-train: config error: {e}", file=sys.stderr)
+        print(f"minillm-train: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(to_yaml(cfg), end="")
@@ -70,12 +80,16 @@ def preflight_passes(cfg) -> bool:
         findings = preflight(cfg)
     except (OSError, ValueError) as e:  # a missing model or tokenizer folder: one line, no traceback
         if first:
-            print(f"minillm-train: {e}", file=sys.stderr)
+            print(f"minillm-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return False
     for finding in findings:  # dtype advice is logged by build_trainer, on the device the run really got
         if first and finding.severity != "info" and finding.check != "dtype":
             print(f"minillm-train pre-flight: {finding.line()}", file=sys.stderr)
-    return not any(f.severity == ERROR for f in findings)
+    errors = sum(f.severity == ERROR for f in findings)
+    if errors and first:
+        print(f"minillm-train: error: the pre-flight check found {errors} error(s), listed above; fix them, or "
+              "pass --no-preflight to train anyway", file=sys.stderr)
+    return not errors
 
 
 def run(cfg, resume: str | None = None) -> int:
@@ -91,10 +105,13 @@ def run(cfg, resume: str | None = None) -> int:
     try:
         cfg.resolve(strategy.world_size)
         out = Path(cfg.output_dir)
+        resume_dir = resolve_resume_dir(resume, out) if resume else None
+        seed_everything(cfg.seed + strategy.rank)
+        # data and models first: a typo in them must fail before anything in output_dir is rewritten or moved
+        trainer = build_trainer(cfg, strategy)
         if strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
-        resume_dir = resolve_resume_dir(resume, out) if resume else None
         metrics = out / "metrics.jsonl"
         if resume_dir is None and strategy.is_main and metrics.exists():
             # a fresh start in a used folder (a run killed before its first checkpoint, then requeued): its rows
@@ -102,13 +119,17 @@ def run(cfg, resume: str | None = None) -> int:
             metrics.replace(out / "metrics.previous.jsonl")
             log.warning("%s held rows of an earlier start without a checkpoint; moved to metrics.previous.jsonl",
                         metrics)
-        seed_everything(cfg.seed + strategy.rank)
-        trainer = build_trainer(cfg, strategy)
         result = trainer.train(resume_from=resume_dir)
         log.info("done: %s", result)
         ok = True
     finally:
         strategy.cleanup(ok)  # no barrier while an exception unwinds: it would hang instead of failing
+    if result.get("stopped"):  # a signal or train.max_time: the checkpoint is written, the run is not finished
+        from ..trainers.preemption import EXIT_PREEMPTED
+
+        log.warning("stopped early (%s): exit status %d; continue with --resume auto", result["stopped"],
+                    EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -30,6 +30,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
+from ..errors import UserError
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MODEL",
@@ -76,7 +78,7 @@ Reply in this format:
 """
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A judge request failed. ``status`` is the HTTP status when the endpoint answered, else None."""
 
     def __init__(self, message: str, status: Optional[int] = None):

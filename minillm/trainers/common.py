@@ -7,6 +7,7 @@ trainer keeps its own explicit loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import time
 from collections import defaultdict
@@ -15,14 +16,15 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpoint import (AtomicDir, load_trainer_state, prune_checkpoints, rng_state, save_trainer_state,
-                          set_rng_state)
+from ..checkpoint import (AtomicDir, latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state,
+                          save_trainer_state, set_rng_state)
+from ..errors import CheckpointError, UserError
 from ..tracking import get_logger
 
 log = get_logger()
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many optimizer steps had a non-finite loss or gradient."""
 
 
@@ -156,27 +158,51 @@ def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int
     """Atomic step checkpoint: HF folder + optimizer/engine state + trainer state + per-rank RNG.
 
     ``extra`` maps file names to objects this rank saves too (e.g. its share of the rollout buffer).
+
+    A write error (a full disk: ENOSPC, permissions) on any rank is agreed on by all of them (no rank is left
+    waiting at the rename's barrier), the half-written folder is removed, older checkpoints are not pruned, and
+    a CheckpointError names the checkpoint that is still complete.
     """
-    with AtomicDir(directory, strategy) as tmp:
-        strategy.save_checkpoint(tmp, tokenizer)
-        save_trainer_state(tmp, state, strategy.is_main)
-        torch.save(rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
-        for name, obj in (extra or {}).items():
-            torch.save(obj, tmp / name)
+    previous = latest_checkpoint(output_dir)
+    try:
+        with AtomicDir(directory, strategy) as tmp:
+            failure: OSError | None = None
+            try:
+                strategy.save_checkpoint(tmp, tokenizer)
+                save_trainer_state(tmp, state, strategy.is_main)
+                torch.save(rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+                for name, obj in (extra or {}).items():
+                    torch.save(obj, tmp / name)
+            except OSError as error:
+                failure = error
+            if _any_rank(strategy, failure is not None):
+                raise failure or OSError(errno.EIO, "another rank could not write its part")
+    except OSError as error:
+        still = (f"{previous} is still complete; free space (or fix the permissions) and continue from it with "
+                 "--resume auto") if previous is not None and previous != directory else \
+            "there is no earlier checkpoint; free space (or fix the permissions) and restart"
+        raise CheckpointError(f"cannot write checkpoint {directory}: {error}; {still}") from error
     prune_checkpoints(output_dir, keep, strategy.is_main)
     log.info("saved checkpoint %s", directory)
+
+
+def _any_rank(strategy, flag: bool) -> bool:
+    if strategy.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=strategy.device)
+    return float(strategy.all_reduce(t, "max")[0]) > 0
 
 
 def load_checkpoint(directory: Path, strategy) -> dict:
     """Restore engine/optimizer state and this rank's RNG; return the trainer state."""
     state = load_trainer_state(directory)
     if state["world_size"] != strategy.world_size:  # data cursors, RNG and buffers are per rank
-        raise ValueError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
-                         f"{strategy.world_size}; exact resume needs the same world size")
+        raise CheckpointError(f"{directory}: saved with {state['world_size']} ranks, resuming with "
+                              f"{strategy.world_size}; exact resume needs the same world size")
     strategy.load_checkpoint(directory)
     rng_file = directory / f"rng-rank{strategy.rank}.pt"
     if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file}: missing; was the checkpoint written with a different world size?")
+        raise CheckpointError(f"{rng_file}: missing; was the checkpoint written with a different world size?")
     set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
@@ -227,10 +253,20 @@ def evaluate_and_select(trainer) -> dict[str, float]:
 
 def stop_early(trainer, bar) -> dict[str, Any]:
     """``train.stop_at_step``: checkpoint (unless this step was just saved) and return as if interrupted."""
+    return _stop(trainer, bar, "train.stop_at_step")
+
+
+def stop_gracefully(trainer, bar, reason: str) -> dict[str, Any]:
+    """A signal or ``train.max_time`` (minillm.trainers.preemption): checkpoint the exact position (unless this
+    step was just saved) and return; ``stopped`` tells the CLI to exit with EXIT_PREEMPTED."""
+    return {**_stop(trainer, bar, reason), "stopped": reason}
+
+
+def _stop(trainer, bar, reason: str) -> dict[str, Any]:
     if bar is not None:
         bar.close()
-    if not (trainer.output_dir / "checkpoints" / f"step-{trainer.step}").is_dir():
+    if getattr(trainer, "saved_step", None) != trainer.step:
         trainer.save()
     trainer.metrics.close()
-    log.info("stopped at step %d (train.stop_at_step); continue with --resume", trainer.step)
+    log.info("stopped at step %d (%s); continue with --resume auto", trainer.step, reason)
     return {"step": trainer.step, "stopped_early": True}

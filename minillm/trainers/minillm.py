@@ -130,7 +130,9 @@ class MiniLLMTrainer:
                                                world_size=strategy.world_size, shuffle=True, drop_last=True)
         prompts_per_epoch = len(self.prompt_sampler)
         if prompts_per_epoch < r.chunk_size:
-            raise ValueError(f"{len(data.train_prompts)} training prompts are fewer than one generation batch per "
+            from ..config import ConfigError
+
+            raise ConfigError(f"{len(data.train_prompts)} training prompts are fewer than one generation batch per "
                              f"rank (rollout.chunk_size={r.chunk_size}); lower it")
         # Stop at max_steps or after `epochs` passes over the prompts, whichever comes first (the reference).
         phases_per_epoch = max(1, prompts_per_epoch // self.rollouts_per_rank)
@@ -246,7 +248,11 @@ class MiniLLMTrainer:
         generator = torch.Generator(device=strategy.device)
         generator.manual_seed(cfg.seed * 1_000_003 + self.phase * 1009 + strategy.rank)
         collected = 0
+        stopper = getattr(self, "stopper", None)  # set by train(): a stop request ends a phase between batches
+        from .preemption import RolloutInterrupted
         while collected < self.rollouts_per_rank:
+            if collected and stopper is not None and stopper.should_stop(boundary=False):
+                raise RolloutInterrupted(stopper.reason)
             batch = self._next_prompts()
             take = min(self.rollouts_per_rank - collected, batch["input_ids"].shape[0])
             prompt_ids = batch["input_ids"][:take].to(strategy.device)
@@ -399,6 +405,18 @@ class MiniLLMTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
+        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
+        # imported here, not in the module's import block (which another change reorganises)
+        from .preemption import StopControl
+
+        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
+            try:
+                return self._train(resume_from)
+            finally:
+                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
+
+    def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy, t = self.cfg, self.strategy, self.cfg.train
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -413,7 +431,18 @@ class MiniLLMTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="minillm", dynamic_ncols=True)
         while self.step < self.total_steps:
             if self.buffer is None:
-                self.buffer = self.rollout_and_score()
+                from .preemption import RolloutInterrupted, phase_start_state, restore_phase_start
+                from .common import stop_gracefully
+
+                start = phase_start_state(self.prompt_sampler)
+                try:
+                    self.buffer = self.rollout_and_score()
+                except RolloutInterrupted as stop:
+                    # a signal between generation batches (a phase's sampling can take minutes): back to the
+                    # state at the phase start, which is the position the checkpoint records
+                    restore_phase_start(self.prompt_sampler, start)
+                    self._prompt_iter = None
+                    return stop_gracefully(self, bar, str(stop))
                 self.ppo_epoch, self.micro_index = 0, 0
             perm = self._permutation(len(self.buffer))
             while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:
@@ -430,6 +459,10 @@ class MiniLLMTrainer:
                     self.save()
                 if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                     return stop_early(self, bar)
+                if self.step < self.total_steps and self.stopper.should_stop():
+                    from .common import stop_gracefully
+
+                    return stop_gracefully(self, bar, self.stopper.reason)
             if self.micro_index >= self.micro_per_epoch:
                 self._end_ppo_epoch()
         if bar is not None:
@@ -561,8 +594,11 @@ class MiniLLMTrainer:
         return state
 
     def save(self) -> None:
+        from .preemption import measure_save
+
         directory = self.output_dir / "checkpoints" / f"step-{self.step}"
-        with self.timer("save"):
+        self.saved_step = self.step
+        with self.timer("save"), measure_save(getattr(self, "stopper", None)):
             save_checkpoint(directory, self.strategy, self.tokenizer, self.state_dict(),
                             self.cfg.train.keep_checkpoints, self.output_dir, extra=self._buffer_files())
 

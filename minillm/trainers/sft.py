@@ -50,7 +50,9 @@ class SFTTrainer:
         self.alignment = alignment
         self.output_dir = Path(config.output_dir)
         if config.method in ("kd", "seqkd") and teacher is None:
-            raise ValueError(f"method `{config.method}` needs a teacher")
+            from ..config import ConfigError
+
+            raise ConfigError(f"method `{config.method}` needs a teacher")
         self.use_teacher = config.method in ("kd", "seqkd") and config.kd.kd_ratio > 0
 
         t = config.train
@@ -59,7 +61,9 @@ class SFTTrainer:
         micro_per_epoch = len(self.sampler) // t.micro_batch_size
         self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(data.train)} training examples are fewer than one optimizer step needs "
+            from ..config import ConfigError
+
+            raise ConfigError(f"{len(data.train)} training examples are fewer than one optimizer step needs "
                              f"(train.global_batch_size={t.global_batch_size}); lower the batch size")
         by_epochs = t.epochs * self.steps_per_epoch if t.epochs > 0 else None
         self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
@@ -179,6 +183,18 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
+        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
+        # imported here, not in the module's import block (which another change reorganises)
+        from .preemption import StopControl
+
+        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
+            try:
+                return self._train(resume_from)
+            finally:
+                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
+
+    def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -229,6 +245,10 @@ class SFTTrainer:
                 self.save()
             if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                 return stop_early(self, bar)
+            if self.step < self.total_steps and self.stopper.should_stop():
+                from .common import stop_gracefully
+
+                return stop_gracefully(self, bar, self.stopper.reason)
         if bar is not None:
             bar.close()
         self.save()
@@ -308,7 +328,10 @@ class SFTTrainer:
                 "world_size": self.strategy.world_size}
 
     def save(self) -> None:
-        with self.timer("save"):
+        from .preemption import measure_save
+
+        self.saved_step = self.step
+        with self.timer("save"), measure_save(getattr(self, "stopper", None)):
             extra = {} if self.student_data is None else {  # per rank: the replay buffer differs between ranks
                 f"student-data-rank{self.strategy.rank}.pt": self.student_data.state_dict()}
             save_checkpoint(self.output_dir / "checkpoints" / f"step-{self.step}", self.strategy, self.tokenizer,
@@ -324,7 +347,9 @@ class SFTTrainer:
         if self.student_data is not None:
             student_file = directory / f"student-data-rank{self.strategy.rank}.pt"
             if not student_file.is_file():
-                raise FileNotFoundError(f"{student_file}: missing; the checkpoint was written without "
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"{student_file}: missing; the checkpoint was written without "
                                         "kd.on_policy_fraction / kd.adaptive_off_policy")
             self.student_data.load_state_dict(torch.load(student_file, weights_only=True))
         self.metrics.truncate_after(self.step)

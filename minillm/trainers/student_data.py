@@ -112,7 +112,9 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"replay buffer saved with capacity {state['capacity']}, configured {self.capacity}; "
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"replay buffer saved with capacity {state['capacity']}, configured {self.capacity}; "
                              "exact resume needs the same kd.replay_capacity")
         self.items = deque(({k: v for k, v in it.items()} for it in state["items"]), maxlen=self.capacity)
 
@@ -237,7 +239,9 @@ class StudentData:
         self.counter, self.counts = int(state["counter"]), {k: int(v) for k, v in state["counts"].items()}
         if self.schedule is not None:
             if state["schedule"] is None:
-                raise ValueError("checkpoint has no adaptive off-policy state but kd.adaptive_off_policy is on")
+                from ..errors import CheckpointError
+
+                raise CheckpointError("checkpoint has no adaptive off-policy state but kd.adaptive_off_policy is on")
             self.schedule.load_state_dict(state["schedule"])
             self.buffer.load_state_dict(state["buffer"])
 
