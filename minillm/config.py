@@ -277,10 +277,19 @@ class MiniLLMConfig:
     # The paper's alternatives to the policy-gradient objective (slides "Without PPO?").
     long_range: bool = _f(True, "Add the PPO-clipped long-range policy-gradient term. false + single_step: the "
                           "word-level single-step reverse KL on student samples only (paper alternative #1).")
-    objective: Literal["pg", "ranking"] = _f(
+    objective: Literal["pg", "ranking", "opd"] = _f(
         "pg", "pg: the policy-gradient objective above. ranking (paper alternative #2): two student samples per "
         "prompt, y+/y- = the one the teacher scores higher/lower, loss max(0, ranking_margin - log q(y+) + "
-        "log q(y-)) - ranking_anchor_coef * log q(y*); see losses.ranking_loss.")
+        "log q(y-)) - ranking_anchor_coef * log q(y*); see losses.ranking_loss. opd: per-token on-policy "
+        "distillation, the advantage of each sampled token A_t = log p(y_t) - log q_old(y_t) (discounted by "
+        "opd_gamma, length-normalised with opd_length_norm; no reward scale, clip or whitening) in the same PPO "
+        "term (clipped unless opd_clip=false), plus the single-step KL if minillm.single_step and the PT loss.")
+    opd_gamma: float = _f(0.0, "opd: discount of the per-token advantage (0: A_t = log p - log q_old alone; 1: the "
+                          "undiscounted sum of the remaining log-ratios).")
+    opd_length_norm: bool = _f(False, "opd: divide the advantage by the number of tokens it sums (MiniLLM's "
+                               "length normalisation).")
+    opd_clip: bool = _f(True, "opd: clip the PPO ratio at 1 +- clip_ratio (false: the plain importance-weighted "
+                        "policy gradient).")
     ranking_margin: float = _f(1.0, "delta of the ranking loss (in nats of sequence log-likelihood).")
     ranking_anchor_coef: float = _f(1.0, "lambda of the ranking loss: weight of -log q(y*).")
     ranking_anchor: Literal["reference", "best"] = _f(
@@ -469,8 +478,11 @@ class RunConfig:
         if self.method != "minillm":
             return
         m, r, t = self.minillm, self.rollout, self.train
-        if m.objective == "pg" and not (m.long_range or m.single_step):
-            fail("minillm.long_range", "and minillm.single_step are both false: the pg objective has no term left")
+        if m.objective in ("pg", "opd") and not (m.long_range or m.single_step):
+            fail("minillm.long_range", f"and minillm.single_step are both false: the {m.objective} objective has no "
+                 "term left")
+        if m.objective == "opd" and not 0.0 <= m.opd_gamma <= 1.0:
+            fail("minillm.opd_gamma", f"must be in [0, 1], got {m.opd_gamma}")
         if m.objective == "ranking":
             if r.engine == "fast" and 0.0 < r.teacher_mix_alpha < 1.0:
                 # the fast engine shares its per-step coins across a batch, so a pair's two samples would take their

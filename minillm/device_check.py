@@ -71,7 +71,10 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-FALLBACK_WORDS = ("fall back", "falls back", "falling back", "fell back", "eager path", "eager instead")
+# What the optional speed-ups say when they give up (minillm.generation.engine, LocalStrategy.sampling_model): the
+# switch they name, or how decoding continues.
+FALLBACK_WORDS = ("fall back", "falls back", "falling back", "fell back", "eagerly", "with the model itself",
+                  "rollout.cuda_graphs", "rollout.static_cache", "strategy.sampling_copy")
 
 
 def _is_fallback(message: str) -> bool:

@@ -73,6 +73,19 @@ def test_a_logged_fallback_is_reported_as_fell_back():
     assert result.status == "fell back" and "rollout.cuda_graphs" in result.detail
 
 
+def test_the_engines_own_fallback_warning_is_reported_as_fell_back(workspace, monkeypatch):
+    """A static cache that cannot be built: the engine decodes on a dynamic cache with its one warning, and the check
+    reports the path as "fell back" with that warning, not "ok"."""
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted: no static cache here")
+
+    monkeypatch.setattr(transformers, "StaticCache", broken)
+    result = device_check._run_one("static", device_check._check_decode(workspace, CPU, static=True, graphs=False))
+    assert result.status == "fell back" and "rollout.static_cache" in result.detail, result
+
+
 def test_failures_exit_non_zero(monkeypatch, tmp_path, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("planted")

@@ -140,7 +140,7 @@ class MiniLLMTrainer:
         self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
 
         # The teacher's hidden states over a rollout, kept from scoring for every PPO epoch's single-step term.
-        self._reuse_teacher = m.reuse_teacher and m.single_step and m.chunked_losses and m.objective == "pg"
+        self._reuse_teacher = m.reuse_teacher and m.single_step and m.chunked_losses and m.objective in ("pg", "opd")
         self.use_pt = m.ptx_coef > 0 and (config.data.pretrain is not None or corpus is not None)
         if m.ptx_coef > 0 and not self.use_pt:
             log.warning("minillm.ptx_coef=%s but data.pretrain is not set: the PT loss is off", m.ptx_coef)
@@ -273,9 +273,8 @@ class MiniLLMTrainer:
                 parts.append(score_samples(
                     student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     response_ids=response_ids, response_mask=response_mask, prompt_index=index,
-                    alpha=r.teacher_mix_alpha, temperature=r.temperature, reward_scale=m.reward_scale,
-                    reward_clip=m.reward_clip, gamma=m.gamma, length_norm=m.length_norm,
-                    include_current=m.include_current, trim=self._trim, autocast=strategy.autocast,
+                    alpha=r.teacher_mix_alpha, temperature=r.temperature, **self._return_settings(),
+                    trim=self._trim, autocast=strategy.autocast,
                     chunk_size=m.loss_chunk_size if m.chunked_losses else None,
                     num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
                     if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher,
@@ -292,13 +291,28 @@ class MiniLLMTrainer:
         self.strategy.all_reduce(totals, "sum")
         return rollout_statistics(totals)
 
+    def _return_settings(self) -> dict[str, Any]:
+        """How scoring turns the per-token log-ratios into returns. MiniLLM: scaled, clipped rewards and its
+        long-range return. OPD: the log-ratio itself (scale 1, no clip), discounted by opd_gamma (0: none)."""
+        m = self.cfg.minillm
+        if m.objective == "opd":
+            return dict(reward_scale=1.0, reward_clip=None, gamma=m.opd_gamma, length_norm=m.opd_length_norm,
+                        include_current=True)
+        return dict(reward_scale=m.reward_scale, reward_clip=m.reward_clip, gamma=m.gamma, length_norm=m.length_norm,
+                    include_current=m.include_current)
+
+    def _clip_ratio(self) -> float | None:
+        """The PPO clip range; None (no clipping) for OPD with minillm.opd_clip=false."""
+        m = self.cfg.minillm
+        return None if (m.objective == "opd" and not m.opd_clip) else m.clip_ratio
+
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
         strategy, m = self.strategy, self.cfg.minillm
         if m.objective == "ranking":  # the paper's ranking alternative (minillm.trainers.ranking)
             return ranking_micro_batch_loss(self, mb)
         mask = mb.response_mask
-        if m.whiten == "none":
+        if m.whiten == "none" or m.objective == "opd":  # OPD's advantage is the log-ratio itself, never whitened
             advantages = mb.returns
         else:
             reduce = (lambda x: strategy.all_reduce(x, "sum")) if strategy.world_size > 1 else None
@@ -336,10 +350,11 @@ class MiniLLMTrainer:
                                             strategy.autocast))
         logprobs = losses.token_logprobs(logits, mb.response_ids, r.temperature) * mask
         pg = losses.ppo_clip_loss(logprobs, mb.old_logprobs, advantages, mask, weights=mb.weights,
-                                  clip_ratio=m.clip_ratio)
+                                  clip_ratio=self._clip_ratio())
         with torch.no_grad():
             ratio = torch.exp((logprobs - mb.old_logprobs) * mask) * mb.weights
-            clipped = ((ratio - 1).abs() > m.clip_ratio).float()
+            clip = self._clip_ratio()
+            clipped = ((ratio - 1).abs() > clip).float() if clip is not None else torch.zeros_like(ratio)
         parts = {"pg_loss": float(pg.detach()), "clip_fraction": float(losses.masked_mean(clipped, mask))}
         loss = pg if m.long_range else torch.zeros((), dtype=pg.dtype, device=pg.device)
         if m.single_step:
@@ -371,7 +386,7 @@ class MiniLLMTrainer:
             teacher = dict(teacher_hidden=t_hidden, teacher_head=t_head)
         terms = chunked_losses.chunked_policy_loss(
             hidden, head, mb.response_ids, mask, old_logprobs=mb.old_logprobs, advantages=advantages,
-            weights=mb.weights, clip_ratio=m.clip_ratio, temperature=r.temperature,
+            weights=mb.weights, clip_ratio=self._clip_ratio(), temperature=r.temperature,
             pg_coef=1.0 if m.long_range else 0.0, kl_weighted=m.single_step_weighted, chunk_size=chunk,
             num_chunks=global_chunk_count(mask, chunk, strategy), **teacher)
         parts = {"pg_loss": float(terms.pg_loss), "clip_fraction": float(terms.clip_fraction)}
