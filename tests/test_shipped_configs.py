@@ -70,7 +70,11 @@ def load(folder: str, name: str, world_size: int = 8) -> RunConfig:
 
 def test_every_recipe_ships_and_nothing_else():
     for folder, names in EXPECTED.items():
-        assert {p.stem for p in (CONFIGS / folder).glob("*")} == names, folder
+        assert {p.stem for p in (CONFIGS / folder).glob("*") if p.is_file()} == names, folder
+    # the paper-era MiniLLM variants (tested below) and nothing else in a subfolder
+    assert {p.relative_to(CONFIGS).as_posix() for folder in EXPECTED for p in (CONFIGS / folder).glob("*/*")} == {
+        f"minillm/paper/{n}.yaml" for n in ("gpt2-base", "gpt2-medium", "gpt2-large", "opt-1.3b", "opt-2.7b",
+                                             "opt-6.7b", "llama-7b")}
 
 
 @pytest.mark.parametrize("path", recipes(), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -212,3 +216,25 @@ def test_cli_dry_run_of_a_bare_shipped_name():
     assert resolved["student"]["path"] == "runs/sft/opt-1.3b/best"
     assert resolved["rollout"]["num_rollouts"] == 64
     assert resolved["train"]["gradient_accumulation_steps"] == 8  # 64 / (8 x 1 rank)
+
+
+@pytest.mark.parametrize("name", ["gpt2-base", "gpt2-medium", "gpt2-large", "opt-1.3b", "opt-2.7b", "opt-6.7b",
+                                  "llama-7b"])
+def test_paper_era_minillm_recipes_differ_from_current_ones_only_in_batch_and_rollouts(name):
+    """configs/minillm/paper/*: the published code's global batch 64 and 256 rollouts (16 optimizer steps per phase),
+    everything else as the current-official recipe beside it."""
+    from minillm.config import load_config, to_dict
+
+    path = CONFIGS / "minillm" / "paper" / f"{name}.yaml"
+    assert f"deepspeed --num_gpus 8 -m minillm.cli.train --config configs/minillm/paper/{name}.yaml" in header(path)
+    paper = load_config(str(path), world_size=8)
+    current = load_config(f"configs/minillm/{name}.yaml", world_size=8)
+    assert (paper.train.global_batch_size, paper.rollout.num_rollouts) == (64, 256)
+    per_rank_micro = paper.rollout.num_rollouts // 8 // paper.train.micro_batch_size
+    assert paper.minillm.ppo_epochs * per_rank_micro // paper.train.gradient_accumulation_steps == 16
+    a, b = to_dict(paper), to_dict(current)
+    differ = {f"{section}.{key}" for section in a if isinstance(a[section], dict)
+              for key in a[section] if a[section][key] != b[section][key]}
+    differ |= {k for k in a if not isinstance(a[k], dict) and a[k] != b[k]}
+    assert differ <= {"output_dir", "train.micro_batch_size", "train.global_batch_size",
+                      "train.gradient_accumulation_steps", "rollout.num_rollouts"}, differ
