@@ -2,14 +2,23 @@
 
 Documents are tokenised without special tokens, each followed by EOS, concatenated, and cut into chunks of
 ``seq_length`` tokens (the tail that does not fill a chunk is dropped and counted), as the reference's
-``process_data_pretrain.py`` does. The chunks are one flat memory-mapped file (``tokens.bin``; uint16 when
+``process_data_pretrain.py`` does. A document is shaped as the reference's pipeline shapes it
+(:func:`reference_document`): ``get_openwebtext.py`` collapses every run of newlines into one marker and writes
+the document as one line; ``process_data_pretrain.py`` turns the markers back into "\\n" and encodes the line
+*with* its line terminator, so every document ends with "\\n" before its EOS. The chunks are one flat memory-mapped file (``tokens.bin``; uint16 when
 the vocabulary has fewer than 65,535 entries, else int32) plus ``meta.json``, so 20M chunks need no RAM.
 Both files are written under temporary names and renamed; ``meta.json`` comes last, so a folder with a
 ``meta.json`` is a complete corpus.
 
-Text sources: text files (one document per line; the reference's OpenWebText dump marks newlines inside a
-document with ``<@x(x!>``, which is turned back into "\\n"), ``.jsonl`` files (``text_field``), a glob, a
-folder of such files, or an HF dataset id (streamed).
+Text sources: text files (one document per line, already in the dump's form: ``<@x(x!>`` is turned back
+into "\\n" and the line's "\\n" is kept, nothing else is collapsed), ``.jsonl`` files (``text_field``) and HF
+dataset ids (streamed), whose raw texts get the whole treatment (runs of "\\n" collapsed, "\\n" appended), a glob
+or a folder of such files. Two small differences from the reference remain, both absent from OpenWebText: a
+blank document is skipped (the reference would encode "\\n" + EOS), and a bare "\\r" does not split a document
+(the reference's text-mode read of its dump starts a new line there).
+
+The reference's processed corpora (Megatron ``.bin``/``.idx`` files) are read directly, without re-packing,
+by :mod:`minillm.data.megatron`; ``data.pretrain`` may name their prefix.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -33,6 +43,19 @@ META_FILE = "meta.json"
 FORMAT = "minillm-packed-corpus"
 NEWLINE_MARKER = "<@x(x!>"  # the reference's in-document newline escape (get_openwebtext.py)
 TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
+# Version of the document shaping; part of the cache key, so corpora packed before the reference's "\n" + EOS
+# ending and newline collapsing are packed again rather than reused.
+DOCUMENT_FORMAT = 2
+_NEWLINE_RUN = re.compile(r"\n+")
+
+
+def reference_document(text: str) -> str:
+    """A raw document as the reference's pipeline feeds it to the tokenizer: runs of "\\n" collapsed into one
+    (get_openwebtext.py), then the dump line's own "\\n" (process_data_pretrain.py encodes the line with it).
+
+    So "a\\n\\n\\nb" becomes "a\\nb\\n", and "a\\n" becomes "a\\n\\n" (its final newline is a run of its own).
+    """
+    return _NEWLINE_RUN.sub("\n", text) + "\n"
 _DOC_BATCH = 1000
 
 
@@ -81,13 +104,13 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                                     "(set data.pretrain_text_field to the field holding the text)")
                 if not isinstance(obj[text_field], str):
                     raise DataError(f"{path}:{number}: field `{text_field}` must be a string")
-                if obj[text_field]:
-                    yield obj[text_field]
+                if obj[text_field].strip():
+                    yield reference_document(obj[text_field])
         else:
             for line in f:
                 line = line.rstrip("\n")
                 if line.strip():
-                    yield line.replace(NEWLINE_MARKER, "\n")
+                    yield line.replace(NEWLINE_MARKER, "\n") + "\n"
 
 
 def _hub_documents(hub_id: str, text_field: str) -> Iterator[str]:
@@ -103,15 +126,15 @@ def _hub_documents(hub_id: str, text_field: str) -> Iterator[str]:
         raise DataError(f"hub dataset `{hub_id}` has no field `{text_field}` (fields: {', '.join(first)}); "
                         "set data.pretrain_text_field")
     for row in ([first] if first is not None else []):
-        if row[text_field]:
-            yield row[text_field]
+        if row[text_field].strip():
+            yield reference_document(row[text_field])
     for row in rows:
-        if row[text_field]:
-            yield row[text_field]
+        if row[text_field].strip():
+            yield reference_document(row[text_field])
 
 
 def iter_documents(sources: str | Sequence[str], text_field: str = "text") -> Iterator[str]:
-    """Every non-empty document of the sources, in order."""
+    """Every non-blank document of the sources, in order, shaped as the reference's (module docstring)."""
     for source in resolve_sources(sources):
         if Path(source).is_file():
             yield from _file_documents(Path(source), text_field)
@@ -146,7 +169,8 @@ def corpus_key(sources: str | Sequence[str], tokenizer, seq_length: int, text_fi
             described.append([source])
     fp = tokenizer_fingerprint(tokenizer)
     payload = {"sources": described, "vocab_size": fp["vocab_size"], "vocab_hash": fp["vocab_hash"],
-               "eos": fp["eos_token_id"], "seq_length": seq_length, "text_field": text_field, "format": FORMAT}
+               "eos": fp["eos_token_id"], "seq_length": seq_length, "text_field": text_field, "format": FORMAT,
+               "documents": DOCUMENT_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -224,7 +248,7 @@ def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathL
         if tmp.exists():
             tmp.unlink()
     meta = {
-        "format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
+        "format": FORMAT, "version": 1, "documents": DOCUMENT_FORMAT, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
         "num_documents": num_docs, "num_tokens_read": num_tokens,
         "dropped_tail_tokens": None if stopped_early else int(len(carry)),  # the tail shorter than a chunk
         **fp, "sources": files, "text_field": text_field, "sha256": digest.hexdigest(), "key": key,
@@ -299,19 +323,24 @@ def _dist_info() -> tuple[bool, int]:
     return False, True
 
 
-def load_or_pack_corpus(cfg, tokenizer) -> PackedCorpus:
+def load_or_pack_corpus(cfg, tokenizer) -> "PackedCorpus | MegatronCorpus":
     """The pre-training corpus of a ``DataConfig``.
 
     ``cfg.pretrain`` names a folder that already holds a packed corpus (opened as it is, after checking its
-    chunk length and vocabulary), or text sources: then the corpus cached under
+    chunk length and vocabulary), the reference's processed Megatron ``.bin``/``.idx`` chunks (their prefix, read
+    in place by :class:`~minillm.data.megatron.MegatronCorpus`), or text sources: then the corpus cached under
     ``cfg.cache_dir/corpus/<key>/`` is reused when its key (sources, vocabulary, seq_length) matches, and
     packed there otherwise. Under torch.distributed, local rank 0 packs and the other ranks wait.
     """
     if not cfg.pretrain:
         raise DataError("data.pretrain is not set: give a packed corpus folder or text/.jsonl files to pack")
+    from .megatron import MegatronCorpus, is_megatron_source
+
     source = Path(cfg.pretrain).expanduser()
     if source.is_dir() and (source / META_FILE).is_file():
         corpus = PackedCorpus(source)
+    elif is_megatron_source(cfg.pretrain):
+        corpus = MegatronCorpus(cfg.pretrain)  # the reference's processed .bin/.idx chunks, read in place
     else:
         key = corpus_key(cfg.pretrain, tokenizer, cfg.pretrain_seq_length, cfg.pretrain_text_field)
         folder = Path(cfg.cache_dir) / "corpus" / key[:16]
