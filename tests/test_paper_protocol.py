@@ -328,8 +328,12 @@ def test_megatron_shards_read_in_place_through_data_pretrain(tmp_path, gpt2ish_t
     assert item["input_ids"].tolist() == everything[6][:-1] and item["labels"].tolist() == everything[6][1:]
     assert item["input_ids"].dtype.is_floating_point is False and item["index"] == 6
     assert corpus.tokens[3:7].tolist() == everything[3:7]  # slices across the shard boundary
+    import pickle
+
+    again = pickle.loads(pickle.dumps(corpus))  # DataLoader workers get a copy that reopens the maps
+    assert again._tokens is None and again[6]["labels"].tolist() == everything[6][1:]
     # The teacher cache's fingerprint reads it like a packed corpus of the same chunks.
-    from minillm.data.megatron import import_megatron
+    from minillm.data.pretrain import import_megatron
 
     imported = import_megatron(tmp_path / "train", gpt2ish_tok, tmp_path / "packed", seq_length=8)
     assert imported.tokens.tolist() == everything
@@ -383,5 +387,8 @@ def test_minillm_data_imports_a_megatron_corpus(tmp_path, assets, gpt2ish_tok):
                                gpt2ish_tok).tokens.tolist() == corpus.tokens.tolist()
     report = json.loads((out / "report.json").read_text())
     assert report["pretrain"]["num_chunks"] == 4
+    assert data_main(["--tokenizer", str(assets / "tokenizer"), "--pretrain", str(tmp_path / "owt"),
+                      "--pretrain-seq-length", "3", "--max-chunks", "2", "--out", str(tmp_path / "few")]) == 0
+    assert PackedCorpus(tmp_path / "few" / "pretrain").tokens.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert data_main(["--tokenizer", str(assets / "tokenizer"), "--pretrain", str(tmp_path / "owt"), "x.txt",
                       "--out", str(tmp_path / "mixed")]) == 1

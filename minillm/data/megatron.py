@@ -26,17 +26,15 @@ Two ways in:
   dataset, when every item has ``seq_length`` tokens and the items lie back to back, as in the official files;
   ``data.pretrain`` may name the prefix (``.../train_0``, the shard family ``.../train``, either file, or a
   folder holding ``train_*.idx``).
-- :func:`import_megatron` (``minillm-data --pretrain PREFIX``) copies any such corpus into a packed corpus
-  folder: the items are concatenated in order and cut into ``seq_length`` chunks (for the official files, the
-  same chunks), with the tokenizer's fingerprint recorded so that the trainer can check it.
+- :func:`minillm.data.pretrain.import_megatron` (``minillm-data --pretrain PREFIX``) copies any such corpus
+  into a packed corpus folder: the items are concatenated in order and cut into ``seq_length`` chunks (for
+  the official files, the same chunks), with the tokenizer's fingerprint recorded so that the trainer can
+  check it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +183,7 @@ class MegatronCorpus(Dataset):
     (torch.long), as :class:`~minillm.data.PackedCorpus` gives them and the reference's LM loader reads them.
 
     Needs every item to hold the same number of tokens, stored back to back (the official files are so);
-    otherwise :func:`import_megatron` re-chunks the corpus into a packed folder.
+    otherwise :func:`minillm.data.pretrain.import_megatron` re-chunks the corpus into a packed folder.
     """
 
     def __init__(self, source: str | os.PathLike):
@@ -255,7 +253,7 @@ def check_ids(rows, vocab_size: int, where: str) -> None:
                         f"tokenizer's {vocab_size} ids: it was tokenised with another model family's tokenizer")
 
 
-def _item_stream(indexes: list[MegatronIndex]) -> Iterator[np.ndarray]:
+def item_stream(indexes: list[MegatronIndex]) -> Iterator[np.ndarray]:
     for ix in indexes:
         data = np.memmap(ix.bin_path, dtype=ix.dtype, mode="r")
         for pointer, size in zip(ix.pointers.tolist(), ix.sizes.tolist()):
@@ -263,71 +261,5 @@ def _item_stream(indexes: list[MegatronIndex]) -> Iterator[np.ndarray]:
             yield np.asarray(data[start:start + size], dtype=np.int64)
 
 
-def import_megatron(source: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, seq_length: int = 512, *,
-                    max_chunks: Optional[int] = None):
-    """Copy a Megatron corpus into a packed corpus folder (``tokens.bin`` + ``meta.json``) and open it.
-
-    Items are concatenated in order and cut into ``seq_length`` chunks; the tail shorter than a chunk is dropped
-    and counted. Every id must lie in ``tokenizer``'s vocabulary (checked on all of them while copying).
-    """
-    from .pretrain import FORMAT, META_FILE, TOKENS_FILE, PackedCorpus, token_dtype, tokenizer_fingerprint
-
-    prefixes = megatron_prefixes(source)
-    if not prefixes:
-        raise DataError(f"`{source}` is not a Megatron corpus (no PREFIX.idx, PREFIX_0.idx or folder of *_0.idx)")
-    if seq_length < 2:
-        raise DataError(f"seq_length must be at least 2 (input = chunk[:-1], labels = chunk[1:]), got {seq_length}")
-    indexes = [read_index(p) for p in prefixes]
-    fp = tokenizer_fingerprint(tokenizer)
-    dtype = token_dtype(fp["vocab_size"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path, tokens_path = out / META_FILE, out / TOKENS_FILE
-    if meta_path.exists():
-        meta_path.unlink()  # the old metadata must never describe the new token file
-    tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
-    digest = hashlib.sha256()
-    carry = np.zeros(0, dtype=np.int64)
-    num_chunks = items = tokens_read = 0
-    stopped = False
-    try:
-        with open(tmp, "wb") as f:
-            for item in _item_stream(indexes):
-                items += 1
-                tokens_read += len(item)
-                if len(item) and (int(item.max()) >= fp["vocab_size"] or int(item.min()) < 0):
-                    bad = int(item.max()) if int(item.max()) >= fp["vocab_size"] else int(item.min())
-                    raise DataError(f"Megatron corpus `{source}`, item {items - 1}: token id {bad} is outside the "
-                                    f"tokenizer's {fp['vocab_size']} ids; use the corpus of this model family")
-                stream = np.concatenate([carry, item])
-                full = len(stream) // seq_length
-                if max_chunks is not None:
-                    full = min(full, max_chunks - num_chunks)
-                data = stream[: full * seq_length].astype(dtype).tobytes()
-                f.write(data)
-                digest.update(data)
-                num_chunks += full
-                carry = stream[full * seq_length:]
-                if max_chunks is not None and num_chunks >= max_chunks:
-                    stopped = True
-                    break
-        if num_chunks == 0:
-            raise DataError(f"Megatron corpus `{source}` holds {tokens_read} tokens, fewer than one chunk of "
-                            f"{seq_length}")
-        os.replace(tmp, tokens_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    meta = {"format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
-            "num_documents": None, "num_items_read": items, "num_tokens_read": tokens_read,
-            "dropped_tail_tokens": None if stopped else int(len(carry)), **fp,
-            "sources": [str(p) for p in prefixes], "imported_from": "megatron-mmidx",
-            "source_dtype": indexes[0].dtype.name, "sha256": digest.hexdigest(), "key": None}
-    tmp_meta = meta_path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_meta, meta_path)
-    return PackedCorpus(out)
-
-
-__all__ = ["MegatronCorpus", "MegatronIndex", "import_megatron", "is_megatron_source", "megatron_prefixes",
+__all__ = ["MegatronCorpus", "MegatronIndex", "is_megatron_source", "item_stream", "megatron_prefixes",
            "read_index", "MAGIC", "DTYPES"]

@@ -10,7 +10,7 @@ What it writes under ``out`` (each consumable by the trainer as it is):
   ``max_length``), so the trainer reads back the same examples.
 - ``pretrain/``: the packed corpus (:func:`minillm.data.pack_corpus`; ``data.pretrain=OUT/pretrain``), or the
   reference's processed Megatron ``.bin``/``.idx`` corpus imported into that form
-  (:func:`minillm.data.megatron.import_megatron`, when ``pretrain`` names its prefix).
+  (:func:`minillm.data.pretrain.import_megatron`, when ``pretrain`` names its prefix).
 - ``report.json``: read / kept / dropped (with reasons) / truncated per split, the corpus counts, the settings.
 
 Named evaluation sets can be fetched into ``cache_dir/sets/<name>/`` where :func:`minillm.data.load_records`
@@ -164,8 +164,8 @@ def prepare(settings: PrepareSettings, log: Callable[[str], None] = print) -> di
             for problem in problems[:5]:
                 log(f"[minillm-data]   skipped: {problem}")
     if settings.pretrain:
-        from .megatron import import_megatron, is_megatron_source
-        from .pretrain import pack_corpus
+        from .megatron import is_megatron_source
+        from .pretrain import import_megatron, pack_corpus
 
         megatron = [s for s in settings.pretrain if is_megatron_source(s)]
         if megatron and len(settings.pretrain) > 1:

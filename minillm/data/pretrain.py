@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .megatron import MegatronCorpus, is_megatron_source, item_stream, megatron_prefixes, read_index
 from .records import DataError, hub_unreachable_error, looks_like_hub_id
 
 TOKENS_FILE = "tokens.bin"
@@ -192,6 +193,58 @@ def _token_batches(docs: Iterable[str], tokenizer) -> Iterator[list[list[int]]]:
         yield tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+class _ChunkWriter:
+    """Cuts a token stream into ``seq_length``-token rows of ``out/tokens.bin``: written under a temporary name,
+    renamed into place by :meth:`commit`, removed if anything fails first. The old ``meta.json`` goes at once, so
+    it never describes the new token file."""
+
+    def __init__(self, out: Path, dtype: np.dtype, seq_length: int, max_chunks: Optional[int]):
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / META_FILE).exists():
+            (out / META_FILE).unlink()
+        self.out, self.dtype, self.seq_length, self.max_chunks = out, dtype, seq_length, max_chunks
+        self.tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
+        self.digest = hashlib.sha256()
+        self.carry = np.zeros(0, dtype=np.int64)
+        self.num_chunks = self.tokens_read = 0
+        self.stopped_early = False
+        self._file = None
+
+    def __enter__(self) -> "_ChunkWriter":
+        self._file = open(self.tmp, "wb")
+        return self
+
+    def add(self, pieces: list[np.ndarray]) -> bool:
+        """Append ``pieces`` to the stream and write every full row; True once ``max_chunks`` rows are written."""
+        stream = np.concatenate([self.carry, *pieces])
+        self.tokens_read += len(stream) - len(self.carry)
+        full = len(stream) // self.seq_length
+        if self.max_chunks is not None:
+            full = min(full, self.max_chunks - self.num_chunks)
+        data = stream[: full * self.seq_length].astype(self.dtype).tobytes()
+        self._file.write(data)
+        self.digest.update(data)
+        self.num_chunks += full
+        self.carry = stream[full * self.seq_length:]
+        self.stopped_early = self.max_chunks is not None and self.num_chunks >= self.max_chunks
+        return self.stopped_early
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self.tmp, self.out / TOKENS_FILE)
+
+    def __exit__(self, *exc) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+    def counts(self) -> dict[str, Any]:
+        return {"num_chunks": self.num_chunks, "num_tokens_read": self.tokens_read,
+                "dropped_tail_tokens": None if self.stopped_early else int(len(self.carry)),  # the short tail
+                "sha256": self.digest.hexdigest()}
+
+
 def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathLike, seq_length: int = 512,
                 text_field: str = "text", *, max_chunks: Optional[int] = None,
                 key: Optional[str] = None) -> "PackedCorpus":
@@ -210,50 +263,67 @@ def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathL
     fp = tokenizer_fingerprint(tokenizer)
     dtype = token_dtype(fp["vocab_size"])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path, tokens_path = out / META_FILE, out / TOKENS_FILE
-    if meta_path.exists():
-        meta_path.unlink()  # the old metadata must never describe the new token file
-    tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
-    digest = hashlib.sha256()
-    carry = np.zeros(0, dtype=np.int64)
-    num_chunks = num_docs = num_tokens = 0
-    stopped_early = False
-    try:
-        with open(tmp, "wb") as f:
-            for batch in _token_batches(iter_documents(files, text_field), tokenizer):
-                pieces = [carry]
-                for ids in batch:
-                    pieces.append(np.asarray(ids, dtype=np.int64))
-                    pieces.append(np.asarray([eos], dtype=np.int64))
-                num_docs += len(batch)
-                stream = np.concatenate(pieces)
-                num_tokens += len(stream) - len(carry)
-                full = len(stream) // seq_length
-                if max_chunks is not None:
-                    full = min(full, max_chunks - num_chunks)
-                data = stream[: full * seq_length].astype(dtype).tobytes()
-                f.write(data)
-                digest.update(data)
-                num_chunks += full
-                carry = stream[full * seq_length:]
-                if max_chunks is not None and num_chunks >= max_chunks:
-                    stopped_early = True
-                    break
-        if num_chunks == 0:
+    num_docs = 0
+    with _ChunkWriter(out, dtype, seq_length, max_chunks) as writer:
+        for batch in _token_batches(iter_documents(files, text_field), tokenizer):
+            pieces = []
+            for ids in batch:
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                pieces.append(np.asarray([eos], dtype=np.int64))
+            num_docs += len(batch)
+            if writer.add(pieces):
+                break
+        if writer.num_chunks == 0:
             raise DataError(f"the pre-training sources ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
-                            f"hold {num_tokens} tokens, fewer than one chunk of {seq_length}")
-        os.replace(tmp, tokens_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    meta = {
-        "format": FORMAT, "version": 1, "documents": DOCUMENT_FORMAT, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
-        "num_documents": num_docs, "num_tokens_read": num_tokens,
-        "dropped_tail_tokens": None if stopped_early else int(len(carry)),  # the tail shorter than a chunk
-        **fp, "sources": files, "text_field": text_field, "sha256": digest.hexdigest(), "key": key,
-    }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+                            f"hold {writer.tokens_read} tokens, fewer than one chunk of {seq_length}")
+        writer.commit()
+    counts = writer.counts()
+    meta = {"format": FORMAT, "version": 1, "documents": DOCUMENT_FORMAT, "dtype": dtype.name,
+            "seq_length": seq_length, "num_chunks": counts["num_chunks"], "num_documents": num_docs,
+            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
+            **fp, "sources": files, "text_field": text_field, "sha256": counts["sha256"], "key": key}
+    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
+    return PackedCorpus(out)
+
+
+def import_megatron(source: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, seq_length: int = 512, *,
+                    max_chunks: Optional[int] = None) -> "PackedCorpus":
+    """Copy the reference's processed Megatron corpus (:mod:`minillm.data.megatron`) into a packed corpus folder.
+
+    Items are concatenated in order and cut into ``seq_length`` chunks (for the official files, whose items are
+    the chunks, the same chunks); the tail shorter than a chunk is dropped and counted. Every id must lie in
+    ``tokenizer``'s vocabulary (checked on all of them while copying); its fingerprint goes into ``meta.json``.
+    """
+    prefixes = megatron_prefixes(source)
+    if not prefixes:
+        raise DataError(f"`{source}` is not a Megatron corpus (no PREFIX.idx, PREFIX_0.idx or folder of *_0.idx)")
+    if seq_length < 2:
+        raise DataError(f"seq_length must be at least 2 (input = chunk[:-1], labels = chunk[1:]), got {seq_length}")
+    indexes = [read_index(p) for p in prefixes]
+    fp = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(fp["vocab_size"])
+    out = Path(out_dir)
+    items = 0
+    with _ChunkWriter(out, dtype, seq_length, max_chunks) as writer:
+        for item in item_stream(indexes):
+            if len(item) and (int(item.max()) >= fp["vocab_size"] or int(item.min()) < 0):
+                bad = int(item.max()) if int(item.max()) >= fp["vocab_size"] else int(item.min())
+                raise DataError(f"Megatron corpus `{source}`, item {items}: token id {bad} is outside the "
+                                f"tokenizer's {fp['vocab_size']} ids; use the corpus of this model family")
+            items += 1
+            if writer.add([item]):
+                break
+        if writer.num_chunks == 0:
+            raise DataError(f"Megatron corpus `{source}` holds {writer.tokens_read} tokens, fewer than one chunk "
+                            f"of {seq_length}")
+        writer.commit()
+    counts = writer.counts()
+    meta = {"format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length,
+            "num_chunks": counts["num_chunks"], "num_documents": None, "num_items_read": items,
+            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
+            **fp, "sources": [str(p) for p in prefixes], "imported_from": "megatron-mmidx",
+            "source_dtype": indexes[0].dtype.name, "sha256": counts["sha256"], "key": None}
+    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     return PackedCorpus(out)
 
 
@@ -334,8 +404,6 @@ def load_or_pack_corpus(cfg, tokenizer) -> "PackedCorpus | MegatronCorpus":
     """
     if not cfg.pretrain:
         raise DataError("data.pretrain is not set: give a packed corpus folder or text/.jsonl files to pack")
-    from .megatron import MegatronCorpus, is_megatron_source
-
     source = Path(cfg.pretrain).expanduser()
     if source.is_dir() and (source / META_FILE).is_file():
         corpus = PackedCorpus(source)
