@@ -101,7 +101,7 @@ STUDENT_MODEL=$(model_of "$S_DIR")
 # minillm-generate resumes by itself: re-running appends only the missing records.
 # Teacher samples for the train records only; the first GEN_DEV_NUM records go to SEQKD_DEV with their gold
 # answers, the dev set that picks the SeqKD checkpoint (as the reference).
-run "SeqKD data: teacher samples on the training prompts, gold dev set" \
+run "SeqKD data: teacher samples on the training prompts" \
   $GENERATE --model "$TEACHER_MODEL" --data "$GEN_DATA" --out "$SEQKD_DATA" \
   --dev-num "$GEN_DEV_NUM" --dev-out "$SEQKD_DEV" --no-progress $GEN_ARGS
 done_already "$RUNS/kd/final" || run "KD baseline" \
