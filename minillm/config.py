@@ -80,7 +80,8 @@ class DataConfig:
     max_prompt_length: int = _f(256, "Prompts with more tokens are dropped (and counted).")
     max_length: int = _f(512, "Prompt+response sequences are truncated to this many tokens.")
     pretrain: Optional[str] = _f(None, "Pre-training corpus for the PT loss: a packed chunk folder made by "
-                                 "minillm.data (or minillm-data), or a text/.jsonl file, glob or folder to pack.")
+                                 "minillm.data (or minillm-data), a text/.jsonl file, glob or folder to pack, or "
+                                 "the reference's processed Megatron .bin/.idx prefix (read in place).")
     pretrain_seq_length: int = _f(512, "Tokens per packed pre-training chunk.")
     pretrain_text_field: str = _f("text", "Field holding the document text in .jsonl pre-training files.")
     cache_dir: str = _f(".cache/minillm", "Where packed corpora and converted sets are cached.")

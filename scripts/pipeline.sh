@@ -12,14 +12,15 @@
 # --force (re-run steps whose output already exists; by default a finished step is skipped, so a stopped pipeline
 # continues where it stopped).
 # Environment: TRAIN (default "python -m minillm.cli.train"; e.g. "deepspeed --num_gpus 8 -m minillm.cli.train"),
-# EVAL (default "python -m minillm.cli.eval"; e.g. "torchrun --nproc_per_node 8 -m minillm.cli.eval"),
+# EVAL (default "python -m minillm.cli.eval"; e.g. "torchrun --nproc_per_node 8 -m minillm.cli.eval"; it runs
+# with --dtype auto: fp16 on GPUs, the paper protocol's precision, fp32 on CPU),
 # GENERATE (default "python -m minillm.cli.generate"). MiniLLM's PT loss needs the packed corpus named in its
 # config (data.pretrain); build it first with `minillm-data --tokenizer gpt2 --pretrain ... --out ...`, or set
 # MINILLM_EXTRA="minillm.ptx_coef=0" to train without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 [ $# -ge 1 ] || usage 2
 case $1 in -h|--help) usage 0 ;; -*) echo "pipeline.sh: the first argument is the family" >&2; usage 2 ;; esac
 FAMILY=$1; shift
@@ -61,6 +62,7 @@ if [ "$TINY" = 1 ]; then
   KD_CFG=configs/tiny/kd.yaml; SEQKD_CFG=configs/tiny/seqkd.yaml; MINILLM_CFG=configs/tiny/minillm.yaml
   KD_ARGS="$FEW"; SEQKD_ARGS="$FEW"; MINILLM_ARGS="$FEW rollout.num_rollouts=16 minillm.ppo_epochs=1"
   GEN_DATA=tests/assets/data/train.jsonl; GEN_ARGS="--max-new-tokens 24 --max-prompt-length 128 --num 64"
+  GEN_DEV_NUM=16  # the first 16 records keep their gold answers as SeqKD's dev set
   EVAL_DATA=tests/assets/data/dev.jsonl; EVAL_ARGS="--max-new-tokens 16 --num 16 --dist"
 else
   RUNS=${RUNS:-runs/pipeline-$FAMILY}
@@ -81,10 +83,12 @@ else
   KD_CFG=configs/kd/$STUDENT.yaml; SEQKD_CFG=configs/seqkd/$STUDENT.yaml; MINILLM_CFG=configs/minillm/$STUDENT.yaml
   KD_ARGS=""; SEQKD_ARGS=""; MINILLM_ARGS=""
   GEN_DATA=dolly; GEN_ARGS=""
+  GEN_DEV_NUM=1000  # Dolly's dev split, as the reference: gold answers, not teacher samples
   EVAL_DATA="dolly self_inst vicuna sinst uinst"; EVAL_ARGS="--dist"
 fi
 
 T_DIR=$RUNS/sft-teacher; S_DIR=$RUNS/sft-student; SEQKD_DATA=$RUNS/seqkd-data/train.jsonl
+SEQKD_DEV=$RUNS/seqkd-data/dev.jsonl
 echo "pipeline: family $FAMILY$([ "$TINY" = 1 ] && echo ' (tiny)'), runs in $RUNS, seeds $SEEDS"
 
 # shellcheck disable=SC2086  # the *_ARGS lists are meant to split into words
@@ -95,18 +99,22 @@ done_already "$S_DIR/final" || run "SFT student (the MiniLLM init and the 'SFT w
   $TRAIN --config "$SFT_S_CFG" output_dir="$S_DIR" $SFT_S_ARGS
 STUDENT_MODEL=$(model_of "$S_DIR")
 # minillm-generate resumes by itself: re-running appends only the missing records.
+# Teacher samples for the train records only; the first GEN_DEV_NUM records go to SEQKD_DEV with their gold
+# answers, the dev set that picks the SeqKD checkpoint (as the reference).
 run "SeqKD data: teacher samples on the training prompts" \
-  $GENERATE --model "$TEACHER_MODEL" --data "$GEN_DATA" --out "$SEQKD_DATA" --no-progress $GEN_ARGS
+  $GENERATE --model "$TEACHER_MODEL" --data "$GEN_DATA" --out "$SEQKD_DATA" \
+  --dev-num "$GEN_DEV_NUM" --dev-out "$SEQKD_DEV" --no-progress $GEN_ARGS
 done_already "$RUNS/kd/final" || run "KD baseline" \
   $TRAIN --config "$KD_CFG" output_dir="$RUNS/kd" teacher.path="$TEACHER_MODEL" $KD_ARGS
 done_already "$RUNS/seqkd/final" || run "SeqKD baseline" \
-  $TRAIN --config "$SEQKD_CFG" output_dir="$RUNS/seqkd" teacher.path="$TEACHER_MODEL" data.train="$SEQKD_DATA" $SEQKD_ARGS
+  $TRAIN --config "$SEQKD_CFG" output_dir="$RUNS/seqkd" teacher.path="$TEACHER_MODEL" data.train="$SEQKD_DATA" \
+  data.dev="$SEQKD_DEV" data.dev_num=0 $SEQKD_ARGS
 done_already "$RUNS/minillm/final" || run "MiniLLM" \
   $TRAIN --config "$MINILLM_CFG" output_dir="$RUNS/minillm" student.path="$STUDENT_MODEL" \
   teacher.path="$TEACHER_MODEL" $MINILLM_ARGS $MINILLM_EXTRA
 run "evaluate everything side by side" \
   $EVAL --model "$TEACHER_MODEL" "$STUDENT_MODEL" "$(model_of "$RUNS/kd")" "$(model_of "$RUNS/seqkd")" \
   "$(model_of "$RUNS/minillm")" --name teacher SFT KD SeqKD MiniLLM --data $EVAL_DATA --seeds $SEEDS \
-  --out "$RUNS/eval" --no-progress $EVAL_ARGS
+  --out "$RUNS/eval" --dtype auto --no-progress $EVAL_ARGS
 }
 echo; echo "pipeline: done. Table: $RUNS/eval/table.md, results: $RUNS/eval/results.json"

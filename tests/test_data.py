@@ -282,9 +282,10 @@ DOCS = ["hello world", "tiny", "a second line of text", "z"]
 
 
 def expected_stream(docs: list[str]) -> list[int]:
+    """The reference's document ending: the dump line's "\n", then EOS (process_data_pretrain.py)."""
     out: list[int] = []
     for d in docs:
-        out += ids(d) + [EOS]
+        out += ids(d + "\n") + [EOS]
     return out
 
 

@@ -2,6 +2,8 @@
 
     minillm-data --tokenizer gpt2 --train dolly --out data/dolly-gpt2            # dev = first 1000 records
     minillm-data --tokenizer gpt2 --pretrain openwebtext.txt --out data/owt-gpt2 --pretrain-seq-length 512
+    minillm-data --tokenizer facebook/opt-1.3b --pretrain roberta-corpus-processed/opt/512/20M/train \
+        --out data/roberta-opt      # import the reference's processed Megatron .bin/.idx chunks
     minillm-data --download dolly self_inst vicuna sinst uinst                    # into .cache/minillm/sets/
     minillm-train --config configs/sft/gpt2-base.yaml data.train=data/dolly-gpt2/train.jsonl \\
         data.dev=data/dolly-gpt2/dev.jsonl
@@ -35,7 +37,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="count and skip records that lack their fields (local files) instead of failing")
     c = p.add_argument_group("pre-training corpus")
     c.add_argument("--pretrain", nargs="+", default=[], metavar="SOURCE",
-                   help="text/.jsonl files, folders, globs or a hub id, packed into OUT/pretrain/")
+                   help="text/.jsonl files, folders, globs or a hub id, packed into OUT/pretrain/; or the "
+                        "reference's processed Megatron corpus (a .bin/.idx prefix such as DIR/train_0, a shard "
+                        "family DIR/train, or DIR), imported as it is. data.pretrain may also name such a prefix "
+                        "directly (read in place, no copy)")
     c.add_argument("--pretrain-seq-length", type=int, default=512, help="tokens per chunk (default 512)")
     c.add_argument("--pretrain-text-field", default="text", help="text field of .jsonl documents")
     c.add_argument("--max-chunks", type=int, default=None, help="stop packing after this many chunks")

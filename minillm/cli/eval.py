@@ -6,10 +6,16 @@
     torchrun --nproc_per_node 8 -m minillm.cli.eval --model ... --data dolly --out ...   # data-parallel
     deepspeed --num_gpus 8 -m minillm.cli.eval --zero3 --model big-model ...             # ZeRO-3 inference
 
-Protocol: prompt = the record's `prompt` (or its rendered template), tokenised without special tokens, cut
+Protocol: prompt = the record's `prompt` (or its rendered template), tokenised without special tokens
+(--prompt-bos: with the tokenizer's default ones), cut
 to its first --max-prompt-length tokens, left-padded; sampling T=1, top-k 0, top-p 1, 256 new tokens, seeds
 10 20 30 40 50; responses decoded without special tokens and stripped; Rouge-L and exact match x100, max
-over references; mean and population std over seeds.
+over references; mean and population std over seeds; fp16 on CUDA (--dtype auto), fp32 on CPU.
+
+Presets (--preset; flags and the YAML's own keys override them):
+  paper          Table 1 as published: no n-gram block, prompts with the tokenizer's default special tokens
+                 (BOS for OPT/LLaMA; GPT-2 unchanged), as the reference code was at publication
+  official-head  the current reference code: --no-repeat-ngram-size 6, prompts without special tokens
 
 Writes OUT/<model>/<set>/seed<k>.json, OUT/results.json, OUT/table.md (Rouge-L, also printed) and
 OUT/table_all.md (every metric). Judge settings come from the environment: MINILLM_JUDGE_BASE_URL (or
@@ -45,6 +51,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", dest="cache_dir", help="where named sets are looked up before the hub "
                    "(default .cache/minillm)")
     s = p.add_argument_group("sampling (defaults = the paper's protocol)")
+    s.add_argument("--preset", choices=["paper", "official-head"],
+                   help="a named protocol (see above): paper reproduces Table 1, official-head the current "
+                        "reference code")
     s.add_argument("--seeds", nargs="+", type=int, help="seeds (default 10 20 30 40 50)")
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="default 256")
     s.add_argument("--max-prompt-length", dest="max_prompt_length", type=int,
@@ -57,13 +66,21 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-repeat-ngram-size", dest="no_repeat_ngram_size", type=int,
                    help="block repeated n-grams (default 0: off). The reference scripts pass 6, but in the "
                         "paper-era fork the sampler overwrote the processed scores, so the block was inert and "
-                        "the paper's numbers were most likely produced without it (lmops-notes §5)")
+                        "the paper's numbers were most likely produced without it (lmops-notes §5); "
+                        "--preset official-head sets 6")
+    s.add_argument("--prompt-bos", dest="prompt_bos", action="store_true",
+                   help="encode prompts with the tokenizer's default special tokens, as the reference did before "
+                        "2024: OPT/LLaMA prompts start with BOS (counted in --max-prompt-length), GPT-2 and Qwen "
+                        "prompts are unchanged. Set by --preset paper")
+    s.add_argument("--no-prompt-bos", dest="prompt_bos", action="store_false",
+                   help="encode prompts without special tokens (the default; overrides a preset or YAML)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     r.add_argument("--engine", choices=["auto", "hf", "fast"],
                    help="sampler: hf (transformers generate), fast (minillm's rollout engine with static caches and "
                         "CUDA graphs), auto (default: fast on CUDA unless --zero3 or --no-repeat-ngram-size)")
-    r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model weights (default fp32)")
+    r.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="model weights (default auto: fp16 on CUDA, the paper protocol's precision; fp32 on CPU)")
     r.add_argument("--zero3", action="store_true", help="shard the models with DeepSpeed ZeRO-3 over the ranks "
                    "(launch with deepspeed/torchrun) for models that do not fit one GPU")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")

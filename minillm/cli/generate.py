@@ -1,7 +1,12 @@
 """minillm-generate: sample a model's (the teacher's) responses to training prompts into SeqKD JSONL.
 
     minillm-generate --model runs/sft/gpt2-xl/best --data dolly --out runs/seqkd-data/gpt2-xl/train.jsonl
-    minillm-train --config configs/seqkd/gpt2-base.yaml data.train=runs/seqkd-data/gpt2-xl/train.jsonl
+    minillm-train --config configs/seqkd/gpt2-base.yaml data.train=runs/seqkd-data/gpt2-xl/train.jsonl \
+        data.dev=runs/seqkd-data/gpt2-xl/dev.jsonl data.dev_num=0
+
+As the reference, only the training records are sampled: the first --dev-num records (default 1000 for dolly,
+its dev split; 0 for other data) are written with their gold references to --dev-out (default dev.jsonl beside
+OUT), SeqKD's dev set for picking its checkpoint by dev Rouge-L.
 
 Writes one {"prompt", "output", "index"} line per prompt (prompts over --max-prompt-length tokens are dropped
 and counted, as training drops them) and OUT.jsonl.meta.json with the model, data, every sampling setting, the
@@ -32,7 +37,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="default 0 (off)")
     p.add_argument("--seed", type=int, default=10, help="default 10 (batch k uses seed + k * 100003)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
-    p.add_argument("--num", type=int, default=-1, help="use the first N records (default -1: all)")
+    p.add_argument("--num", type=int, default=-1, help="sample the first N training records (default -1: all)")
+    p.add_argument("--dev-num", type=int, default=None,
+                   help="the first N records are the gold dev set: not sampled, written with their references to "
+                        "--dev-out (default: 1000 for dolly, as the reference's dev split; 0 otherwise)")
+    p.add_argument("--dev-out", default=None, metavar="DEV.jsonl",
+                   help="where the gold dev records go (default: dev.jsonl beside --out)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "fast"],

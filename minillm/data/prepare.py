@@ -8,7 +8,9 @@ What it writes under ``out`` (each consumable by the trainer as it is):
   dev source is given. Records are kept or dropped exactly as the trainer's tokenisation decides
   (:func:`minillm.data.tokenize_records`: prompts over ``max_prompt_length`` tokens are dropped, sequences cut to
   ``max_length``), so the trainer reads back the same examples.
-- ``pretrain/``: the packed corpus (:func:`minillm.data.pack_corpus`; ``data.pretrain=OUT/pretrain``).
+- ``pretrain/``: the packed corpus (:func:`minillm.data.pack_corpus`; ``data.pretrain=OUT/pretrain``), or the
+  reference's processed Megatron ``.bin``/``.idx`` corpus imported into that form
+  (:func:`minillm.data.pretrain.import_megatron`, when ``pretrain`` names its prefix).
 - ``report.json``: read / kept / dropped (with reasons) / truncated per split, the corpus counts, the settings.
 
 Named evaluation sets can be fetched into ``cache_dir/sets/<name>/`` where :func:`minillm.data.load_records`
@@ -162,10 +164,19 @@ def prepare(settings: PrepareSettings, log: Callable[[str], None] = print) -> di
             for problem in problems[:5]:
                 log(f"[minillm-data]   skipped: {problem}")
     if settings.pretrain:
-        from .pretrain import pack_corpus
+        from .megatron import is_megatron_source
+        from .pretrain import import_megatron, pack_corpus
 
-        corpus = pack_corpus(settings.pretrain, tokenizer, out / "pretrain", settings.pretrain_seq_length,
-                             settings.pretrain_text_field, max_chunks=settings.max_chunks)
+        megatron = [s for s in settings.pretrain if is_megatron_source(s)]
+        if megatron and len(settings.pretrain) > 1:
+            raise DataError(f"--pretrain: the Megatron corpus {megatron[0]} must be the only source (it is imported "
+                            "as it is, not mixed with text)")
+        if megatron:  # the reference's processed .bin/.idx chunks, copied into a packed corpus
+            corpus = import_megatron(megatron[0], tokenizer, out / "pretrain", settings.pretrain_seq_length,
+                                     max_chunks=settings.max_chunks)
+        else:
+            corpus = pack_corpus(settings.pretrain, tokenizer, out / "pretrain", settings.pretrain_seq_length,
+                                 settings.pretrain_text_field, max_chunks=settings.max_chunks)
         meta = {k: v for k, v in corpus.meta.items() if k != "sources" or len(v) <= 20}
         report["pretrain"] = meta | {"folder": str(out / "pretrain")}
         log(f"[minillm-data] pre-training corpus: {len(corpus)} chunks of {corpus.seq_length} tokens "

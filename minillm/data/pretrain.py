@@ -2,14 +2,23 @@
 
 Documents are tokenised without special tokens, each followed by EOS, concatenated, and cut into chunks of
 ``seq_length`` tokens (the tail that does not fill a chunk is dropped and counted), as the reference's
-``process_data_pretrain.py`` does. The chunks are one flat memory-mapped file (``tokens.bin``; uint16 when
+``process_data_pretrain.py`` does. A document is shaped as the reference's pipeline shapes it
+(:func:`reference_document`): ``get_openwebtext.py`` collapses every run of newlines into one marker and writes
+the document as one line; ``process_data_pretrain.py`` turns the markers back into "\\n" and encodes the line
+*with* its line terminator, so every document ends with "\\n" before its EOS. The chunks are one flat memory-mapped file (``tokens.bin``; uint16 when
 the vocabulary has fewer than 65,535 entries, else int32) plus ``meta.json``, so 20M chunks need no RAM.
 Both files are written under temporary names and renamed; ``meta.json`` comes last, so a folder with a
 ``meta.json`` is a complete corpus.
 
-Text sources: text files (one document per line; the reference's OpenWebText dump marks newlines inside a
-document with ``<@x(x!>``, which is turned back into "\\n"), ``.jsonl`` files (``text_field``), a glob, a
-folder of such files, or an HF dataset id (streamed).
+Text sources: text files (one document per line, already in the dump's form: ``<@x(x!>`` is turned back
+into "\\n" and the line's "\\n" is kept, nothing else is collapsed), ``.jsonl`` files (``text_field``) and HF
+dataset ids (streamed), whose raw texts get the whole treatment (runs of "\\n" collapsed, "\\n" appended), a glob
+or a folder of such files. Two small differences from the reference remain, both absent from OpenWebText: a
+blank document is skipped (the reference would encode "\\n" + EOS), and a bare "\\r" does not split a document
+(the reference's text-mode read of its dump starts a new line there).
+
+The reference's processed corpora (Megatron ``.bin``/``.idx`` files) are read directly, without re-packing,
+by :mod:`minillm.data.megatron`; ``data.pretrain`` may name their prefix.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -26,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .megatron import MegatronCorpus, is_megatron_source, item_stream, megatron_prefixes, read_index
 from .records import DataError, hub_unreachable_error, looks_like_hub_id
 
 TOKENS_FILE = "tokens.bin"
@@ -33,6 +44,19 @@ META_FILE = "meta.json"
 FORMAT = "minillm-packed-corpus"
 NEWLINE_MARKER = "<@x(x!>"  # the reference's in-document newline escape (get_openwebtext.py)
 TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
+# Version of the document shaping; part of the cache key, so corpora packed before the reference's "\n" + EOS
+# ending and newline collapsing are packed again rather than reused.
+DOCUMENT_FORMAT = 2
+_NEWLINE_RUN = re.compile(r"\n+")
+
+
+def reference_document(text: str) -> str:
+    """A raw document as the reference's pipeline feeds it to the tokenizer: runs of "\\n" collapsed into one
+    (get_openwebtext.py), then the dump line's own "\\n" (process_data_pretrain.py encodes the line with it).
+
+    So "a\\n\\n\\nb" becomes "a\\nb\\n", and "a\\n" becomes "a\\n\\n" (its final newline is a run of its own).
+    """
+    return _NEWLINE_RUN.sub("\n", text) + "\n"
 _DOC_BATCH = 1000
 
 
@@ -81,13 +105,13 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                                     "(set data.pretrain_text_field to the field holding the text)")
                 if not isinstance(obj[text_field], str):
                     raise DataError(f"{path}:{number}: field `{text_field}` must be a string")
-                if obj[text_field]:
-                    yield obj[text_field]
+                if obj[text_field].strip():
+                    yield reference_document(obj[text_field])
         else:
             for line in f:
                 line = line.rstrip("\n")
                 if line.strip():
-                    yield line.replace(NEWLINE_MARKER, "\n")
+                    yield line.replace(NEWLINE_MARKER, "\n") + "\n"
 
 
 def _hub_documents(hub_id: str, text_field: str) -> Iterator[str]:
@@ -103,15 +127,15 @@ def _hub_documents(hub_id: str, text_field: str) -> Iterator[str]:
         raise DataError(f"hub dataset `{hub_id}` has no field `{text_field}` (fields: {', '.join(first)}); "
                         "set data.pretrain_text_field")
     for row in ([first] if first is not None else []):
-        if row[text_field]:
-            yield row[text_field]
+        if row[text_field].strip():
+            yield reference_document(row[text_field])
     for row in rows:
-        if row[text_field]:
-            yield row[text_field]
+        if row[text_field].strip():
+            yield reference_document(row[text_field])
 
 
 def iter_documents(sources: str | Sequence[str], text_field: str = "text") -> Iterator[str]:
-    """Every non-empty document of the sources, in order."""
+    """Every non-blank document of the sources, in order, shaped as the reference's (module docstring)."""
     for source in resolve_sources(sources):
         if Path(source).is_file():
             yield from _file_documents(Path(source), text_field)
@@ -146,7 +170,8 @@ def corpus_key(sources: str | Sequence[str], tokenizer, seq_length: int, text_fi
             described.append([source])
     fp = tokenizer_fingerprint(tokenizer)
     payload = {"sources": described, "vocab_size": fp["vocab_size"], "vocab_hash": fp["vocab_hash"],
-               "eos": fp["eos_token_id"], "seq_length": seq_length, "text_field": text_field, "format": FORMAT}
+               "eos": fp["eos_token_id"], "seq_length": seq_length, "text_field": text_field, "format": FORMAT,
+               "documents": DOCUMENT_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,6 +193,58 @@ def _token_batches(docs: Iterable[str], tokenizer) -> Iterator[list[list[int]]]:
         yield tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+class _ChunkWriter:
+    """Cuts a token stream into ``seq_length``-token rows of ``out/tokens.bin``: written under a temporary name,
+    renamed into place by :meth:`commit`, removed if anything fails first. The old ``meta.json`` goes at once, so
+    it never describes the new token file."""
+
+    def __init__(self, out: Path, dtype: np.dtype, seq_length: int, max_chunks: Optional[int]):
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / META_FILE).exists():
+            (out / META_FILE).unlink()
+        self.out, self.dtype, self.seq_length, self.max_chunks = out, dtype, seq_length, max_chunks
+        self.tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
+        self.digest = hashlib.sha256()
+        self.carry = np.zeros(0, dtype=np.int64)
+        self.num_chunks = self.tokens_read = 0
+        self.stopped_early = False
+        self._file = None
+
+    def __enter__(self) -> "_ChunkWriter":
+        self._file = open(self.tmp, "wb")
+        return self
+
+    def add(self, pieces: list[np.ndarray]) -> bool:
+        """Append ``pieces`` to the stream and write every full row; True once ``max_chunks`` rows are written."""
+        stream = np.concatenate([self.carry, *pieces])
+        self.tokens_read += len(stream) - len(self.carry)
+        full = len(stream) // self.seq_length
+        if self.max_chunks is not None:
+            full = min(full, self.max_chunks - self.num_chunks)
+        data = stream[: full * self.seq_length].astype(self.dtype).tobytes()
+        self._file.write(data)
+        self.digest.update(data)
+        self.num_chunks += full
+        self.carry = stream[full * self.seq_length:]
+        self.stopped_early = self.max_chunks is not None and self.num_chunks >= self.max_chunks
+        return self.stopped_early
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self.tmp, self.out / TOKENS_FILE)
+
+    def __exit__(self, *exc) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+    def counts(self) -> dict[str, Any]:
+        return {"num_chunks": self.num_chunks, "num_tokens_read": self.tokens_read,
+                "dropped_tail_tokens": None if self.stopped_early else int(len(self.carry)),  # the short tail
+                "sha256": self.digest.hexdigest()}
+
+
 def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathLike, seq_length: int = 512,
                 text_field: str = "text", *, max_chunks: Optional[int] = None,
                 key: Optional[str] = None) -> "PackedCorpus":
@@ -186,50 +263,67 @@ def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathL
     fp = tokenizer_fingerprint(tokenizer)
     dtype = token_dtype(fp["vocab_size"])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path, tokens_path = out / META_FILE, out / TOKENS_FILE
-    if meta_path.exists():
-        meta_path.unlink()  # the old metadata must never describe the new token file
-    tmp = out / f".{TOKENS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
-    digest = hashlib.sha256()
-    carry = np.zeros(0, dtype=np.int64)
-    num_chunks = num_docs = num_tokens = 0
-    stopped_early = False
-    try:
-        with open(tmp, "wb") as f:
-            for batch in _token_batches(iter_documents(files, text_field), tokenizer):
-                pieces = [carry]
-                for ids in batch:
-                    pieces.append(np.asarray(ids, dtype=np.int64))
-                    pieces.append(np.asarray([eos], dtype=np.int64))
-                num_docs += len(batch)
-                stream = np.concatenate(pieces)
-                num_tokens += len(stream) - len(carry)
-                full = len(stream) // seq_length
-                if max_chunks is not None:
-                    full = min(full, max_chunks - num_chunks)
-                data = stream[: full * seq_length].astype(dtype).tobytes()
-                f.write(data)
-                digest.update(data)
-                num_chunks += full
-                carry = stream[full * seq_length:]
-                if max_chunks is not None and num_chunks >= max_chunks:
-                    stopped_early = True
-                    break
-        if num_chunks == 0:
+    num_docs = 0
+    with _ChunkWriter(out, dtype, seq_length, max_chunks) as writer:
+        for batch in _token_batches(iter_documents(files, text_field), tokenizer):
+            pieces = []
+            for ids in batch:
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                pieces.append(np.asarray([eos], dtype=np.int64))
+            num_docs += len(batch)
+            if writer.add(pieces):
+                break
+        if writer.num_chunks == 0:
             raise DataError(f"the pre-training sources ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
-                            f"hold {num_tokens} tokens, fewer than one chunk of {seq_length}")
-        os.replace(tmp, tokens_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    meta = {
-        "format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length, "num_chunks": num_chunks,
-        "num_documents": num_docs, "num_tokens_read": num_tokens,
-        "dropped_tail_tokens": None if stopped_early else int(len(carry)),  # the tail shorter than a chunk
-        **fp, "sources": files, "text_field": text_field, "sha256": digest.hexdigest(), "key": key,
-    }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+                            f"hold {writer.tokens_read} tokens, fewer than one chunk of {seq_length}")
+        writer.commit()
+    counts = writer.counts()
+    meta = {"format": FORMAT, "version": 1, "documents": DOCUMENT_FORMAT, "dtype": dtype.name,
+            "seq_length": seq_length, "num_chunks": counts["num_chunks"], "num_documents": num_docs,
+            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
+            **fp, "sources": files, "text_field": text_field, "sha256": counts["sha256"], "key": key}
+    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
+    return PackedCorpus(out)
+
+
+def import_megatron(source: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, seq_length: int = 512, *,
+                    max_chunks: Optional[int] = None) -> "PackedCorpus":
+    """Copy the reference's processed Megatron corpus (:mod:`minillm.data.megatron`) into a packed corpus folder.
+
+    Items are concatenated in order and cut into ``seq_length`` chunks (for the official files, whose items are
+    the chunks, the same chunks); the tail shorter than a chunk is dropped and counted. Every id must lie in
+    ``tokenizer``'s vocabulary (checked on all of them while copying); its fingerprint goes into ``meta.json``.
+    """
+    prefixes = megatron_prefixes(source)
+    if not prefixes:
+        raise DataError(f"`{source}` is not a Megatron corpus (no PREFIX.idx, PREFIX_0.idx or folder of *_0.idx)")
+    if seq_length < 2:
+        raise DataError(f"seq_length must be at least 2 (input = chunk[:-1], labels = chunk[1:]), got {seq_length}")
+    indexes = [read_index(p) for p in prefixes]
+    fp = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(fp["vocab_size"])
+    out = Path(out_dir)
+    items = 0
+    with _ChunkWriter(out, dtype, seq_length, max_chunks) as writer:
+        for item in item_stream(indexes):
+            if len(item) and (int(item.max()) >= fp["vocab_size"] or int(item.min()) < 0):
+                bad = int(item.max()) if int(item.max()) >= fp["vocab_size"] else int(item.min())
+                raise DataError(f"Megatron corpus `{source}`, item {items}: token id {bad} is outside the "
+                                f"tokenizer's {fp['vocab_size']} ids; use the corpus of this model family")
+            items += 1
+            if writer.add([item]):
+                break
+        if writer.num_chunks == 0:
+            raise DataError(f"Megatron corpus `{source}` holds {writer.tokens_read} tokens, fewer than one chunk "
+                            f"of {seq_length}")
+        writer.commit()
+    counts = writer.counts()
+    meta = {"format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length,
+            "num_chunks": counts["num_chunks"], "num_documents": None, "num_items_read": items,
+            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
+            **fp, "sources": [str(p) for p in prefixes], "imported_from": "megatron-mmidx",
+            "source_dtype": indexes[0].dtype.name, "sha256": counts["sha256"], "key": None}
+    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     return PackedCorpus(out)
 
 
@@ -299,11 +393,12 @@ def _dist_info() -> tuple[bool, int]:
     return False, True
 
 
-def load_or_pack_corpus(cfg, tokenizer) -> PackedCorpus:
+def load_or_pack_corpus(cfg, tokenizer) -> "PackedCorpus | MegatronCorpus":
     """The pre-training corpus of a ``DataConfig``.
 
     ``cfg.pretrain`` names a folder that already holds a packed corpus (opened as it is, after checking its
-    chunk length and vocabulary), or text sources: then the corpus cached under
+    chunk length and vocabulary), the reference's processed Megatron ``.bin``/``.idx`` chunks (their prefix, read
+    in place by :class:`~minillm.data.megatron.MegatronCorpus`), or text sources: then the corpus cached under
     ``cfg.cache_dir/corpus/<key>/`` is reused when its key (sources, vocabulary, seq_length) matches, and
     packed there otherwise. Under torch.distributed, local rank 0 packs and the other ranks wait.
     """
@@ -312,6 +407,8 @@ def load_or_pack_corpus(cfg, tokenizer) -> PackedCorpus:
     source = Path(cfg.pretrain).expanduser()
     if source.is_dir() and (source / META_FILE).is_file():
         corpus = PackedCorpus(source)
+    elif is_megatron_source(cfg.pretrain):
+        corpus = MegatronCorpus(cfg.pretrain)  # the reference's processed .bin/.idx chunks, read in place
     else:
         key = corpus_key(cfg.pretrain, tokenizer, cfg.pretrain_seq_length, cfg.pretrain_text_field)
         folder = Path(cfg.cache_dir) / "corpus" / key[:16]

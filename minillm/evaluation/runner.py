@@ -1,7 +1,8 @@
 """The evaluation protocol of ``minillm-eval`` (DESIGN §6), importable for notebooks and tests.
 
 For every model × set × seed: the set's prompts (a record's ``prompt`` field, or its rendered template for
-instruction-only records) are tokenised without special tokens, cut to their **first** ``max_prompt_length``
+instruction-only records) are tokenised without special tokens (with ``prompt_bos``: with the tokenizer's
+default special tokens, as the pre-2024 reference did, so OPT/LLaMA prompts start with BOS), cut to their **first** ``max_prompt_length``
 tokens (evaluation truncates; training drops) and left-padded; one response per prompt is sampled (T = 1,
 top-k 0, top-p 1, 256 new tokens by default, ``torch.manual_seed(seed + rank)``); responses are decoded without
 special tokens and stripped; Rouge-L and exact match are the max over references, mean ×100. A sample's
@@ -109,6 +110,26 @@ def read_eval_records(source: str, settings: EvalSettings) -> list[Record]:
     return load_records(source, split="test", cache_dir=settings.cache_dir)
 
 
+class DefaultSpecialTokens:
+    """A view of ``tokenizer`` whose calls always encode with the tokenizer's own default special tokens.
+
+    The pre-2024 reference encoded evaluation prompts with ``tokenizer.encode(prompt)``: whatever the tokenizer
+    adds by default (OPT: ``</s>`` first, LLaMA: ``<s>`` first, GPT-2 and Qwen: nothing) went in front of the
+    prompt and counted towards its first ``max_prompt_length`` tokens. Passing this view to the shared prompt
+    builder keeps its rendering, cutting and counting identical and changes only that.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        kwargs.pop("add_special_tokens", None)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
 def load_eval_set(source: str, name: str, tokenizer, settings: EvalSettings,
                   records: Optional[list[Record]] = None) -> EvalSet:
     """Read ``source`` (its evaluation split) unless ``records`` are given, keep the first ``settings.num`` records
@@ -116,7 +137,8 @@ def load_eval_set(source: str, name: str, tokenizer, settings: EvalSettings,
     records = read_eval_records(source, settings) if records is None else records
     if 0 <= settings.num < len(records):
         records = records[: settings.num]
-    prompts, stats = build_prompt_dataset(records, tokenizer, template=settings.template,
+    encoder = DefaultSpecialTokens(tokenizer) if settings.prompt_bos else tokenizer
+    prompts, stats = build_prompt_dataset(records, encoder, template=settings.template,
                                           max_prompt_length=settings.max_prompt_length, overflow="truncate",
                                           name=name)
     if len(prompts) == 0:

@@ -11,6 +11,19 @@ The YAML file uses the flag names with underscores (or dashes) as keys, e.g.::
     dist: true
 
 Unknown keys and values of the wrong type fail with the file and the key.
+
+Presets (``--preset`` / ``preset:``) name the two decoding protocols of the reference, which changed after the
+paper (lmops-notes §5). Precedence: defaults < the preset < the YAML file's other keys < flags.
+
+- ``paper`` reproduces Table 1 as published: no n-gram block (the paper-era fork's sampler discarded the
+  processed scores, so its ``no_repeat_ngram_size=6`` was inert) and prompts encoded with the tokenizer's default
+  special tokens (``prompt_bos``), as the pre-2024 prompt dataset did: OPT and LLaMA prompts start with BOS,
+  GPT-2 and Qwen prompts are unchanged (their tokenizers add nothing by default).
+- ``official-head`` reproduces the current official code: ``no_repeat_ngram_size=6`` (applied since the
+  2024-09 sampler fix) and prompts without special tokens (since the 2024-02 "fix start token" change).
+
+Without a preset the defaults are the paper's decoding with the current prompt encoding (no BOS), which is the
+same as ``paper`` for GPT-2. ``dtype: auto`` (the default) is the protocol's fp16 on CUDA and fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +40,13 @@ DEFAULT_SEEDS = [10, 20, 30, 40, 50]
 EVAL_SETS = ("dolly", "self_inst", "vicuna", "sinst", "uinst")
 CALIBRATION_TASKS = ("sst2", "boolq")
 
+
+# Named protocols (module docstring); each sets exactly these fields.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"no_repeat_ngram_size": 0, "prompt_bos": True},
+    "official-head": {"no_repeat_ngram_size": 6, "prompt_bos": False},
+}
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 ENGINES = ("auto", "hf", "fast")  # minillm.evaluation.generation.resolve_engine
 
@@ -62,13 +82,17 @@ class EvalSettings:
     top_k: int = 0
     top_p: float = 1.0
     no_repeat_ngram_size: int = 0
+    prompt_bos: bool = False                             # encode prompts with the tokenizer's default special tokens
+    # paper / official-head (module docstring). resolve_settings applies its values; set directly on an
+    # EvalSettings the name is only recorded.
+    preset: Optional[str] = None
     num: int = -1                                        # first N records of each set (-1: all)
     template: str = "auto"
     teacher: Optional[str] = None
     dist: bool = False
     device: str = "auto"
     engine: str = "auto"                                 # auto/hf/fast (minillm.evaluation.generation.resolve_engine)
-    dtype: str = "fp32"
+    dtype: str = "auto"                                  # auto: fp16 on CUDA (the protocol), fp32 on CPU
     cache_dir: str = ".cache/minillm"
     zero3: bool = False
     judge: bool = False
@@ -106,10 +130,14 @@ class EvalSettings:
             raise SettingsError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise SettingsError("--top-k and --no-repeat-ngram-size must be ≥ 0")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise SettingsError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise SettingsError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.dtype == "auto":
+            self.dtype = resolve_dtype(self.device)
         conflict = engine_conflict(self.engine, no_repeat_ngram_size=self.no_repeat_ngram_size, zero3=self.zero3)
         if conflict:
             raise SettingsError(conflict)
@@ -126,6 +154,18 @@ class EvalSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_dtype(device: str) -> str:
+    """``dtype: auto``: the evaluation protocol's fp16 where the models run on CUDA, fp32 on CPU (where fp16
+    matmuls are slow or missing and the protocol's half precision is not what is being checked)."""
+    if device == "cpu":
+        return "fp32"
+    if device == "cuda":
+        return "fp16"
+    import torch  # only here: --help and flag parsing stay torch-free
+
+    return "fp16" if torch.cuda.is_available() else "fp32"
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -191,8 +231,14 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def resolve_settings(flags: dict[str, Any], config: Optional[str] = None) -> EvalSettings:
     """Defaults < the YAML file ``config`` < ``flags`` (only the flags the user actually gave)."""
+    from_file = read_config_file(config) if config else {}
+    given = {k: v for k, v in flags.items() if k != "config"}
+    preset = given.get("preset", from_file.get("preset"))
     values: dict[str, Any] = {}
-    if config:
-        values.update(read_config_file(config))
-    values.update({k: v for k, v in flags.items() if k != "config"})
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SettingsError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        values.update(PRESETS[preset])
+    values.update(from_file)
+    values.update(given)
     return EvalSettings(**values).check()
