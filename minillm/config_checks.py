@@ -1,0 +1,80 @@
+"""The cross-field checks of the student-data (GKD/DistiLLM) and MiniLLM-objective settings, called by
+:meth:`minillm.config.RunConfig.resolve` (``self`` is the RunConfig; ``fail(key, message)`` raises its ConfigError).
+Kept apart so config.py stays a readable size; imports nothing of minillm.
+"""
+
+from __future__ import annotations
+
+
+def check_student_data(self, fail) -> None:
+    """kd.on_policy_fraction / kd.adaptive_off_policy (GKD, DistiLLM): checks and the derived length."""
+    k, d, t = self.kd, self.data, self.train
+    if not 0.0 <= k.on_policy_fraction <= 1.0:
+        fail("kd.on_policy_fraction", f"must be in [0, 1], got {k.on_policy_fraction}")
+    uses = k.on_policy_fraction > 0 or k.adaptive_off_policy
+    if k.teacher_cache is not None:
+        if self.method not in ("kd", "seqkd") or k.kd_ratio <= 0:
+            fail("kd.teacher_cache", f"is read by the KD term of methods kd and seqkd with kd.kd_ratio > 0 (here "
+                 f"method `{self.method}`, kd_ratio {k.kd_ratio}); for MiniLLM's PT loss use "
+                 "minillm.pt_teacher_cache")
+    if uses and self.method not in ("kd", "seqkd"):
+        fail("kd.on_policy_fraction" if k.on_policy_fraction > 0 else "kd.adaptive_off_policy",
+             f"student-generated data is for methods kd and seqkd, not `{self.method}`")
+    if k.on_policy_fraction > 0 and k.adaptive_off_policy:
+        fail("kd.adaptive_off_policy", "and kd.on_policy_fraction > 0 are two different schedules; pick one")
+    if k.adaptive_off_policy:
+        for key, value in (("adaptive_init", k.adaptive_init), ("adaptive_step", k.adaptive_step)):
+            if not 0.0 <= value <= 1.0:
+                fail(f"kd.{key}", f"must be in [0, 1], got {value}")
+        if k.adaptive_loss_eps < 0:
+            fail("kd.adaptive_loss_eps", "must be >= 0")
+        if k.replay_capacity < t.micro_batch_size:
+            fail("kd.replay_capacity", f"{k.replay_capacity} is smaller than one micro-batch "
+                 f"(train.micro_batch_size={t.micro_batch_size})")
+        if t.eval_interval == 0:
+            fail("kd.adaptive_off_policy", "raises its probability on dev-loss rises, but train.eval_interval=0 "
+                 "never evaluates; set an eval interval")
+    room = d.max_length - d.max_prompt_length
+    if k.student_max_new_tokens == -1:
+        k.student_max_new_tokens = room
+    if not 1 <= k.student_max_new_tokens <= room:
+        fail("kd.student_max_new_tokens", f"must be in [1, data.max_length - data.max_prompt_length = {room}] "
+             f"(or -1), got {k.student_max_new_tokens}")
+    if not k.student_temperature > 0:
+        fail("kd.student_temperature", "must be positive")
+    if k.student_top_k < 0 or not 0.0 < k.student_top_p <= 1.0:
+        fail("kd.student_top_k", "top_k must be >= 0 and student_top_p in (0, 1]")
+    if uses and (k.student_top_k != 0 or k.student_top_p != 1.0):
+        key = "kd.student_top_k" if k.student_top_k != 0 else "kd.student_top_p"
+        fail(key, "on-policy KD (GKD/DistiLLM) learns on the student's own samples, but a top-k/top-p filter "
+             "draws them from a truncated distribution that the divergence (taken over the whole vocabulary) "
+             "never sees: the data would be off-policy by an amount nobody measures. Leave student_top_k=0 and "
+             "student_top_p=1.0 (temperature is allowed)")
+
+def check_minillm_objective(self, fail, world_size: int) -> None:
+    """minillm.long_range / minillm.objective (the paper's alternatives): checks."""
+    if self.method != "minillm":
+        return
+    m, r, t = self.minillm, self.rollout, self.train
+    if m.objective in ("pg", "opd") and not (m.long_range or m.single_step):
+        fail("minillm.long_range", f"and minillm.single_step are both false: the {m.objective} objective has no "
+             "term left")
+    if m.objective == "opd" and not 0.0 <= m.opd_gamma <= 1.0:
+        fail("minillm.opd_gamma", f"must be in [0, 1], got {m.opd_gamma}")
+    if m.objective == "ranking":
+        if r.engine == "fast" and 0.0 < r.teacher_mix_alpha < 1.0:
+            # the fast engine shares its per-step coins across a batch, so a pair's two samples would take their
+            # teacher and student steps at the same positions: correlated, not two independent draws
+            fail("rollout.teacher_mix_alpha", "ranking compares two independent samples of each prompt, but "
+                 "the fast engine draws one coin per step for the whole batch, so both samples of a pair would "
+                 "mix in the teacher at the same steps. Use rollout.engine=naive or speculative (independent "
+                 "rows), or teacher_mix_alpha=0 (the slides' ablation)")
+        if m.ranking_margin < 0 or m.ranking_anchor_coef < 0:
+            fail("minillm.ranking_margin", "the margin and ranking_anchor_coef must be >= 0")
+        if t.micro_batch_size % 2 or r.chunk_size % 2 or (r.num_rollouts // world_size) % 2:
+            fail("minillm.objective", "ranking pairs two samples of each prompt: train.micro_batch_size, "
+                 "rollout.chunk_size and the rollouts per rank must be even "
+                 f"({t.micro_batch_size}, {r.chunk_size}, {r.num_rollouts // world_size})")
+
+
+# ------------------------------------------------------------------------------ generic machinery
