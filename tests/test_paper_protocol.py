@@ -196,8 +196,9 @@ def test_generate_samples_train_records_only_and_writes_the_gold_dev_set(tmp_pat
     before = out.read_text()
     assert generate_main(_gen_args(assets, out, "--dev-num", "5", "--num", "7")) == 0
     assert out.read_text() == before
-    assert generate_main(_gen_args(assets, out, "--dev-num", "4", "--num", "7")) == 1
-    assert generate_main(_gen_args(assets, tmp_path / "dev.jsonl", "--dev-num", "2")) == 1  # would overwrite
+    # user errors: one line, exit 2 (minillm.cli.report_user_error)
+    assert generate_main(_gen_args(assets, out, "--dev-num", "4", "--num", "7")) == 2
+    assert generate_main(_gen_args(assets, tmp_path / "dev.jsonl", "--dev-num", "2")) == 2  # would overwrite
 
 
 def test_dev_num_defaults_to_the_reference_split_for_dolly_only():
@@ -391,4 +392,4 @@ def test_minillm_data_imports_a_megatron_corpus(tmp_path, assets, gpt2ish_tok):
                       "--pretrain-seq-length", "3", "--max-chunks", "2", "--out", str(tmp_path / "few")]) == 0
     assert PackedCorpus(tmp_path / "few" / "pretrain").tokens.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert data_main(["--tokenizer", str(assets / "tokenizer"), "--pretrain", str(tmp_path / "owt"), "x.txt",
-                      "--out", str(tmp_path / "mixed")]) == 1
+                      "--out", str(tmp_path / "mixed")]) == 2
