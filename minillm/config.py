@@ -162,6 +162,8 @@ class KDConfig:
                      "in GKD/TRL: 0 is forward KL(p||q), 1 is reverse KL(q||p).")
     skew: float = _f(0.1, "Skew of the skew KL divergences.")
     temperature: float = _f(1.0, "Both models' logits are divided by this in the KD term.")
+    ptx_coef: float = _f(0.0, "Weight of a language-modelling loss on data.pretrain added to every micro-batch of "
+                         "sft/kd/seqkd (DistiLLM's --lm-coef; 0: off).")
     chunked: bool = _f(True, "Compute CE and the KD term from hidden states + LM head, chunk_size positions at a "
                        "time (equal to the plain path to fp32 rounding).")
     chunk_size: int = _f(1024, "Token positions per chunk of the chunked KD losses.")

@@ -9,6 +9,11 @@ from __future__ import annotations
 def check_student_data(self, fail) -> None:
     """kd.on_policy_fraction / kd.adaptive_off_policy (GKD, DistiLLM): checks and the derived length."""
     k, d, t = self.kd, self.data, self.train
+    if k.ptx_coef < 0:
+        fail("kd.ptx_coef", f"must be >= 0, got {k.ptx_coef}")
+    if k.ptx_coef > 0 and (d.pretrain is None or self.method == "minillm"):
+        fail("kd.ptx_coef", "adds a language-modelling loss on data.pretrain to sft/kd/seqkd: set data.pretrain "
+             "(MiniLLM's own PT loss is minillm.ptx_coef)")
     if not 0.0 <= k.on_policy_fraction <= 1.0:
         fail("kd.on_policy_fraction", f"must be in [0, 1], got {k.on_policy_fraction}")
     uses = k.on_policy_fraction > 0 or k.adaptive_off_policy

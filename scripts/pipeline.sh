@@ -97,7 +97,10 @@ done_already "$T_DIR/final" || run "SFT teacher" $TRAIN --config "$SFT_T_CFG" ou
 TEACHER_MODEL=$(model_of "$T_DIR")
 done_already "$S_DIR/final" || run "SFT student (the MiniLLM init and the 'SFT w/o KD' row)" \
   $TRAIN --config "$SFT_S_CFG" output_dir="$S_DIR" $SFT_S_ARGS
-STUDENT_MODEL=$(model_of "$S_DIR")
+STUDENT_MODEL=$(model_of "$S_DIR")   # the MiniLLM init: best by dev loss (the recipe's select_best_by)
+# the "SFT w/o KD" row: best by dev Rouge-L, as the official README picks the baselines (best-rougeL/ when the run
+# evaluated Rouge-L)
+SFT_ROW=$STUDENT_MODEL; [ -d "$S_DIR/best-rougeL" ] && SFT_ROW="$S_DIR/best-rougeL"
 # minillm-generate resumes by itself: re-running appends only the missing records.
 # Teacher samples for the train records only; the first GEN_DEV_NUM records go to SEQKD_DEV with their gold
 # answers, the dev set that picks the SeqKD checkpoint (as the reference).
@@ -113,7 +116,7 @@ done_already "$RUNS/minillm/final" || run "MiniLLM" \
   $TRAIN --config "$MINILLM_CFG" output_dir="$RUNS/minillm" student.path="$STUDENT_MODEL" \
   teacher.path="$TEACHER_MODEL" $MINILLM_ARGS $MINILLM_EXTRA
 run "evaluate everything side by side" \
-  $EVAL --model "$TEACHER_MODEL" "$STUDENT_MODEL" "$(model_of "$RUNS/kd")" "$(model_of "$RUNS/seqkd")" \
+  $EVAL --model "$TEACHER_MODEL" "$SFT_ROW" "$(model_of "$RUNS/kd")" "$(model_of "$RUNS/seqkd")" \
   "$(model_of "$RUNS/minillm")" --name teacher SFT KD SeqKD MiniLLM --data $EVAL_DATA --seeds $SEEDS \
   --out "$RUNS/eval" --dtype auto --no-progress $EVAL_ARGS
 }

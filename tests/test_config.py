@@ -167,9 +167,10 @@ def test_import_minillm_does_not_import_deepspeed():
     assert out.stdout.strip() == "False"
 
 
-def test_distillm_recipes_evaluate_before_the_first_step():
+def test_distillm_recipes_follow_distillm():
     """DistiLLM's adaptive schedule takes its baseline dev loss before any training step (its finetune() evaluates
-    at step 0); without train.eval_at_start ours would take the first dev loss after an epoch of training."""
+    at step 0); without train.eval_at_start ours would take the first dev loss after an epoch of training. Its
+    scripts start from an SFT init, add the LM loss on the corpus, and use SFKL for GPT-2 base."""
     from pathlib import Path
 
     recipes = sorted(Path("configs/distillm").glob("*.yaml"))
@@ -177,6 +178,12 @@ def test_distillm_recipes_evaluate_before_the_first_step():
     for path in recipes:
         cfg = load_config(str(path))
         assert cfg.kd.adaptive_off_policy and cfg.train.eval_at_start, path
+        # DistiLLM starts from an SFT init (its init_*.sh) and adds the LM loss on the pre-training corpus
+        assert cfg.student.path == f"runs/sft-init/{path.stem}/best", path
+        assert cfg.kd.ptx_coef == 1.0 and cfg.data.pretrain, path
+    # its GPT-2 base script uses adaptive SFKL, medium and large adaptive SRKL
+    assert load_config("configs/distillm/gpt2-base.yaml").kd.divergence == "sfkl"
+    assert load_config("configs/distillm/gpt2-medium.yaml").kd.divergence == "srkl"
 
 
 def test_a_missing_absolute_config_path_is_a_config_error(tmp_path):

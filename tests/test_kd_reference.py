@@ -56,3 +56,38 @@ def test_kd_loss_equals_the_definition(tmp_path, chunked, divergence):
     for (name, p), p64 in zip(student.named_parameters(), student64.parameters()):
         scale = p64.grad.abs().max().item()
         assert (p.grad.double() - p64.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
+def test_kd_ptx_coef_adds_the_corpus_lm_loss(tmp_path, chunked):
+    """kd.ptx_coef (DistiLLM's --lm-coef): the KD loss + coef × the student's cross-entropy on a pre-training batch
+    (every position scored), against the definition in float64."""
+    cfg = load_config("configs/tiny/kd.yaml", [f"output_dir={tmp_path}", f"kd.kd_ratio={RATIO}", f"kd.temperature={T}",
+                                               f"kd.chunked={str(chunked).lower()}", "kd.chunk_size=7",
+                                               "kd.ptx_coef=0.5", "data.pretrain=tests/assets/data/pretrain.txt",
+                                               "data.pretrain_seq_length=32"])
+    trainer = build_trainer(cfg, build_strategy(cfg).setup())
+    student = trainer.strategy.unwrap(trainer.student)
+    student64, teacher64 = copy.deepcopy(student).double(), copy.deepcopy(trainer.teacher).double()
+    from torch.utils.data import DataLoader
+
+    batch = next(iter(DataLoader(trainer.data.train, batch_size=4, collate_fn=trainer.data.sft_collator)))
+    pt_batch = next(iter(DataLoader(trainer.corpus, batch_size=3)))
+    trainer._next_pt_batch = lambda: pt_batch
+    loss, parts = trainer.compute_loss(batch)
+    loss.backward()
+    log_q = torch.log_softmax(student64(input_ids=pt_batch["input_ids"]).logits.double(), -1)
+    pt_ce = -log_q.gather(-1, pt_batch["labels"][..., None])[..., 0].mean()
+    ref = _reference(student64, teacher64, batch, "fkl") + 0.5 * pt_ce
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-5)
+    assert parts["pt_loss"] == pytest.approx(pt_ce.item(), rel=2e-5) and parts["loss"] == pytest.approx(ref.item(), rel=2e-5)
+    for (name, p), p64 in zip(student.named_parameters(), student64.parameters()):
+        assert (p.grad.double() - p64.grad).abs().max().item() <= 1e-4 * p64.grad.abs().max().item() + 1e-7, name
+
+
+def test_kd_ptx_coef_needs_a_corpus():
+    from minillm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kd.ptx_coef.*data.pretrain"):
+        load_config("configs/tiny/kd.yaml", ["kd.ptx_coef=1.0"])

@@ -71,6 +71,11 @@ def test_method_end_to_end(method, tmp_path):
     assert best.keys() == at_step.keys() and all(torch.equal(best[k], at_step[k]) for k in best)
     other = weights(out / "checkpoints" / f"step-{30 - best_step}")  # the other evaluated step differs
     assert any(not torch.equal(best[k], other[k]) for k in best)
+    # best-rougeL/ and best-loss/ (the official rules pick baselines by Rouge-L, the MiniLLM init by loss)
+    loss_step = min(dev, key=lambda r: (r["dev/loss"], r["step"]))["step"]
+    for folder, step in (("best-rougeL", best_step), ("best-loss", loss_step)):
+        exported, at = weights(out / folder), weights(out / "checkpoints" / f"step-{step}")
+        assert all(torch.equal(exported[k], at[k]) for k in exported), folder
     if method == "kd":
         assert all("train/kd" in r and "train/ce" in r for r in rows if "train/loss" in r)
     saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))

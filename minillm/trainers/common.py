@@ -127,30 +127,45 @@ class MetricWindow:
 
 
 class BestTracker:
-    """Remembers the best dev metric; ``rougeL`` is maximised, ``loss`` minimised."""
+    """Remembers the best dev metric; ``rougeL`` is maximised, ``loss`` minimised.
+
+    ``metric`` (``train.select_best_by``) picks ``best/``. Every dev metric the run computes (Rouge-L, loss) is also
+    tracked on its own, for ``best-rougeL/`` and ``best-loss/``: the official recipes pick the baselines by dev
+    Rouge-L but MiniLLM's initialisation by dev loss, so a run exports both. After :meth:`update`, ``improved``
+    lists the metrics that reached a new best at that step."""
+
+    KEYS = {"rougeL": "dev/rougeL", "loss": "dev/loss"}
 
     def __init__(self, metric: str) -> None:
         self.metric = metric
         self.best: float | None = None
         self.best_step: int | None = None
+        self.each: dict[str, tuple[float, int]] = {}  # metric → (best value, its step)
+        self.improved: list[str] = []
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
-        if self.metric == "none":
+        """Record one evaluation; True when ``best/`` (the selection metric) improved."""
+        self.improved = []
+        for name, key in self.KEYS.items():
+            value = metrics.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            old = self.each.get(name)
+            if old is None or (value > old[0] if name == "rougeL" else value < old[0]):
+                self.each[name] = (value, step)
+                self.improved.append(name)
+        if self.metric == "none" or self.metric not in self.improved:
             return False
-        key = {"rougeL": "dev/rougeL", "loss": "dev/loss"}[self.metric]
-        value = metrics.get(key)
-        if value is None or not math.isfinite(value):
-            return False
-        better = self.best is None or (value > self.best if self.metric == "rougeL" else value < self.best)
-        if better:
-            self.best, self.best_step = value, step
-        return better
+        self.best, self.best_step = self.each[self.metric]
+        return True
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best": self.best, "best_step": self.best_step,
+                "each": {k: [v, s] for k, (v, s) in self.each.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]
+        self.each = {k: (v, s) for k, (v, s) in state.get("each", {}).items()}
 
 
 def save_checkpoint(directory: Path, strategy, tokenizer, state: dict, keep: int, output_dir: Path,
@@ -245,10 +260,23 @@ def evaluate_and_select(trainer) -> dict[str, float]:
         return metrics
     trainer.metrics.log(trainer.step, metrics)
     log.info("step %d: %s", trainer.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if trainer.best.update(metrics, trainer.step):
-        with trainer.timer("save"):
-            export_model(trainer.output_dir / "best", trainer.strategy, trainer.student, trainer.tokenizer)
+    selected = trainer.best.update(metrics, trainer.step)
+    with trainer.timer("save"):
+        for name in trainer.best.improved:  # best-rougeL/, best-loss/: each metric's own best checkpoint
+            export_model(trainer.output_dir / f"best-{name}", trainer.strategy, trainer.student, trainer.tokenizer)
+        if selected:  # best/ by train.select_best_by: a copy of the folder just written, not a second export
+            copy_export(trainer.output_dir / f"best-{trainer.best.metric}", trainer.output_dir / "best",
+                        trainer.strategy)
     return metrics
+
+
+def copy_export(source: Path, directory: Path, strategy) -> None:
+    """``directory`` becomes a copy of the exported folder ``source`` (rank 0 copies, atomically; all ranks wait)."""
+    import shutil
+
+    with AtomicDir(directory, strategy) as tmp:
+        if strategy.is_main:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def stop_early(trainer, bar) -> dict[str, Any]:

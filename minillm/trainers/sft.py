@@ -68,6 +68,16 @@ class SFTTrainer:
         by_epochs = t.epochs * self.steps_per_epoch if t.epochs > 0 else None
         self.total_steps = min(s for s in (t.max_steps if t.max_steps > 0 else None, by_epochs) if s is not None)
 
+        # kd.ptx_coef: a language-modelling loss on a pre-training corpus beside the KD loss (DistiLLM's --lm-coef)
+        self.use_pt = config.kd.ptx_coef > 0
+        if self.use_pt:
+            from ..data import load_or_pack_corpus
+
+            self.corpus = load_or_pack_corpus(config.data, tokenizer)
+            self.pt_sampler = ResumableSampler(len(self.corpus), seed=config.seed + 1, rank=strategy.rank,
+                                               world_size=strategy.world_size, shuffle=True, drop_last=True)
+            self._pt_iter = None
+
         from ..optim import build_optimizer, build_scheduler
 
         optimizer = build_optimizer(student, config.optim)
@@ -123,9 +133,46 @@ class SFTTrainer:
         return self.teacher_cache is not None and "index" in batch
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch and its named parts (python floats, for logging)."""
+        """Loss of one micro-batch and its named parts (python floats, for logging): the SFT/KD loss, plus
+        ``kd.ptx_coef`` × the language-modelling loss on a pre-training batch when that is on."""
+        loss, parts = self._chunked_loss(batch) if self.cfg.kd.chunked else self._plain_loss(batch)
+        if self.use_pt:
+            pt = self._pt_loss(self._next_pt_batch())
+            loss = loss + self.cfg.kd.ptx_coef * pt
+            parts["pt_loss"] = float(pt.detach())
+            parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def _next_pt_batch(self) -> dict[str, torch.Tensor]:
+        if self._pt_iter is None:
+            def batches():
+                while True:
+                    loader = DataLoader(self.corpus, batch_size=self.cfg.train.micro_batch_size,
+                                        sampler=self.pt_sampler, drop_last=True, num_workers=0)
+                    yield from loader
+                    self.pt_sampler.set_epoch(self.pt_sampler.epoch + 1)
+            self._pt_iter = batches()
+        return {k: v.to(self.strategy.device) if isinstance(v, torch.Tensor) else v
+                for k, v in next(self._pt_iter).items()}
+
+    def _pt_loss(self, pt_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the student on a corpus batch (every position scored), chunked like the KD loss."""
+        trim = self.alignment.trim if self.alignment is not None else (lambda x: x)
+        labels = pt_batch["labels"]
         if self.cfg.kd.chunked:
-            return self._chunked_loss(batch)
+            from ..losses.heads import global_chunk_count, hidden_and_head
+
+            hidden, head = hidden_and_head(self.student, pt_batch["input_ids"], trim=trim,
+                                           autocast=self.strategy.autocast)
+            chunk = self.cfg.kd.chunk_size
+            return chunked_losses.chunked_pt_loss(hidden, head, labels, kd_ratio=0.0, chunk_size=chunk,
+                                                  num_chunks=global_chunk_count(labels != -100, chunk, self.strategy))
+        with self.strategy.autocast():
+            logits = self.student(input_ids=pt_batch["input_ids"]).logits.float()
+        return losses.pt_loss(trim(logits), labels)
+
+    def _plain_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The SFT/KD loss from full [B, L, V] logits (kd.chunked=false)."""
         with self.strategy.autocast():
             out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits.float()
@@ -325,7 +372,8 @@ class SFTTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best.state_dict(),
                 "window": self.window.state_dict(), "nan_skips": self.nan_guard.skipped, "method": self.cfg.method,
-                "world_size": self.strategy.world_size}
+                "world_size": self.strategy.world_size,
+                **({"pt_sampler": self.pt_sampler.state_dict()} if self.use_pt else {})}
 
     def save(self) -> None:
         from .preemption import measure_save
@@ -341,6 +389,9 @@ class SFTTrainer:
         state = load_checkpoint(directory, self.strategy)
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.use_pt:
+            self.pt_sampler.load_state_dict(state["pt_sampler"])
+            self._pt_iter = None  # re-created at the restored cursor
         self.best.load_state_dict(state["best"])
         self.window.load_state_dict(state["window"])
         self.nan_guard.skipped = int(state["nan_skips"])
