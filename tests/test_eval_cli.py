@@ -378,3 +378,29 @@ def test_fast_engine_on_cuda_decodes_greedily_like_hf_generate(assets):
     (hf,) = generate_batches(model, tok, [batch], engine="hf", max_new_tokens=24, do_sample=False)
     (fast,) = generate_batches(model, tok, [batch], engine="auto", max_new_tokens=24, do_sample=False)
     assert fast.texts == hf.texts
+
+
+def test_multi_reference_rouge_l_end_to_end(tmp_path, assets):
+    """Records with several references are scored against the best one (max over references), end to end through
+    minillm-eval; the oracle is rouge_score itself (Porter stemmer, F-measure, x100), not the library's helper. The
+    first reference of every record is a decoy, so a run that read only the first would score about 0."""
+    from rouge_score import rouge_scorer
+
+    from minillm.data import load_records, render_prompt
+
+    records = load_records(str(assets / "data" / "dev.jsonl"))[:4]
+    data = tmp_path / "multi.jsonl"
+    rows = [{"prompt": render_prompt(r, None, "auto"), "output": ["zebra quartz xylophone", r.references[0]]}
+            for r in records]
+    data.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(assets / "teacher"), "--name", "tea", "--data", str(data), "--out", str(out),
+                      "--seeds", "10", *COMMON]) == 0
+    seed = _load(out / "tea" / "multi" / "seed10.json")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    best = [max(scorer.score(ref, s["output"])["rougeL"].fmeasure for ref in s["references"]) for s in seed["samples"]]
+    first_only = [scorer.score(s["references"][0], s["output"])["rougeL"].fmeasure for s in seed["samples"]]
+    got = _load(out / "results.json")["results"]["tea"]["multi"]["seeds"]["10"]["rougeL"]
+    assert [s["references"] for s in seed["samples"]] == [x["output"] for x in rows]
+    assert got == pytest.approx(100 * sum(best) / len(best), abs=1e-6)
+    assert got > 100 * sum(first_only) / len(first_only) + 5

@@ -83,3 +83,24 @@ def test_gradient_checkpointing_gives_the_same_minillm_gradients(tmp_path):
     assert gc_loss == pytest.approx(plain_loss, rel=1e-5)
     for name in plain:
         torch.testing.assert_close(gc[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_an_fp16_teacher_on_cpu_gives_the_fp32_kd_loss_within_half_precision(tmp_path):
+    """The shipped recipes load the teacher in fp16; on a CPU that must compute, and agree with an fp32 teacher
+    to within fp16 rounding (the loss, its KD part and the student's gradients)."""
+    from torch.utils.data import DataLoader
+
+    results = {}
+    for dtype in ("fp32", "fp16"):
+        trainer = _trainer("configs/tiny/kd.yaml", tmp_path / dtype, f"teacher.dtype={dtype}")
+        assert next(trainer.teacher.parameters()).dtype == (torch.float16 if dtype == "fp16" else torch.float32)
+        student = trainer.strategy.unwrap(trainer.student)
+        batch = next(iter(DataLoader(trainer.data.train, batch_size=4, collate_fn=trainer.data.sft_collator)))
+        student.zero_grad(set_to_none=True)
+        loss, parts = trainer.compute_loss(batch)
+        loss.backward()
+        results[dtype] = (parts, _grads(student))
+    (p32, g32), (p16, g16) = results["fp32"], results["fp16"]
+    assert p16["kd"] == pytest.approx(p32["kd"], rel=2e-3) and p16["ce"] == p32["ce"]
+    for name, g in g32.items():
+        assert (g16[name] - g).abs().max() <= 2e-3 * g.abs().max() + 1e-7, name
