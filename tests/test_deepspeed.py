@@ -119,3 +119,27 @@ def test_kd_from_a_teacher_cache_on_two_ranks_matches_the_online_local_run(tmp_p
     assert [s for s, _ in ref] == [s for s, _ in got] == list(range(1, 7))
     for (_, a), (_, b) in zip(ref, got):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_minillm_with_sampling_and_global_whitening_same_final_weights_under_zero0_and_zero3(tmp_path):
+    """What users run: sampled teacher-mixed rollouts and the reference's global whitening (statistics all-reduced
+    over both ranks). ZeRO-0 (replicated weights) and ZeRO-3 (student and teacher sharded, gathered for generation)
+    draw the same per-rank samples from the same seeds, so their final weights must agree, not only their logs."""
+    from safetensors.torch import load_file
+
+    args = ["--config", "configs/tiny/minillm.yaml", "train.max_steps=4", "train.micro_batch_size=1",
+            "train.global_batch_size=8", "rollout.num_rollouts=8", "rollout.chunk_size=4", "minillm.ppo_epochs=2",
+            "rollout.teacher_mix_alpha=0.2", "rollout.do_sample=true", "minillm.whiten=global",
+            "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1", "train.select_best_by=none",
+            "strategy.backend=deepspeed"]
+    finals = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        launch([*args, f"output_dir={out}", f"strategy.zero_stage={stage}"], nproc=2)
+        finals[stage] = load_file(str(out / "final" / "model.safetensors"))
+        assert [s for s, _ in losses(out)] == [1, 2, 3, 4]
+    start = load_file(str(REPO / "tests" / "assets" / "student" / "model.safetensors"))
+    assert finals[0].keys() == finals[3].keys()
+    moved = max(float((finals[0][k].float() - start[k].float()).abs().max()) for k in start if k in finals[0])
+    differ = max(float((finals[0][k].float() - finals[3][k].float()).abs().max()) for k in finals[0])
+    assert moved > 1e-3 and differ <= 1e-4 * max(1.0, moved), (moved, differ)
