@@ -20,6 +20,7 @@ from ..checkpoint import (AtomicDir, latest_checkpoint, load_trainer_state, prun
                           save_trainer_state, set_rng_state)
 from ..errors import CheckpointError, UserError
 from ..tracking import get_logger
+from .preemption import StopControl
 
 log = get_logger()
 
@@ -277,6 +278,17 @@ def copy_export(source: Path, directory: Path, strategy) -> None:
     with AtomicDir(directory, strategy) as tmp:
         if strategy.is_main:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
+def train_under_stop_control(trainer, resume_from) -> dict[str, Any]:
+    """``trainer._train(resume_from)`` with a :class:`minillm.trainers.preemption.StopControl` installed: a stop
+    signal or ``train.max_time`` ends it with a checkpoint of the exact position, and the result holds ``stopped``
+    (the reason). Both trainers' ``train`` is this."""
+    with StopControl(trainer.strategy, trainer.cfg.train.max_time_seconds()) as trainer.stopper:
+        try:
+            return trainer._train(resume_from)
+        finally:
+            trainer.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
 
 
 def stop_early(trainer, bar) -> dict[str, Any]:

@@ -42,7 +42,8 @@ from ..tracking import MetricsLogger, get_logger
 from .ranking import duplicate_prompts, pair_permutation, ranking_micro_batch_loss
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
-                     stop_early, to_device)
+                     stop_early, stop_gracefully, to_device, train_under_stop_control)
+from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
 
 log = get_logger()
 
@@ -249,7 +250,6 @@ class MiniLLMTrainer:
         generator.manual_seed(cfg.seed * 1_000_003 + self.phase * 1009 + strategy.rank)
         collected = 0
         stopper = getattr(self, "stopper", None)  # set by train(): a stop request ends a phase between batches
-        from .preemption import RolloutInterrupted
         while collected < self.rollouts_per_rank:
             if collected and stopper is not None and stopper.should_stop(boundary=False):
                 raise RolloutInterrupted(stopper.reason)
@@ -420,16 +420,8 @@ class MiniLLMTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
-        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
-        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
-        # imported here, not in the module's import block (which another change reorganises)
-        from .preemption import StopControl
-
-        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
-            try:
-                return self._train(resume_from)
-            finally:
-                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
+        """Train to the end, or until a stop signal / ``train.max_time``: see :func:`train_under_stop_control`."""
+        return train_under_stop_control(self, resume_from)
 
     def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy, t = self.cfg, self.strategy, self.cfg.train
@@ -446,8 +438,6 @@ class MiniLLMTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="minillm", dynamic_ncols=True)
         while self.step < self.total_steps:
             if self.buffer is None:
-                from .preemption import RolloutInterrupted, phase_start_state, restore_phase_start
-                from .common import stop_gracefully
 
                 start = phase_start_state(self.prompt_sampler)
                 try:
@@ -475,7 +465,6 @@ class MiniLLMTrainer:
                 if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                     return stop_early(self, bar)
                 if self.step < self.total_steps and self.stopper.should_stop():
-                    from .common import stop_gracefully
 
                     return stop_gracefully(self, bar, self.stopper.reason)
             if self.micro_index >= self.micro_per_epoch:
@@ -609,7 +598,6 @@ class MiniLLMTrainer:
         return state
 
     def save(self) -> None:
-        from .preemption import measure_save
 
         directory = self.output_dir / "checkpoints" / f"step-{self.step}"
         self.saved_step = self.step

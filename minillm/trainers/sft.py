@@ -31,7 +31,8 @@ from ..tracking import MetricsLogger, get_logger
 from .student_data import StudentData, student_sampler
 from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_and_select, export_model,
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
-                     stop_early, to_device)
+                     stop_early, stop_gracefully, to_device, train_under_stop_control)
+from .preemption import measure_save
 
 log = get_logger()
 
@@ -230,16 +231,8 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
-        """Train to the end, or until a stop signal / ``train.max_time`` (minillm.trainers.preemption): then the
-        result holds ``stopped`` (the reason) and a checkpoint of the exact position was written."""
-        # imported here, not in the module's import block (which another change reorganises)
-        from .preemption import StopControl
-
-        with StopControl(self.strategy, self.cfg.train.max_time_seconds()) as self.stopper:
-            try:
-                return self._train(resume_from)
-            finally:
-                self.stopper = None  # run_phase or save called later (notebooks, benchmarks) have no stop control
+        """Train to the end, or until a stop signal / ``train.max_time``: see :func:`train_under_stop_control`."""
+        return train_under_stop_control(self, resume_from)
 
     def _train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
@@ -293,7 +286,6 @@ class SFTTrainer:
             if self.step == cfg.train.stop_at_step and self.step < self.total_steps:
                 return stop_early(self, bar)
             if self.step < self.total_steps and self.stopper.should_stop():
-                from .common import stop_gracefully
 
                 return stop_gracefully(self, bar, self.stopper.reason)
         if bar is not None:
@@ -376,7 +368,6 @@ class SFTTrainer:
                 **({"pt_sampler": self.pt_sampler.state_dict()} if self.use_pt else {})}
 
     def save(self) -> None:
-        from .preemption import measure_save
 
         self.saved_step = self.step
         with self.timer("save"), measure_save(getattr(self, "stopper", None)):
