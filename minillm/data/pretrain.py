@@ -239,10 +239,15 @@ class _ChunkWriter:
         if self.tmp.exists():
             self.tmp.unlink()
 
-    def counts(self) -> dict[str, Any]:
-        return {"num_chunks": self.num_chunks, "num_tokens_read": self.tokens_read,
+    def write_meta(self, fingerprint: dict[str, Any], **fields: Any) -> "PackedCorpus":
+        """Write ``meta.json`` (last, atomically: its presence marks a complete corpus) with the fields every packed
+        corpus has, the tokenizer's ``fingerprint`` and the caller's own ``fields``; return the corpus."""
+        meta = {"format": FORMAT, "version": 1, "dtype": self.dtype.name, "seq_length": self.seq_length,
+                "num_chunks": self.num_chunks, "num_tokens_read": self.tokens_read,
                 "dropped_tail_tokens": None if self.stopped_early else int(len(self.carry)),  # the short tail
-                "sha256": self.digest.hexdigest()}
+                **fingerprint, "sha256": self.digest.hexdigest(), **fields}
+        _atomic_write_text(self.out / META_FILE, json.dumps(meta, indent=1) + "\n")
+        return PackedCorpus(self.out)
 
 
 def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathLike, seq_length: int = 512,
@@ -277,13 +282,8 @@ def pack_corpus(sources: str | Sequence[str], tokenizer, out_dir: str | os.PathL
             raise DataError(f"the pre-training sources ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
                             f"hold {writer.tokens_read} tokens, fewer than one chunk of {seq_length}")
         writer.commit()
-    counts = writer.counts()
-    meta = {"format": FORMAT, "version": 1, "documents": DOCUMENT_FORMAT, "dtype": dtype.name,
-            "seq_length": seq_length, "num_chunks": counts["num_chunks"], "num_documents": num_docs,
-            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
-            **fp, "sources": files, "text_field": text_field, "sha256": counts["sha256"], "key": key}
-    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
-    return PackedCorpus(out)
+    return writer.write_meta(fp, documents=DOCUMENT_FORMAT, num_documents=num_docs, sources=files,
+                             text_field=text_field, key=key)
 
 
 def import_megatron(source: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, seq_length: int = 512, *,
@@ -317,14 +317,8 @@ def import_megatron(source: str | os.PathLike, tokenizer, out_dir: str | os.Path
             raise DataError(f"Megatron corpus `{source}` holds {writer.tokens_read} tokens, fewer than one chunk "
                             f"of {seq_length}")
         writer.commit()
-    counts = writer.counts()
-    meta = {"format": FORMAT, "version": 1, "dtype": dtype.name, "seq_length": seq_length,
-            "num_chunks": counts["num_chunks"], "num_documents": None, "num_items_read": items,
-            "num_tokens_read": counts["num_tokens_read"], "dropped_tail_tokens": counts["dropped_tail_tokens"],
-            **fp, "sources": [str(p) for p in prefixes], "imported_from": "megatron-mmidx",
-            "source_dtype": indexes[0].dtype.name, "sha256": counts["sha256"], "key": None}
-    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
-    return PackedCorpus(out)
+    return writer.write_meta(fp, num_documents=None, num_items_read=items, sources=[str(p) for p in prefixes],
+                             imported_from="megatron-mmidx", source_dtype=indexes[0].dtype.name, key=None)
 
 
 # ----------------------------------------------------------------------------------------- reading
