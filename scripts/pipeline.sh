@@ -25,8 +25,11 @@
 #   gpt2-base, opt-1.3b, llama-7b by default), --teacher STEM (gpt2-xl, opt-13b, llama-13b), --seeds "..",
 #   --force (re-run the selected rows' steps whose output exists; by default a finished step is skipped, so a
 #   stopped pipeline continues where it stopped). kd and seqkd need the teacher row done, minillm the teacher and sft
-#   rows: run those first (or in the same command). Rows are evaluated together into RUNS/eval/ (every row) or
-#   RUNS/eval-ROWS/; table1.md takes each row from the newest results.json that has it.
+#   rows: run those first (or in the same command). The teacher (RUNS/sft-teacher) and the SeqKD samples serve
+#   every student size of the family; each student has its folder RUNS/STUDENT/ (sft, kd, seqkd, minillm), so
+#   `--student gpt2-medium` with the same --runs adds a size. A command's rows are evaluated together into
+#   RUNS/STUDENT/eval/ (every row) or RUNS/STUDENT/eval-ROWS/; RUNS/table1.md shows every size, each row taken from
+#   the newest results.json that has it.
 # Environment: TRAIN (default "python -m minillm.cli.train"; e.g. "deepspeed --num_gpus 8 -m minillm.cli.train"),
 #   EVAL (default "python -m minillm.cli.eval"; e.g. "torchrun --nproc_per_node 8 -m minillm.cli.eval"; it runs
 #   with --dtype auto: fp16 on GPUs, the paper protocol's precision, fp32 on CPU),
@@ -136,9 +139,15 @@ needs() {
   die "$3 is not there yet ($2/final): run --rows $1 first, or add it: --rows \"$1 $SELECTED\""
 }
 
-T_DIR=$RUNS/sft-teacher; S_DIR=$RUNS/sft-student; SEQKD_DATA=$RUNS/seqkd-data/train.jsonl
-SEQKD_DEV=$RUNS/seqkd-data/dev.jsonl
-if [ "$SELECTED" = "$ALL_ROWS" ]; then EVAL_DIR=$RUNS/eval; else EVAL_DIR=$RUNS/eval-${SELECTED// /-}; fi
+# The teacher and its SeqKD samples serve every student size of the family (Table 1 has one teacher per family);
+# the rest lives in a folder per student, so the sizes' rows never mix and table1.md shows them all.
+T_DIR=$RUNS/sft-teacher; SEQKD_DATA=$RUNS/seqkd-data/train.jsonl; SEQKD_DEV=$RUNS/seqkd-data/dev.jsonl
+S_RUNS=$RUNS/${STUDENT:-student}; S_DIR=$S_RUNS/sft
+if [ "$SELECTED" = "$ALL_ROWS" ]; then EVAL_DIR=$S_RUNS/eval; else EVAL_DIR=$S_RUNS/eval-${SELECTED// /-}; fi
+if [ -f "$RUNS/teacher.txt" ] && [ "$(cat "$RUNS/teacher.txt")" != "${TEACHER:-teacher}" ]; then
+  die "$RUNS holds the rows of teacher $(cat "$RUNS/teacher.txt"), not ${TEACHER:-teacher}: give another --runs"
+fi
+[ "$DRY" = 1 ] || { mkdir -p "$RUNS" && echo "${TEACHER:-teacher}" > "$RUNS/teacher.txt"; }
 echo "pipeline: family $FAMILY$([ "$TINY" = 1 ] && echo ' (tiny)'), era $ERA (MiniLLM $MINILLM_CFG, eval preset" \
      "$PRESET), rows: $SELECTED, runs in $RUNS, seeds $SEEDS$([ "$DRY" = 1 ] && echo ', DRY RUN: nothing is run')"
 if has kd || has seqkd || has minillm; then needs teacher "$T_DIR" "the SFT teacher"; fi
@@ -166,17 +175,17 @@ if has seqkd; then
     --dev-num "$GEN_DEV_NUM" --dev-out "$SEQKD_DEV" --no-progress $GEN_ARGS
 fi
 if has kd; then
-  if done_already "$RUNS/kd/final"; then skip "KD baseline" "$RUNS/kd/final exists"
-  else run "KD baseline" $TRAIN --config "$KD_CFG" output_dir="$RUNS/kd" teacher.path="$TEACHER_MODEL" $KD_ARGS; fi
+  if done_already "$S_RUNS/kd/final"; then skip "KD baseline" "$S_RUNS/kd/final exists"
+  else run "KD baseline" $TRAIN --config "$KD_CFG" output_dir="$S_RUNS/kd" teacher.path="$TEACHER_MODEL" $KD_ARGS; fi
 fi
 if has seqkd; then
-  if done_already "$RUNS/seqkd/final"; then skip "SeqKD baseline" "$RUNS/seqkd/final exists"
-  else run "SeqKD baseline" $TRAIN --config "$SEQKD_CFG" output_dir="$RUNS/seqkd" teacher.path="$TEACHER_MODEL" \
+  if done_already "$S_RUNS/seqkd/final"; then skip "SeqKD baseline" "$S_RUNS/seqkd/final exists"
+  else run "SeqKD baseline" $TRAIN --config "$SEQKD_CFG" output_dir="$S_RUNS/seqkd" teacher.path="$TEACHER_MODEL" \
          data.train="$SEQKD_DATA" data.dev="$SEQKD_DEV" data.dev_num=0 $SEQKD_ARGS; fi
 fi
 if has minillm; then
-  if done_already "$RUNS/minillm/final"; then skip "MiniLLM" "$RUNS/minillm/final exists"
-  else run "MiniLLM" $TRAIN --config "$MINILLM_CFG" output_dir="$RUNS/minillm" student.path="$INIT_MODEL" \
+  if done_already "$S_RUNS/minillm/final"; then skip "MiniLLM" "$S_RUNS/minillm/final exists"
+  else run "MiniLLM" $TRAIN --config "$MINILLM_CFG" output_dir="$S_RUNS/minillm" student.path="$INIT_MODEL" \
          teacher.path="$TEACHER_MODEL" $MINILLM_ARGS $MINILLM_EXTRA; fi
 fi
 
@@ -185,9 +194,9 @@ fi
 MODELS=(); NAMES=()
 has teacher && { MODELS+=("$TEACHER_MODEL"); NAMES+=(teacher); }
 has sft && { MODELS+=("$(pick "$S_DIR" -rougeL)"); NAMES+=(SFT); }
-has kd && { MODELS+=("$(pick "$RUNS/kd" -rougeL)"); NAMES+=(KD); }
-has seqkd && { MODELS+=("$(pick "$RUNS/seqkd" -rougeL)"); NAMES+=(SeqKD); }
-has minillm && { MODELS+=("$(pick "$RUNS/minillm" "")"); NAMES+=(MiniLLM); }
+has kd && { MODELS+=("$(pick "$S_RUNS/kd" -rougeL)"); NAMES+=(KD); }
+has seqkd && { MODELS+=("$(pick "$S_RUNS/seqkd" -rougeL)"); NAMES+=(SeqKD); }
+has minillm && { MODELS+=("$(pick "$S_RUNS/minillm" "")"); NAMES+=(MiniLLM); }
 FRESH=0
 if [ "$FORCE" = 0 ] && [ -f "$EVAL_DIR/results.json" ]; then
   FRESH=1; for m in "${MODELS[@]}"; do [ "$EVAL_DIR/results.json" -nt "$m" ] || FRESH=0; done
@@ -198,7 +207,6 @@ else run "evaluate: ${NAMES[*]}" \
        --out "$EVAL_DIR" --dtype auto --no-progress $EVAL_ARGS; fi
 
 TABLE_ARGS=(--runs "$RUNS" --out "$RUNS/table1.md")
-[ -n "$STUDENT" ] && TABLE_ARGS+=(--student "$STUDENT")
 [ -n "$TEACHER" ] && TABLE_ARGS+=(--teacher "$TEACHER")
 [ -n "$NOTE" ] && TABLE_ARGS+=(--note "$NOTE")
 run "Table 1: ours beside the paper's" $TABLE "${TABLE_ARGS[@]}"
