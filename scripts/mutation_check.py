@@ -88,6 +88,13 @@ MUTATIONS = (
              "single = losses.single_step_kl(logits, t_logits, mask, temperature=r.temperature,",
              "single = losses.single_step_kl(logits, t_logits, mask, temperature=1.0,",
              ("tests/test_loss_reference.py",), "single-step KL at T = 1 whatever rollout.temperature"),
+    # ---- MiniLLM: dev evaluation (minillm/trainers/minillm.py)
+    Mutation("dev-k3-args", "minillm/trainers/minillm.py",
+             "losses.k3_reverse_kl(s_lp, t_lp, mask)", "losses.k3_reverse_kl(t_lp, s_lp, mask)",
+             ("tests/test_trainer_oracle.py",), "dev/reverse_kl_k3 estimates KL(p‖q)'s k3 instead of KL(q‖p)'s"),
+    Mutation("dev-teacher-scores-student", "minillm/trainers/minillm.py",
+             "t_lp = teacher_forced_logprobs(self.teacher, prompt_ids", "t_lp = teacher_forced_logprobs(self.student, prompt_ids",
+             ("tests/test_trainer_oracle.py",), "dev metrics score the student's samples with the student, not the teacher"),
     # ---- SFT / KD (minillm/trainers/sft.py, minillm/data)
     Mutation("kd-ratio", "minillm/trainers/sft.py",
              "loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term", "loss = 0.5 * ce + 0.5 * kd_term",

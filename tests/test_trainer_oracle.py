@@ -133,3 +133,48 @@ def test_trainer_paper_mode_update_is_the_exact_reverse_kl_gradient(tmp_path, vo
     # float32 logits inside the trainer: agreement to ~1e-7 of the gradient's scale; a wrong wiring is off by O(1)
     rel = ((got - exact).norm() / exact.norm()).item()
     assert rel < 1e-5, f"trainer's expected update vs exact ∇KL(q‖p): relative error {rel:.3g}"
+
+
+def test_dev_reverse_kl_and_teacher_logprob_equal_an_independent_forward(tmp_path):
+    """``MiniLLMTrainer.evaluate``'s dev/reverse_kl_k3 and dev/teacher_logprob, for a student that is not the teacher,
+    equal what plain float64 forwards of both models give on the very samples the evaluation drew (recorded from its
+    sampler): per row, the mean over the response tokens (first EOS included) of e^d − 1 − d with d = log p − log q,
+    averaged over rows; the teacher's log-prob averaged over all response tokens. Each row is re-run alone, unpadded.
+    (Scoring the teacher against itself would give k3 = 0 whatever the wiring.)"""
+    from minillm.cli.train import build_trainer
+
+    cfg = load_config("configs/tiny/minillm.yaml", [
+        f"output_dir={tmp_path}", "eval.num_prompts=6", "eval.batch_size=3", "eval.max_new_tokens=10",
+        "logging.progress_bar=false"])
+    trainer = build_trainer(cfg, build_strategy(cfg).setup())
+    drawn, sample = [], trainer._sample
+
+    def recording(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        drawn.append((args[2], args[3], out.response_ids, out.response_mask))  # prompt ids, mask; response, mask
+        return out
+
+    trainer._sample = recording
+    got = trainer.evaluate()
+    assert len(drawn) == 2  # 6 prompts in batches of 3
+
+    k3_rows, teacher_sum, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for prompt_ids, prompt_mask, response_ids, response_mask in drawn:
+            for row in range(prompt_ids.shape[0]):
+                prompt = prompt_ids[row][prompt_mask[row].bool()]
+                n = int(response_mask[row].sum())
+                response = response_ids[row, :n]
+                full = torch.cat([prompt, response])[None]
+                p = len(prompt)
+                target = response[:, None]
+                t_lp = torch.log_softmax(trainer.teacher(full).logits[0, p - 1:-1].double(), -1).gather(-1, target)[:, 0]
+                s_lp = torch.log_softmax(trainer.student(full).logits[0, p - 1:-1].double(), -1).gather(-1, target)[:, 0]
+                d = t_lp - s_lp
+                k3_rows.append(float((d.exp() - 1 - d).mean()))
+                teacher_sum += float(t_lp.sum())
+                tokens += n
+    assert min(k3_rows) > 1e-3  # the student really differs from the teacher on every row
+    assert got["dev/reverse_kl_k3"] == pytest.approx(sum(k3_rows) / len(k3_rows), rel=1e-4)
+    assert got["dev/teacher_logprob"] == pytest.approx(teacher_sum / tokens, rel=1e-4)
+    trainer.metrics.close()
