@@ -95,6 +95,10 @@ MUTATIONS = (
     Mutation("dev-teacher-scores-student", "minillm/trainers/minillm.py",
              "t_lp = teacher_forced_logprobs(self.teacher, prompt_ids", "t_lp = teacher_forced_logprobs(self.student, prompt_ids",
              ("tests/test_trainer_oracle.py",), "dev metrics score the student's samples with the student, not the teacher"),
+    # ---- minillm-generate (minillm/evaluation/teacher_samples.py)
+    Mutation("generate-top-k", "minillm/evaluation/teacher_samples.py",
+             "temperature=settings.temperature, top_k=settings.top_k,", "temperature=settings.temperature, top_k=0,",
+             ("tests/test_generate_cli.py",), "minillm-generate ignores --top-k (samples the full distribution)"),
     # ---- SFT / KD (minillm/trainers/sft.py, minillm/data)
     Mutation("kd-ratio", "minillm/trainers/sft.py",
              "loss = (1.0 - kd.kd_ratio) * ce + kd.kd_ratio * kd_term", "loss = 0.5 * ce + 0.5 * kd_term",
