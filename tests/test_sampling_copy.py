@@ -3,7 +3,8 @@
 Oracles: the copy's parameters are exactly the source's, cast; it computes exactly what the source computes
 with its parameters cast to bf16 (buffers untouched); after the source trains, a refresh makes that true again
 without moving the copy's storage (CUDA graphs captured on it stay valid); inside the trainer, greedy rollouts
-after a phase of training equal greedy decoding of the trained weights cast to bf16, and differ from the
+after a phase of training equal greedy decoding of the trained weights cast to bf16 (batch by batch, in the shapes
+the trainer decoded them in: bf16 greedy tokens are only reproducible for identical shapes), and differ from the
 untrained ones (so a stale copy would fail).
 """
 
@@ -105,18 +106,34 @@ def test_trainer_rollouts_decode_the_current_weights_cast(tmp_path):
     buffer = trainer.rollout_and_score()
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
 
-    def greedy(model):
+    def greedy(model, prompt_ids, prompt_mask):
         r = cfg.rollout
         with torch.no_grad(), strategy.autocast():
-            out = trainer._sample(model, None, buffer.prompt_ids, buffer.prompt_mask, max_new_tokens=r.max_new_tokens,
+            out = trainer._sample(model, None, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens,
                                   alpha=0.0, temperature=1.0, top_k=0, top_p=1.0,
                                   eos_token_id=trainer.tokenizer.eos_token_id,
                                   pad_token_id=trainer.tokenizer.pad_token_id,
                                   generator=torch.Generator().manual_seed(0), do_sample=False)
         return pad_responses(out.response_ids, out.response_mask, r.max_new_tokens, trainer.tokenizer.pad_token_id)[0]
 
-    assert torch.equal(buffer.response_ids, greedy(cast_params(trainer.student)))
-    assert not torch.equal(buffer.response_ids, greedy(untrained))  # the phase moved the weights: no stale copy
+    # Decode each generation batch exactly as the trainer did: the same rows, left-padded to the same width. The
+    # buffer re-pads every batch's prompts to the widest one, and bf16 greedy decoding is only reproducible for
+    # identical shapes: padding changes the matmul shapes, so the bf16 rounding, so a near-tie can flip a token
+    # and the row diverges from there. Same shapes and weights, same kernels: the tokens must be equal exactly.
+    chunk = cfg.rollout.chunk_size
+    assert len(buffer) == 2 * chunk  # two generation batches, of different prompt widths
+    widths, stale = [], []
+    for start in range(0, len(buffer), chunk):
+        rows = slice(start, start + chunk)
+        mask = buffer.prompt_mask[rows]
+        width = int(mask.sum(-1).max())  # the batch was left-padded to its longest prompt, as the collator pads
+        widths.append(width)
+        ids, mask = buffer.prompt_ids[rows, -width:], mask[:, -width:]
+        assert torch.equal(buffer.prompt_mask[rows, :-width], torch.zeros_like(buffer.prompt_mask[rows, :-width]))
+        assert torch.equal(buffer.response_ids[rows], greedy(cast_params(trainer.student), ids, mask))
+        stale.append(torch.equal(buffer.response_ids[rows], greedy(untrained, ids, mask)))
+    assert not all(stale)  # the phase moved the weights: a stale copy would decode the untrained ones
+    assert widths[0] != widths[1]  # so the buffer's common width really differs from one batch's own
     trainer.metrics.close()
 
 

@@ -238,3 +238,35 @@ def test_paper_era_minillm_recipes_differ_from_current_ones_only_in_batch_and_ro
     differ |= {k for k in a if not isinstance(a[k], dict) and a[k] != b[k]}
     assert differ <= {"output_dir", "train.micro_batch_size", "train.global_batch_size",
                       "train.gradient_accumulation_steps", "rollout.num_rollouts"}, differ
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+# The paper's two MiniLLM alternatives (§3.3 / ablations, lmops-notes §2.9 for the rest): exactly these values
+# differ from the MiniLLM recipe of the same model, whose reference values are asserted above.
+VARIANTS = {
+    "minillm-single-step": {"minillm.long_range": False, "rollout.teacher_mix_alpha": 0.0},
+    "minillm-ranking": {"minillm.objective": "ranking", "rollout.teacher_mix_alpha": 0.0},
+}
+
+
+@pytest.mark.parametrize("folder", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(MINILLM_REF))
+def test_minillm_variant_recipes_differ_from_minillm_exactly_in_their_switches(folder, name):
+    from minillm.config import to_dict
+
+    variant = load_config(str(CONFIGS / folder / f"{name}.yaml"), world_size=8)
+    base = load(folder="minillm", name=name)
+    a, b = _flat(to_dict(variant)), _flat(to_dict(base))
+    assert a.keys() == b.keys()
+    differ = {key: a[key] for key in a if a[key] != b[key]}
+    assert differ == {"output_dir": f"runs/{folder}/{name}", **VARIANTS[folder]}
+    if folder == "minillm-ranking":  # delta 1, lambda 1, anchored on the reference response (the header's J)
+        m = variant.minillm
+        assert (m.ranking_margin, m.ranking_anchor_coef, m.ranking_anchor) == (1.0, 1.0, "reference")
+    assert f"--config configs/{folder}/{name}.yaml" in header(CONFIGS / folder / f"{name}.yaml")
