@@ -111,9 +111,13 @@ def check_teachers(self, fail) -> None:
     if self.teacher.path:
         fail("teachers", "`teacher:` and `teachers:` are both set; use `teacher:` for one teacher, or list every "
              "teacher (with a name) under `teachers:` and remove `teacher:`")
-    if self.method != "minillm":
-        fail("teachers", f"multi-teacher routing is implemented for method minillm, not `{self.method}`; use "
-             "`teacher:`")
+    if self.method not in ("minillm", "kd", "seqkd"):
+        fail("teachers", f"method `{self.method}` uses no teacher")
+    if self.kd.teacher_cache is not None and self.method != "minillm":
+        fail("kd.teacher_cache", "holds one teacher's distributions; with `teachers:` every teacher runs online")
+    if self.kd.adaptive_off_policy and self.method != "minillm":
+        fail("kd.adaptive_off_policy", "replays samples across steps, which would mix teachers within a step; "
+             "with `teachers:` use kd.on_policy_fraction (GKD), whose samples are of the step's own prompts")
     names: list[str] = []
     for i, spec in enumerate(teachers):
         if not spec.name:

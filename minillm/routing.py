@@ -64,14 +64,14 @@ class TeacherRouter:
     ``routes[i]``: the teacher index of training prompt ``i`` (a position in ``data.train_prompts``)."""
 
     def __init__(self, names: Sequence[str], models: Sequence[Any], routes: Sequence[int], *, seed: int, rank: int,
-                 world_size: int, chunk_size: int):
+                 world_size: int, batch_size: int, unit: str):
         self.names, self.models, self.seed = list(names), list(models), int(seed)
         self.subsets = [[i for i, k in enumerate(routes) if k == t] for t in range(len(self.names))]
         for name, subset in zip(self.names, self.subsets):
-            if len(subset) // world_size < chunk_size:
-                raise ConfigError(f"teacher `{name}` has {len(subset)} training prompts, fewer than one generation "
-                                  f"batch per rank ({world_size} x rollout.chunk_size={chunk_size}); route more "
-                                  "records to it or lower rollout.chunk_size")
+            if len(subset) // world_size < batch_size:
+                raise ConfigError(f"teacher `{name}` has {len(subset)} training records, fewer than {unit} needs "
+                                  f"on {world_size} rank(s) ({world_size} x {batch_size}); route more records to it "
+                                  "or lower the batch size")
         # a distinct stream per teacher, each the same on every rank (the rank only picks its share)
         self.samplers = [ResumableSampler(len(s), seed=self.seed + 7919 * (t + 1), rank=rank, world_size=world_size,
                                           shuffle=True, drop_last=True) for t, s in enumerate(self.subsets)]
@@ -104,6 +104,30 @@ class TeacherRouter:
         out["train/teacher_index"] = float(teacher)
         return out
 
+    def record_step(self, teacher: int, local_tokens: float, rows: float, strategy) -> dict[str, float]:
+        """kd/seqkd: add an optimizer step's response tokens (summed over ranks: a collective, run by every rank at
+        every step) and rows to ``teacher``'s counters; the teacher/<name>/* counters to log."""
+        tokens = torch.tensor([float(local_tokens)], dtype=torch.float64, device=strategy.device)
+        strategy.all_reduce(tokens, "sum")
+        self.routed_tokens[teacher] += float(tokens[0])
+        self.routed_rollouts[teacher] += float(rows)
+        out = {f"teacher/{n}/routed_tokens": self.routed_tokens[t] for t, n in enumerate(self.names)}
+        out.update({f"teacher/{n}/routed_records": self.routed_rollouts[t] for t, n in enumerate(self.names)})
+        return out
+
+    def micro_batch(self, teacher: int, dataset, size: int, collate) -> dict[str, Any]:
+        """``size`` items of ``dataset`` (indexed like data.train_prompts) routed to ``teacher``, in its sampler's
+        order, wrapping into the sampler's next epoch when this one runs out."""
+        sampler, subset, picked = self.samplers[teacher], self.subsets[teacher], []
+        while len(picked) < size:
+            for i in sampler:  # resumes at the sampler's position; each yielded index advances it
+                picked.append(i)
+                if len(picked) == size:
+                    break
+            else:
+                sampler.set_epoch(sampler.epoch + 1)
+        return collate([dataset[subset[i]] for i in picked])
+
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "samplers": [s.state_dict() for s in self.samplers],
                 "routed_tokens": list(self.routed_tokens), "routed_rollouts": list(self.routed_rollouts)}
@@ -119,9 +143,14 @@ class TeacherRouter:
 
 
 def build_router(cfg, data, teachers: dict[str, Any], strategy) -> TeacherRouter:
-    """The router of a run with ``teachers:`` (``teachers``: name -> prepared model, in config order)."""
+    """The router of a run with ``teachers:`` (``teachers``: name -> prepared model, in config order). Method minillm
+    routes rollout phases; kd/seqkd route optimizer steps (every micro-batch of a step from one teacher's records)."""
     names = [t.name for t in cfg.teachers]
     by_record = route_records(data.train_records, cfg.routing, names)
     routes = [by_record[i] for i in data.train_prompts.indices]  # prompt position -> its record's teacher
     return TeacherRouter(names, [teachers[n] for n in names], routes, seed=cfg.seed, rank=strategy.rank,
-                         world_size=strategy.world_size, chunk_size=cfg.rollout.chunk_size)
+                         world_size=strategy.world_size, **(
+                             dict(batch_size=cfg.rollout.chunk_size, unit="one generation batch (rollout.chunk_size)")
+                             if cfg.method == "minillm" else
+                             dict(batch_size=cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps,
+                                  unit="one optimizer step (train.micro_batch_size x accumulation steps)")))

@@ -189,7 +189,9 @@ def _teachers_yaml(**routing):
       "routing.default=language"], "`routing`"),
     (["method=minillm", "student.path=tests/assets/student", "teachers=[{name: a, pathh: x}]"],
      "unknown key `teachers[0].pathh`"),
-    (["method=kd", "student.path=tests/assets/student", *_teachers_yaml()], "implemented for method minillm"),
+    (["method=sft", "student.path=tests/assets/student", *_teachers_yaml()], "method `sft` uses no teacher"),
+    (["method=kd", "student.path=tests/assets/student", *_teachers_yaml(), "kd.adaptive_off_policy=true"],
+     "`kd.adaptive_off_policy`"),
 ])
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
