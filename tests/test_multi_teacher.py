@@ -99,6 +99,9 @@ def test_each_rollout_is_scored_by_its_routed_teacher_token_by_token(tmp_path):
             float(torch.cat(mine).mean()), abs=1e-5)
         assert stats[f"teacher/{name}/routed_rollouts"] == 16
         assert stats[f"teacher/{name}/routed_tokens"] == float(buffer.response_mask.sum())
+    timing = trainer.timer.pop()  # the scoring time of each routed teacher, inside the phases' total
+    assert 0 < timing["time/score/language"] and 0 < timing["time/score/facts"]
+    assert timing["time/score/language"] + timing["time/score/facts"] <= timing["time/score"]
 
 
 def _subset_loglik(trainer, models, prompts_by_source, generator_seed=0):

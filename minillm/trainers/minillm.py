@@ -232,7 +232,9 @@ class MiniLLMTrainer:
                                       do_sample=r.do_sample)
             response_ids, response_mask = pad_responses(sample.response_ids, sample.response_mask,
                                                         r.max_new_tokens, self.tokenizer.pad_token_id)
-            with self.timer("score"):
+            per_teacher = self.timer(f"score/{self.router.names[self._routed]}") if self.router is not None \
+                else contextlib.nullcontext()  # time/score/<name>: scoring time of each routed teacher
+            with self.timer("score"), per_teacher:
                 parts.append(score_samples(
                     student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     response_ids=response_ids, response_mask=response_mask, prompt_index=index,
