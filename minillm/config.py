@@ -64,7 +64,8 @@ class ModelConfig:
 class TeacherConfig(ModelConfig):
     """One of several teachers (`teachers:`): a ModelConfig with a name that routes and metric keys refer to."""
 
-    name: str = _f("", "Unique name: the value routing.routes maps records to, and the <name> of teacher/<name>/* metrics.")
+    name: str = _f("", "Unique name: what routing.routes maps records to, and the <name> of teacher/<name>/* "
+                   "metrics.")
 
 
 @dataclass

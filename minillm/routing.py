@@ -75,7 +75,8 @@ class TeacherRouter:
         # a distinct stream per teacher, each the same on every rank (the rank only picks its share)
         self.samplers = [ResumableSampler(len(s), seed=self.seed + 7919 * (t + 1), rank=rank, world_size=world_size,
                                           shuffle=True, drop_last=True) for t, s in enumerate(self.subsets)]
-        self.weights = torch.tensor([float(len(s)) for s in self.subsets], dtype=torch.float64)
+        # on the host, like the CPU generator of the schedule draw
+        self.weights = torch.tensor([float(len(s)) for s in self.subsets], dtype=torch.float64, device="cpu")
         # global (all-reduced) sums since the start of the run: response tokens and rollouts scored by each teacher
         self.routed_tokens = [0.0] * len(self.names)
         self.routed_rollouts = [0.0] * len(self.names)

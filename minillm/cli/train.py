@@ -154,7 +154,8 @@ def build_trainer(cfg, strategy):
             advice = teacher_precision_advice(cfg.student.dtype, spec.dtype, strategy.device.type, cfg.strategy.backend)
             if advice:
                 log.warning("teacher %s: %s", spec.name, advice)
-            teacher[spec.name] = load_model(spec, trainable=False, zero3_config=strategy.zero3_init_config(teacher=True))
+            teacher[spec.name] = load_model(spec, trainable=False,
+                                            zero3_config=strategy.zero3_init_config(teacher=True))
             # logits are cut to the student tokenizer's vocabulary, the same for every teacher
             alignment = teacher_alignment(cfg, spec, student, tokenizer, teacher[spec.name], spec.name)
     elif cfg.method != "sft":
