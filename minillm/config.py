@@ -342,8 +342,9 @@ class RunConfig:
     seed: int = _f(10, "Global seed (each rank adds its rank).")
     student: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The model being trained."})
     teacher: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The frozen teacher (unused by sft)."})
-    teachers: list[TeacherConfig] = _f([], "Several frozen teachers, each record routed to one (method minillm; "
-                                       "instead of `teacher:`).")
+    teachers: list[TeacherConfig] = _f([], "Several frozen teachers, each training record routed to one by `routing:` "
+                                       "(minillm, kd, seqkd; instead of `teacher:`): a list of {name, path, tokenizer, "
+                                       "dtype, trust_remote_code, revision}.")
     routing: RoutingConfig = field(default_factory=RoutingConfig, metadata={"doc": "Record -> teacher (`teachers:`)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig, metadata={"doc": "Training loop."})
