@@ -18,6 +18,7 @@ tensorboard) are imported inside the functions that need them.
   scoring;
 * ``losses/`` — the pure losses of DESIGN §4, their chunked twins, the fused head, top-k teacher rows and the
   hidden-state/LM-head plumbing; ``data/`` — instruction sets, templates, pre-training corpora, teacher caches;
+  ``routing`` — multi-teacher routing (``teachers:``): each record's teacher, the per-phase/per-step schedule;
 * ``config``, ``models``, ``strategy`` (local torch / DeepSpeed), ``checkpoint``, ``optim``, ``tracking``,
   ``runtime``, ``errors`` — the bottom layer.
 

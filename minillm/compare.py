@@ -7,7 +7,8 @@ A *method* names a shipped recipe folder, optionally with a word-level divergenc
 ``seqkd``, ``minillm``,
 ``gkd``, ``distillm``,
 ``minillm-single-step``,
-``minillm-ranking``
+``minillm-ranking``,
+``opd``
 ``<word-level>-<div>``  the same recipe with ``kd.divergence=<div>``, for kd, seqkd, gkd, distillm and every
                         divergence of DESIGN §4 (``kd-rkl``, ``gkd-tvd``, ``distillm-sfkl``, ...)
 =====================  ==============================================================================
@@ -36,7 +37,8 @@ from typing import Any
 from .config import shipped_config_dir
 from .errors import UserError
 
-BASE_METHODS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "minillm-single-step", "minillm-ranking")
+BASE_METHODS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "minillm-single-step", "minillm-ranking",
+                "opd")
 WORD_LEVEL = ("kd", "seqkd", "gkd", "distillm")
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")  # = minillm.losses.DIVERGENCES (no torch import here)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .config_checks import parse_duration  # noqa: F401 (re-exported: minillm.config.parse_duration)
 from .errors import UserError
 
 
@@ -57,6 +58,26 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (student only).")
     trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """One of several teachers (`teachers:`): a ModelConfig with a name that routes and metric keys refer to."""
+
+    name: str = _f("", "Unique name: what routing.routes maps records to, and the <name> of teacher/<name>/* "
+                   "metrics.")
+
+
+@dataclass
+class RoutingConfig:
+    """Which of `teachers:` supervises each training record (minillm.routing)."""
+
+    by: Literal["field"] = _f("field", "field: by the value of the record's `routing.field` (a JSON field).")
+    field: str = _f("source", "The record field whose value picks the teacher.")
+    routes: dict = _f({}, "Field value -> teacher name. Empty: the value itself is the teacher's name.")
+    default: Optional[str] = _f(None, "Teacher of records without the field (null: such a record is an error).")
+    pretrain_teacher: Optional[str] = _f(None, "Teacher of the PT/KD term on data.pretrain and of dev metrics "
+                                         "(null: the first of `teachers:`).")
 
 
 @dataclass
@@ -321,6 +342,10 @@ class RunConfig:
     seed: int = _f(10, "Global seed (each rank adds its rank).")
     student: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The model being trained."})
     teacher: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The frozen teacher (unused by sft)."})
+    teachers: list[TeacherConfig] = _f([], "Several frozen teachers, each training record routed to one by `routing:` "
+                                       "(minillm, kd, seqkd; instead of `teacher:`): a list of {name, path, tokenizer, "
+                                       "dtype, trust_remote_code, revision}.")
+    routing: RoutingConfig = field(default_factory=RoutingConfig, metadata={"doc": "Record -> teacher (`teachers:`)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig, metadata={"doc": "Training loop."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})
@@ -335,7 +360,7 @@ class RunConfig:
     def resolve(self, world_size: int = 1, source: str = "<config>") -> "RunConfig":
         """Check cross-field constraints and fill derived values, before any model is loaded."""
 
-        from .config_checks import check_minillm_objective, check_student_data
+        from .config_checks import check_minillm_objective, check_student_data, check_teachers
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"{source}: `{key}`: {msg}")
@@ -344,7 +369,8 @@ class RunConfig:
             fail("world size", f"must be >= 1, got {world_size}")
         if not self.student.path:
             fail("student.path", "is required (a hub id or a local model folder)")
-        if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path:
+        check_teachers(self, fail)
+        if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path and not self.teachers:
             fail("teacher.path", f"is required for method `{self.method}`")
         d, t, o = self.data, self.train, self.optim
         if d.max_prompt_length <= 0 or d.max_length <= d.max_prompt_length:
@@ -473,7 +499,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif tp is list or origin is list:
+        item = (typing.get_args(tp) or [None])[0]
+        if dataclasses.is_dataclass(item) and isinstance(value, (list, tuple)):  # e.g. teachers: list[TeacherConfig]
+            return [v if isinstance(v, item) else _coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         if isinstance(value, (list, tuple)):
             return [float(v) if isinstance(v, str) else v for v in value]
     else:  # pragma: no cover - a field type this loader does not know is a programming error
@@ -561,21 +593,6 @@ def find_config(name: str) -> Path:
         raise ConfigError(f"config `{name}`: no such file, and no shipped config of that name under {root}")
     listed = ", ".join(str(c.relative_to(root)) for c in candidates)
     raise ConfigError(f"config `{name}` is ambiguous: {listed}; give the folder, e.g. `{candidates[0].relative_to(root)}`")
-
-
-def parse_duration(text: str) -> float:
-    """``"H:MM:SS"``, ``"MM:SS"``, ``"D-HH:MM:SS"`` (SLURM's forms) or plain seconds → seconds; ValueError if not."""
-    text, days = str(text).strip(), 0
-    if "-" in text:
-        head, text = text.split("-", 1)
-        days = int(head)
-    parts = [float(p) for p in text.split(":")]
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or days < 0:
-        raise ValueError(f"not a duration: {text!r}")
-    seconds = 0.0
-    for part in parts:
-        seconds = seconds * 60 + part
-    return days * 86400 + seconds
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None,

@@ -83,3 +83,58 @@ def check_minillm_objective(self, fail, world_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------ generic machinery
+
+
+def parse_duration(text: str) -> float:
+    """``"H:MM:SS"``, ``"MM:SS"``, ``"D-HH:MM:SS"`` (SLURM's forms) or plain seconds → seconds; ValueError if not."""
+    text, days = str(text).strip(), 0
+    if "-" in text:
+        head, text = text.split("-", 1)
+        days = int(head)
+    parts = [float(p) for p in text.split(":")]
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or days < 0:
+        raise ValueError(f"not a duration: {text!r}")
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return days * 86400 + seconds
+
+
+def check_teachers(self, fail) -> None:
+    """`teachers:` and `routing:` (multi-teacher routing, minillm.routing): names, references and exclusivity.
+    Whether every training record has a route is checked when the data is loaded (minillm.routing.route_prompts)."""
+    teachers, routing = self.teachers, self.routing
+    if not teachers:
+        if routing != type(routing)():
+            fail("routing", "routes records to `teachers:`, but no `teachers:` list is set")
+        return
+    if self.teacher.path:
+        fail("teachers", "`teacher:` and `teachers:` are both set; use `teacher:` for one teacher, or list every "
+             "teacher (with a name) under `teachers:` and remove `teacher:`")
+    if self.method not in ("minillm", "kd", "seqkd"):
+        fail("teachers", f"method `{self.method}` uses no teacher")
+    if self.kd.teacher_cache is not None and self.method != "minillm":
+        fail("kd.teacher_cache", "holds one teacher's distributions; with `teachers:` every teacher runs online")
+    if self.kd.adaptive_off_policy and self.method != "minillm":
+        fail("kd.adaptive_off_policy", "replays samples across steps, which would mix teachers within a step; "
+             "with `teachers:` use kd.on_policy_fraction (GKD), whose samples are of the step's own prompts")
+    names: list[str] = []
+    for i, spec in enumerate(teachers):
+        if not spec.name:
+            fail(f"teachers[{i}].name", "every teacher needs a name (routes and metric keys refer to it)")
+        if spec.name in names:
+            fail(f"teachers[{i}].name", f"duplicate teacher name `{spec.name}`")
+        if not spec.path:
+            fail(f"teachers[{i}].path", f"teacher `{spec.name}` needs a path (hub id or local folder)")
+        if spec.gradient_checkpointing:
+            fail(f"teachers[{i}].gradient_checkpointing", "applies to the student only")
+        names.append(spec.name)
+    for value, name in routing.routes.items():
+        if name not in names:
+            fail(f"routing.routes.{value}", f"unknown teacher `{name}`; the teachers are {names}")
+    for key in ("default", "pretrain_teacher"):
+        name = getattr(routing, key)
+        if name is not None and name not in names:
+            fail(f"routing.{key}", f"unknown teacher `{name}`; the teachers are {names}")
+    if not routing.field:
+        fail("routing.field", "must name the record field that picks the teacher")

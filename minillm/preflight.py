@@ -247,6 +247,15 @@ def preflight(cfg, device_type: str | None = None) -> list[Finding]:
     if device_type is None:
         device_type = "cuda" if cfg.strategy.device == "cuda" or (
             cfg.strategy.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.teachers:  # multi-teacher routing: every teacher checked as `teacher:` would be, its name on each finding
+        import dataclasses
+
+        findings = []
+        for spec in cfg.teachers:
+            one = dataclasses.replace(cfg, teacher=spec, teachers=[])
+            findings += [dataclasses.replace(f, message=f"teacher `{spec.name}`: {f.message}")
+                         for f in preflight(one, device_type)]
+        return findings
     findings: list[Finding] = []
     student_tok = load_tokenizer(cfg.student)
     needs_teacher = cfg.method != "sft" and bool(cfg.teacher.path)

@@ -15,7 +15,11 @@ What it writes (see tests/assets/README.md):
   ``PreTrainedTokenizerFast`` with a chat template;
 - ``teacher/``: a 2-layer Llama trained briefly on the train set's responses, so that its response
   distributions are peaked (the script prints its dev loss and mean max-probability);
-- ``student/``: a smaller, randomly initialised Llama with the same vocabulary.
+- ``student/``: a smaller, randomly initialised Llama with the same vocabulary;
+- ``teacher-b/``: a second teacher of different behaviour for multi-teacher routing: ``teacher/`` with the rows of
+  its LM head permuted among the non-special tokens (a fixed seeded cipher: it prefers other tokens, but EOS stays);
+- ``data/routed.jsonl``: the train records with a ``source`` field, ``language`` or ``facts`` by task
+  (``configs/tiny/multi-teacher.yaml`` routes them to the two teachers).
 
 Determinism: every random choice comes from seeded generators, training runs on one CPU thread with
 deterministic algorithms, and nothing records the time or the machine, so two runs on the same software
@@ -305,6 +309,34 @@ def generate(model, tokenizer, prompts: list[str], *, do_sample: bool, seed: int
 
 
 # ----------------------------------------------------------------------------------------- main
+LANGUAGE_TASKS = ("Repeat the word", "Reverse the order", "opposite of the word", "What colour is")
+
+
+def routed_records(records: list[dict]) -> list[dict]:
+    """The records with a ``source`` field: ``language`` for the copy/word tasks, ``facts`` for the rest."""
+    def text(r: dict) -> str:
+        return r.get("prompt") or r["instruction"]
+    return [{**r, "source": "language" if any(k in text(r) for k in LANGUAGE_TASKS) else "facts"} for r in records]
+
+
+def make_teacher_b(teacher, tokenizer):
+    """A copy of ``teacher`` whose LM-head rows are permuted among the non-special tokens (seeded): a teacher of
+    different behaviour with the same vocabulary, shapes and EOS."""
+    import copy
+
+    import torch
+
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    shuffled = list(ids)
+    random.Random(SEED + 2).shuffle(shuffled)
+    model = copy.deepcopy(teacher)
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight[ids] = weight[shuffled].clone()
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "assets"),
@@ -318,7 +350,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
 
     out = Path(args.out)
-    for sub in ("data", "tokenizer", "teacher", "student"):  # README.md is hand-written and kept
+    for sub in ("data", "tokenizer", "teacher", "student", "teacher-b"):  # README.md is hand-written and kept
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "data").mkdir(parents=True)
 
@@ -336,7 +368,7 @@ def main() -> None:
     corpus = [p + o for p, o in pairs_train + pairs_dev] + pretrain
     tokenizer = build_tokenizer(corpus)
     # Saved into every folder now, before any padded call: padding settings would otherwise be stored too.
-    for sub in ("tokenizer", "teacher", "student"):
+    for sub in ("tokenizer", "teacher", "student", "teacher-b"):
         tokenizer.save_pretrained(out / sub)
     print(f"tokenizer: {len(tokenizer)} entries, eos {tokenizer.eos_token_id}, pad {tokenizer.pad_token_id}")
 
@@ -364,6 +396,8 @@ def main() -> None:
     print(f"teacher greedy on dev: {exact}/{len(dev)} exact; e.g. " +
           "; ".join(f"{o!r} -> {g!r}" for g, (_, o) in list(zip(greedy, pairs_dev))[:4]))
     teacher.save_pretrained(out / "teacher", safe_serialization=True)
+    make_teacher_b(teacher, tokenizer).save_pretrained(out / "teacher-b", safe_serialization=True)
+    write_jsonl(out / "data" / "routed.jsonl", routed_records(train))
 
     # SeqKD data: one sampled teacher response (T = 1) per train prompt.
     prompts = [p for p, _ in pairs_train]

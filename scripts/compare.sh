@@ -11,6 +11,6 @@ if [ "$#" -gt 0 ]; then
   exec python -m minillm.cli.compare "$@"
 fi
 exec python -m minillm.cli.compare --pair tiny \
-  --methods sft kd kd-rkl kd-tvd seqkd gkd distillm minillm minillm-single-step minillm-ranking \
+  --methods sft kd kd-rkl kd-tvd seqkd gkd distillm minillm minillm-single-step minillm-ranking opd \
   --data tests/assets/data/dev.jsonl --num 16 --max-new-tokens 24 --out runs/compare/tiny --no-progress \
   --train-override train.max_steps=10 train.eval_interval=5 train.save_interval=0 eval.num_prompts=8

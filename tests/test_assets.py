@@ -225,8 +225,9 @@ def test_build_script_reproduces_the_committed_assets(tmp_path, tokenizer):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "build_test_assets.py"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    same = ["data/train.jsonl", "data/dev.jsonl", "data/pretrain.txt", "student/model.safetensors"]
-    for folder in ("tokenizer", "teacher", "student"):
+    same = ["data/train.jsonl", "data/dev.jsonl", "data/pretrain.txt", "data/routed.jsonl",
+            "student/model.safetensors"]
+    for folder in ("tokenizer", "teacher", "student", "teacher-b"):
         same += [f"{folder}/{f.name}" for f in (ASSETS / folder).iterdir() if f.name != "model.safetensors"]
     for rel in same:
         if rel.endswith("config.json"):

@@ -25,7 +25,8 @@ def test_help_imports_nothing_heavy():
 def test_tiny_preset_writes_consistent_json(tmp_path):
     path = tmp_path / "bench.json"
     assert main(["--preset", "tiny", "--batch", "4", "--new-tokens", "8", "--train-batch", "2", "--chunk-size", "16",
-                 "--alpha", "0.5", "--repeats", "2", "--output", str(path)]) == 0
+                 "--alpha", "0.5", "--repeats", "2", "--extra-teacher", "b=tiny-teacher", "--extra-teacher",
+                 "c=tiny-student", "--output", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["device"]["type"] == "cpu" and result["device"]["name"]
     assert result["device"]["peak_bandwidth_Bps"] is None and "unknown" in result["device"]["note"]
@@ -34,7 +35,16 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     assert setup["student_params"] < setup["teacher_params"]
     phases = result["phases"]
     assert set(phases) == {"rollout", "teacher_scoring", "training_step", "single_step_kl", "teacher_reuse",
-                           "phase_estimate"}
+                           "phase_estimate", "teacher_scoring_per_teacher"}
+    # multi-teacher routing: each --extra-teacher scores the same rollouts, timed like the main teacher
+    per_teacher = phases["teacher_scoring_per_teacher"]
+    assert list(per_teacher) == ["teacher", "b", "c"] and per_teacher["teacher"] == phases["teacher_scoring"]
+    assert (per_teacher["b"]["params"], per_teacher["c"]["params"]) == (setup["teacher_params"],
+                                                                        setup["student_params"])
+    positions = setup["train_batch"] * (setup["prompt_len"] + setup["new_tokens"])
+    for entry in per_teacher.values():
+        for variant in ("plain", "chunked"):
+            assert entry[variant]["tokens_per_s"] * entry[variant]["seconds"] == pytest.approx(positions)
     assert setup["repeats"] == 2
     rollout = phases["rollout"]
     naive, fast, hf = rollout["naive"], rollout["fast_eager"], rollout["hf_generate_student_only"]

@@ -103,6 +103,25 @@ def _build(shape: tuple[str, dict] | None, path: str | None, dtype: torch.dtype,
     return model.eval()
 
 
+def _parse_extra_teachers(specs: list[str]) -> list[tuple[str, str]]:
+    """``--extra-teacher NAME=SHAPE|PATH`` values → [(name, shape or path)], checked before anything is measured."""
+    out = []
+    for spec in specs or []:
+        name, sep, what = spec.partition("=")
+        if not sep or not name or not what or name == "teacher" or name in dict(out):
+            raise ValueError(f"--extra-teacher {spec!r}: expected NAME=SHAPE or NAME=PATH with a new NAME (not "
+                             "`teacher`, the main teacher's)")
+        out.append((name, what))
+    return out
+
+
+def _extra_teachers(args, shapes: dict, dtype: torch.dtype, device: torch.device):
+    """(name, model) of each ``--extra-teacher``, built one at a time (a shape name or an HF folder)."""
+    for index, (name, what) in enumerate(_parse_extra_teachers(args.extra_teacher)):
+        shape = shapes.get(what)
+        yield name, _build(shape, None if shape else what, dtype, device, args.seed + 2 + index)
+
+
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -119,6 +138,7 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     batch, prompt_len = args.batch or batch, args.prompt_len or prompt_len
     new_tokens, train_batch = args.new_tokens or new_tokens, args.train_batch or train_batch
     info = _device_info(device, devices)
+    _parse_extra_teachers(getattr(args, "extra_teacher", None))  # a malformed value fails before any timing
     if args.kl_only:  # only the head sizes and the vocabulary matter: no model is built
         return {"device": info, "dtype": str(dtype).replace("torch.", ""), "versions": _versions(),
                 "setup": {"preset": args.preset, "student": args.student_path or s_name,
@@ -246,18 +266,28 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
                 "fraction_of_flop_limit": _fraction(None if flops is None else work / flops, seconds),
                 "fraction_of_measured_matmul_flops": work / info["measured_matmul_flops"] / seconds}
 
-    def score(chunked: bool):
+    def score(chunked: bool, model=teacher):
         with torch.no_grad():
             if not chunked:
-                return losses.token_logprobs(response_logits(teacher, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask
-            hidden, head = response_hidden(teacher, p_ids, p_mask, r_ids, autocast=autocast)
+                return losses.token_logprobs(response_logits(model, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask
+            hidden, head = response_hidden(model, p_ids, p_mask, r_ids, autocast=autocast)
             return chunked_losses.chunked_token_logprobs(hidden, head, r_ids, r_mask, chunk_size=chunk)
 
-    scoring = {}
-    for name, chunked in (("plain", False), ("chunked", True)):
-        secs, _, peak = _timed(device, lambda: score(chunked), repeats)
-        scoring[name] = flops_entry(secs, peak, n_t, 2)
+    def scoring_of(model, n_params: int) -> dict:
+        out = {}
+        for name, chunked in (("plain", False), ("chunked", True)):
+            secs, _, peak = _timed(device, lambda: score(chunked, model), repeats)
+            out[name] = flops_entry(secs, peak, n_params, 2)
+        return out
+
+    scoring = scoring_of(teacher, n_t)
     phases["teacher_scoring"] = scoring
+    if getattr(args, "extra_teacher", None):  # multi-teacher routing: each teacher scores the same rollouts
+        per_teacher = {"teacher": scoring}
+        for name, model in _extra_teachers(args, shapes, dtype, device):
+            per_teacher[name] = {**scoring_of(model, _params(model)), "params": _params(model)}
+            del model
+        phases["teacher_scoring_per_teacher"] = per_teacher
 
     with torch.no_grad():  # the PPO term's constants: old log-probs (ratio ≈ 1) and unit advantages
         old_lp = losses.token_logprobs(response_logits(student, p_ids, p_mask, r_ids, autocast), r_ids) * r_mask

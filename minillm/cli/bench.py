@@ -106,6 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pt-cache-top-k", type=int, default=0,
                    help="> 0: also time the phase with a teacher top-k cache of the pre-training chunks (built "
                         "first, its build time reported separately)")
+    p.add_argument("--extra-teacher", action="append", default=[], metavar="NAME=SHAPE|PATH",
+                   help="multi-teacher routing: also time scoring the same rollouts with this teacher (a shape name "
+                        "or an HF folder; repeatable); reported per teacher as phases.teacher_scoring_per_teacher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON result here (default: print only)")
     return p

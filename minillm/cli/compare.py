@@ -5,7 +5,8 @@
     minillm-compare --pair gpt2-base --methods kd kd-srkl gkd distillm minillm --data dolly self_inst vicuna \
         sinst uinst --eval-seeds 10 20 30 40 50 --out runs/compare/gpt2-base --launcher "deepspeed --num_gpus 8"
 
-Methods: sft kd seqkd minillm gkd distillm minillm-single-step minillm-ranking (configs/<method>/<pair>.yaml, or
+Methods: sft kd seqkd minillm gkd distillm minillm-single-step minillm-ranking opd (on-policy distillation,
+minillm.objective=opd) (configs/<method>/<pair>.yaml, or
 configs/tiny/<method>.yaml for --pair tiny), and <kd|seqkd|gkd|distillm>-<fkl|rkl|jsd|tvd|sfkl|srkl> for the same
 recipe with another word-level divergence. Every run gets --seed and the --train-override values; the picked
 models (best/ by dev Rouge-L, else final/) are evaluated by one minillm-eval call. Writes OUT/runs/<method>/,

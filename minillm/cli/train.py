@@ -136,17 +136,29 @@ def run(cfg, resume: str | None = None) -> int:
 def build_trainer(cfg, strategy):
     """Load tokenizer, models and data for ``cfg.method`` and construct its trainer."""
     from ..data import build_instruction_data
-    from ..models import check_compatibility, load_model, load_model_shape, load_tokenizer, teacher_precision_advice
+    from ..models import load_model, load_model_shape, teacher_precision_advice
     from ..tracking import get_logger
 
     log = get_logger()
+    from ..models import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.student)
     data = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed)
     log.info("data: %s", data.stats)
     # under ZeRO-3 straight into shards: no rank holds a whole copy in host RAM
     student = load_model(cfg.student, trainable=True, zero3_config=strategy.zero3_init_config())
     teacher, alignment = None, None
-    if cfg.method != "sft":
+    if cfg.teachers:  # multi-teacher routing (minillm.routing): every teacher loaded once and checked like `teacher:`
+        teacher = {}
+        for spec in cfg.teachers:
+            advice = teacher_precision_advice(cfg.student.dtype, spec.dtype, strategy.device.type, cfg.strategy.backend)
+            if advice:
+                log.warning("teacher %s: %s", spec.name, advice)
+            teacher[spec.name] = load_model(spec, trainable=False,
+                                            zero3_config=strategy.zero3_init_config(teacher=True))
+            # logits are cut to the student tokenizer's vocabulary, the same for every teacher
+            alignment = teacher_alignment(cfg, spec, student, tokenizer, teacher[spec.name], spec.name)
+    elif cfg.method != "sft":
         student_data = cfg.kd.on_policy_fraction > 0 or cfg.kd.adaptive_off_policy  # sampled batches: online teacher
         if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None and not student_data:
             teacher = load_model_shape(cfg.teacher)  # never runs: its shapes are checked against the cache's
@@ -156,9 +168,7 @@ def build_trainer(cfg, strategy):
             if advice:
                 log.warning(advice)
             teacher = load_model(cfg.teacher, trainable=False, zero3_config=strategy.zero3_init_config(teacher=True))
-        teacher_tok = load_tokenizer(cfg.teacher) if (cfg.teacher.tokenizer or cfg.teacher.path) != (
-            cfg.student.tokenizer or cfg.student.path) else None
-        alignment = check_compatibility(student, teacher, tokenizer, teacher_tok)
+        alignment = teacher_alignment(cfg, cfg.teacher, student, tokenizer, teacher)
     if cfg.method == "minillm":
         from ..trainers.minillm import MiniLLMTrainer
 
@@ -166,6 +176,20 @@ def build_trainer(cfg, strategy):
     from ..trainers.sft import SFTTrainer
 
     return SFTTrainer(cfg, student, tokenizer, data, strategy, teacher=teacher, alignment=alignment)
+
+
+def teacher_alignment(cfg, teacher_cfg, student, tokenizer, teacher, name: str | None = None):
+    """models.check_compatibility of one teacher with the student; an error names the teacher of `teachers:`."""
+    from ..models import ModelCompatibilityError, check_compatibility, load_tokenizer
+
+    teacher_tok = load_tokenizer(teacher_cfg) if (teacher_cfg.tokenizer or teacher_cfg.path) != (
+        cfg.student.tokenizer or cfg.student.path) else None
+    try:
+        return check_compatibility(student, teacher, tokenizer, teacher_tok)
+    except ModelCompatibilityError as e:
+        if name is None:
+            raise
+        raise ModelCompatibilityError(f"teacher `{name}` ({teacher_cfg.path}): {e}") from e
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class Record:
     references: list[str] = field(default_factory=list)
     source: str = ""
     line: int = 0
+    # the record's other scalar fields (e.g. `source`, read by multi-teacher routing: minillm.routing)
+    fields: dict = field(default_factory=dict)
 
     @property
     def response(self) -> str:
@@ -122,7 +124,8 @@ def parse_record(obj: Any, source: str, line: int, *, response_field: str = "out
     where = f"{source}:{line}"
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    rec = Record(source=source, line=line)
+    rec = Record(source=source, line=line, fields={k: v for k, v in obj.items() if isinstance(v, (str, int, float))
+                                                   and k not in ("prompt", "instruction", "input", "context")})
     if "prompt" in obj:
         rec.prompt = _text(obj["prompt"], where, "prompt")
     if "instruction" in obj:

@@ -22,7 +22,6 @@ of (seed, rank, phase, epoch), so nothing else is needed.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -44,66 +43,10 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
+from ..routing import build_router, pretrain_teacher
+from .rollout_stats import disable_dropout, rollout_statistics, rollout_totals  # noqa: F401 (also imported from here)
 
 log = get_logger()
-
-
-_DROPOUT_NAME = re.compile(r"(dropout|layerdrop|layer_drop|drop_path|pdrop|drop_rate|dropout_rate)", re.IGNORECASE)
-
-
-def disable_dropout(model: torch.nn.Module) -> list[str]:
-    """Set every dropout-like rate of ``model`` to 0, whatever the family calls it; returns what was changed.
-
-    Covers every ``nn.Dropout``-family module, every float attribute of a submodule whose name looks like a dropout,
-    layer-drop or drop-path rate (OPT keeps ``activation_dropout`` and ``layerdrop`` as plain floats read in
-    forward, Llama ``attention_dropout``), and the same names on the model's config, which some implementations
-    read at forward time."""
-    changed: list[str] = []
-    for name, sub in model.named_modules():
-        if isinstance(sub, torch.nn.modules.dropout._DropoutNd):
-            if sub.p:
-                changed.append(f"{name or 'model'}.p")
-            sub.p = 0.0
-        for attr, value in list(vars(sub).items()):
-            if isinstance(value, float) and not isinstance(value, bool) and value and _DROPOUT_NAME.search(attr):
-                setattr(sub, attr, 0.0)
-                changed.append(f"{name or 'model'}.{attr}")
-    configs = [getattr(model, "config", None)]
-    if configs[0] is not None and hasattr(configs[0], "get_text_config"):
-        configs.append(configs[0].get_text_config())
-    for config in {id(c): c for c in configs if c is not None}.values():
-        for attr, value in list(vars(config).items()):
-            if isinstance(value, float) and value and _DROPOUT_NAME.search(attr):
-                setattr(config, attr, 0.0)
-                changed.append(f"config.{attr}")
-    return changed
-
-
-_TOKEN_METRICS = ("reward", "teacher_logprob", "student_logprob", "weight")
-
-
-def rollout_totals(buffer: Rollout, tokens: float) -> torch.Tensor:
-    """This rank's phase sums, [len(_TOKEN_METRICS) + 4] float64 on the buffer's device: Σ reward, teacher and
-    student log-prob and importance weight over response tokens, Σ k3 per row, response tokens, all tokens (prompt +
-    response) and rows. Sums (not means) so that an all-reduce gives the exact means over every rank's tokens.
-
-    Every element is made on the buffer's device: a CPU scalar stacked with CUDA sums is an error on a GPU."""
-    mask = buffer.response_mask
-    device = mask.device
-    k3 = losses.k3_reverse_kl(buffer.old_logprobs, buffer.teacher_logprobs, mask)
-    token_values = (buffer.rewards, buffer.teacher_logprobs, buffer.old_logprobs, buffer.weights)
-    counts = torch.tensor([float(tokens), float(len(buffer))], dtype=torch.float64, device=device)
-    sums = torch.stack([(v * mask).sum() for v in token_values] + [k3.sum(), mask.sum()]).double()
-    return torch.cat([sums, counts])
-
-
-def rollout_statistics(totals: torch.Tensor) -> dict[str, float]:
-    """The logged ``rollout/*`` means from (all-reduced) :func:`rollout_totals`."""
-    *sums, k3_sum, response_tokens, all_tokens, rows = totals.double().cpu()
-    stats = {k: v / response_tokens.clamp(min=1) for k, v in zip(_TOKEN_METRICS, sums)}
-    stats.update(reverse_kl_k3=k3_sum / rows.clamp(min=1), response_length=response_tokens / rows.clamp(min=1),
-                 tokens=all_tokens)
-    return {f"rollout/{k}": float(v) for k, v in stats.items()}
 
 
 class MiniLLMTrainer:
@@ -158,8 +101,9 @@ class MiniLLMTrainer:
             from ..data.teacher_cache import TeacherTopKCache
 
             self.pt_cache = TeacherTopKCache(m.pt_teacher_cache)
-            rows = alignment.vocab_size if alignment is not None else teacher.get_output_embeddings().weight.shape[0]
-            for warning in self.pt_cache.check(self.corpus, rows, teacher_path=config.teacher.path):
+            pt_model, pt_path = pretrain_teacher(config, teacher)
+            rows = alignment.vocab_size if alignment is not None else pt_model.get_output_embeddings().weight.shape[0]
+            for warning in self.pt_cache.check(self.corpus, rows, teacher_path=pt_path):
                 log.warning(warning)
 
         from ..optim import build_optimizer, build_scheduler
@@ -167,12 +111,20 @@ class MiniLLMTrainer:
         optimizer = build_optimizer(student, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
         self.student = strategy.prepare_student(student, optimizer, scheduler)
-        self.teacher = strategy.prepare_teacher(teacher)
+        self._prompt_set, self.router = data.train_prompts, None
+        if isinstance(teacher, dict):  # `teachers:`: each prepared once (sharded under ZeRO-3), one per phase
+            teachers = {name: strategy.prepare_teacher(model) for name, model in teacher.items()}
+            self.router = build_router(config, data, teachers, strategy)
+            self.pt_teacher = teachers[pretrain_teacher(config, teacher)[2]]
+            self.phase = 0
+            self._route_phase()
+        else:
+            self.teacher = self.pt_teacher = strategy.prepare_teacher(teacher)
         self._set_student_mode()
         # A family whose logits are post-processed in a way the chunked head does not reproduce: plain losses
         if m.chunked_losses and not all(
                 chunked_head_matches(x, "minillm.chunked_losses", trim=self._trim, autocast=strategy.autocast,
-                                     device=strategy.device) for x in (self.student, self.teacher)):
+                                     device=strategy.device) for x in (self.student, *self._all_teachers())):
             m.chunked_losses = False
             self._reuse_teacher = False
 
@@ -228,9 +180,19 @@ class MiniLLMTrainer:
         ranking = self.cfg.minillm.objective == "ranking"  # two samples per prompt: half the prompts, each twice
         if self._prompt_iter is None:
             size = self.cfg.rollout.chunk_size // 2 if ranking else self.cfg.rollout.chunk_size
-            self._prompt_iter = self._batches(self.data.train_prompts, self.prompt_sampler, size,
+            self._prompt_iter = self._batches(self._prompt_set, self.prompt_sampler, size,
                                               self.data.prompt_collator)
         return duplicate_prompts(next(self._prompt_iter)) if ranking else next(self._prompt_iter)
+
+    def _all_teachers(self) -> list:
+        return [self.teacher] if self.router is None else self.router.models
+
+    def _route_phase(self) -> None:
+        """Multi-teacher (minillm.routing): point the teacher, prompt subset and cursor at this phase's teacher."""
+        k = self.router.teacher_of_phase(self.phase) if self.router is not None else None
+        if k is not None and getattr(self, "_routed", None) != k:
+            self._routed, self.teacher, self.prompt_sampler = k, self.router.models[k], self.router.samplers[k]
+            self._prompt_set, self._prompt_iter = self.router.prompt_set(self.data.train_prompts, k), None
 
     def _next_pt_batch(self) -> dict[str, torch.Tensor]:
         if self._pt_iter is None:
@@ -244,6 +206,7 @@ class MiniLLMTrainer:
     def rollout_and_score(self) -> Rollout:
         """Sample this rank's share of the phase's rollouts from p̃ and score them."""
         cfg, strategy, r, m = self.cfg, self.strategy, self.cfg.rollout, self.cfg.minillm
+        self._route_phase()
         parts: list[Rollout] = []
         stats = {"tokens": 0.0, "sample_time": 0.0, "score_time": 0.0}
         generator = torch.Generator(device=strategy.device)
@@ -269,7 +232,9 @@ class MiniLLMTrainer:
                                       do_sample=r.do_sample)
             response_ids, response_mask = pad_responses(sample.response_ids, sample.response_mask,
                                                         r.max_new_tokens, self.tokenizer.pad_token_id)
-            with self.timer("score"):
+            per_teacher = self.timer(f"score/{self.router.names[self._routed]}") if self.router is not None \
+                else contextlib.nullcontext()  # time/score/<name>: scoring time of each routed teacher
+            with self.timer("score"), per_teacher:
                 parts.append(score_samples(
                     student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     response_ids=response_ids, response_mask=response_mask, prompt_index=index,
@@ -289,7 +254,10 @@ class MiniLLMTrainer:
         """Token means over the whole phase on all ranks (sums and counts all-reduced, not means of means)."""
         totals = rollout_totals(buffer, tokens).to(self.strategy.device)
         self.strategy.all_reduce(totals, "sum")
-        return rollout_statistics(totals)
+        stats = rollout_statistics(totals)
+        if self.router is not None:  # teacher/<name>/* metrics and the routed-token counters
+            stats.update(self.router.record_phase(self._routed, stats, float(totals[-3]), float(totals[-1])))
+        return stats
 
     def _return_settings(self) -> dict[str, Any]:
         """How scoring turns the per-token log-ratios into returns. MiniLLM: scaled, clipped rewards and its
@@ -333,7 +301,7 @@ class MiniLLMTrainer:
                     if self.pt_cache is not None:  # log-probs are logits of the same distribution
                         pt_t_logits = self.pt_cache.dense(pt_batch["index"], device=strategy.device)
                     elif m.pt_kd_ratio > 0:
-                        pt_t_logits = self._trim(self.teacher(input_ids=pt_batch["input_ids"]).logits.float())
+                        pt_t_logits = self._trim(self.pt_teacher(input_ids=pt_batch["input_ids"]).logits.float())
                     else:
                         pt_t_logits = None
                 pt = losses.pt_loss(self._trim(pt_logits), pt_batch["labels"], pt_t_logits, kd_ratio=m.pt_kd_ratio)
@@ -403,7 +371,7 @@ class MiniLLMTrainer:
             t_logprobs = self.pt_cache.topk(pt_batch["index"])
         elif m.pt_kd_ratio > 0:
             with torch.no_grad():
-                t_hidden, t_head = hidden_and_head(self.teacher, pt_batch["input_ids"], trim=self._trim,
+                t_hidden, t_head = hidden_and_head(self.pt_teacher, pt_batch["input_ids"], trim=self._trim,
                                                    autocast=strategy.autocast)
         labels = pt_batch["labels"]
         return chunked_losses.chunked_pt_loss(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head,
@@ -438,7 +406,7 @@ class MiniLLMTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="minillm", dynamic_ncols=True)
         while self.step < self.total_steps:
             if self.buffer is None:
-
+                self._route_phase()
                 start = phase_start_state(self.prompt_sampler)
                 try:
                     self.buffer = self.rollout_and_score()
@@ -506,6 +474,7 @@ class MiniLLMTrainer:
             raise RuntimeError("MiniLLMTrainer.run_phase: a phase is in progress (resumed or interrupted train()); "
                                "finish it with train() first")
         self.timer.pop()
+        self._route_phase()
         self.buffer = self.rollout_and_score()
         while self.buffer is not None:
             perm = self._permutation(len(self.buffer))
@@ -561,7 +530,7 @@ class MiniLLMTrainer:
             texts.extend(x.strip() for x in self.tokenizer.batch_decode(sample.response_ids, skip_special_tokens=True))
             if self.cfg.minillm.dev_reverse_kl:
                 with strategy.autocast():
-                    t_lp = teacher_forced_logprobs(self.teacher, prompt_ids, prompt_mask, sample.response_ids,
+                    t_lp = teacher_forced_logprobs(self.pt_teacher, prompt_ids, prompt_mask, sample.response_ids,
                                                    sample.response_mask)
                     s_lp = teacher_forced_logprobs(self.student, prompt_ids, prompt_mask, sample.response_ids,
                                                    sample.response_mask)
@@ -595,6 +564,8 @@ class MiniLLMTrainer:
                  "world_size": self.strategy.world_size, "phase_stats": dict(self._phase_stats)}
         if self.use_pt:
             state["pt_sampler"] = self.pt_sampler.state_dict()
+        if self.router is not None:
+            state["routing"] = self.router.state_dict()
         return state
 
     def save(self) -> None:
@@ -614,7 +585,11 @@ class MiniLLMTrainer:
         state = load_checkpoint(directory, self.strategy)
         self.step, self.phase = int(state["step"]), int(state["phase"])
         self.ppo_epoch, self.micro_index = int(state["ppo_epoch"]), int(state["micro_index"])
-        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.router is not None:  # every teacher's cursor and counters; the phase picks the active teacher
+            self.router.load_state_dict(state["routing"])
+            self._route_phase()
+        else:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
         if self.use_pt:
             self.pt_sampler.load_state_dict(state["pt_sampler"])
         self.best.load_state_dict(state["best"])

@@ -99,7 +99,15 @@ class SFTTrainer:
                 log.warning("kd.teacher_cache %s was built from teacher %s but teacher.path is %s; rebuild it if "
                             "the teacher changed", config.kd.teacher_cache, built_from, config.teacher.path)
         online = self.use_teacher and (self.teacher_cache is None or StudentData.active(config.kd))
-        self.teacher = strategy.prepare_teacher(teacher) if online else None
+        self.router = None
+        if isinstance(teacher, dict):  # `teachers:` (minillm.routing): each optimizer step from one teacher's records
+            from ..routing import build_router
+
+            self.router = build_router(config, data, {n: strategy.prepare_teacher(m) for n, m in teacher.items()},
+                                       strategy)
+            self.teacher = self.router.models[0]
+        else:
+            self.teacher = strategy.prepare_teacher(teacher) if online else None
 
         self.student_data = None  # GKD / DistiLLM: student-generated micro-batches (kd.on_policy_fraction, ...)
         if StudentData.active(config.kd):
@@ -120,6 +128,10 @@ class SFTTrainer:
     def _micro_batches(self):
         """Endless micro-batches in sampler order; the sampler's state is the data cursor."""
         collate = self.data.sft_collator
+        while self.router is not None:  # the teacher of the step in progress: the same on every rank
+            self._routed = self.router.teacher_of_phase(self.step)
+            self.teacher = self.router.models[self._routed]
+            yield self.router.micro_batch(self._routed, self.data.train, self.cfg.train.micro_batch_size, collate)
         while True:
             loader = DataLoader(self.data.train, batch_size=self.cfg.train.micro_batch_size, sampler=self.sampler,
                                 collate_fn=collate, drop_last=True, num_workers=0)
@@ -258,10 +270,15 @@ class SFTTrainer:
                     batch, _ = self.student_data.prepare(batch, self.step)
             with self.timer("forward"):
                 loss, parts = self.compute_loss(batch)
-            result = guarded_micro_step(self, loss, parts, tokens=int((batch["labels"] != -100).sum()),
-                                        phases=("backward", "optimizer"))
+            tokens = int((batch["labels"] != -100).sum())
+            result = guarded_micro_step(self, loss, parts, tokens=tokens, phases=("backward", "optimizer"))
+            routed_tokens = getattr(self, "_routed_tokens", 0) + tokens
+            self._routed_tokens = 0 if result.stepped else routed_tokens
             if not result.stepped:
                 continue
+            if self.router is not None:
+                rows = cfg.train.global_batch_size
+                self._routed_values = self.router.record_step(self._routed, routed_tokens, rows, strategy)
             self.step += 1
             if bar is not None:
                 bar.update(1)
@@ -278,6 +295,8 @@ class SFTTrainer:
                                "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
                 if self.student_data is not None:
                     values.update(self.student_data.log_values())
+                if self.router is not None:
+                    values.update(self._routed_values)
                 self.metrics.log(self.step, values)
             if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
                 self._evaluate_and_select()
@@ -365,7 +384,8 @@ class SFTTrainer:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best.state_dict(),
                 "window": self.window.state_dict(), "nan_skips": self.nan_guard.skipped, "method": self.cfg.method,
                 "world_size": self.strategy.world_size,
-                **({"pt_sampler": self.pt_sampler.state_dict()} if self.use_pt else {})}
+                **({"pt_sampler": self.pt_sampler.state_dict()} if self.use_pt else {}),
+                **({"routing": self.router.state_dict()} if self.router is not None else {})}
 
     def save(self) -> None:
 
@@ -380,6 +400,8 @@ class SFTTrainer:
         state = load_checkpoint(directory, self.strategy)
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.router is not None:  # every teacher's cursor and counters
+            self.router.load_state_dict(state["routing"])
         if self.use_pt:
             self.pt_sampler.load_state_dict(state["pt_sampler"])
             self._pt_iter = None  # re-created at the restored cursor
