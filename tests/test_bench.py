@@ -22,6 +22,17 @@ def test_help_imports_nothing_heavy():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def issue17_summary(path) -> str:
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("issue17_summary", REPO / "scripts/issue17_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return "\n".join(module.rollout_lines("gpt2", json.loads(path.read_text()), 0.8, 12, 2.4))
+
+
 def check_breakdown(breakdown: dict, prompt_width: int, score: bool, forwards: dict) -> None:
     """Issue 17 item 6: the breakdown's counts are the ones its coin string implies (test_rollout_breakdown's
     oracle); the CPU clock is perf_counter; on CPU nothing compiles."""
@@ -80,6 +91,9 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     assert fast["teacher_forwards"] == heads and fast["student_forwards"] <= 8 - heads + 1
     assert rollout["speedup_vs_naive"]["fast_eager"] == pytest.approx(naive["seconds"] / fast["seconds"])
     check_breakdown(fast["breakdown"], prompt_width=16, score=False, forwards=fast)
+    summary = issue17_summary(path)  # what `gpu_check.sh bench17` prints from this JSON
+    assert "variant fast_eager" in summary and f"{rollout['speedup_vs_naive']['fast_eager']:.3f}" in summary
+    assert "host_sync" in summary and "compiles + captures in the timed calls" in summary
     alone = rollout["fast_student_only"]  # the engine at alpha = 0 (minillm-eval --engine fast): no teacher call
     assert alone["teacher_forwards"] == 0 and alone["student_forwards"] >= 1 and alone["cuda_graphs"] is False
     assert rollout["speedup_vs_hf_generate_student_only"]["fast_student_only"] == pytest.approx(
