@@ -114,3 +114,19 @@ def test_a_training_run_compiles_and_captures_in_its_first_phase_only(tmp_path, 
     assert len(graphs) == first["engine/compiles"]  # the hook counted what dynamo handed the backend
     for model in (trainer.student, trainer.teacher):
         assert engine._decode_step(model).shapes == {(16, 128)}
+
+
+def test_the_compile_hook_counts_graph_recordings_by_the_trigger_torch_sends(monkeypatch):
+    """CUDA graphs cannot be recorded on CPU: feed the hook the event inductor's CUDA-graph trees send when they
+    record (this torch's own enum), and an unknown trigger, which must be ignored without raising."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.callback import CallbackArgs, CallbackTrigger
+
+    from minillm.generation import compile_stats
+
+    monkeypatch.setattr(compile_stats, "STATS", compile_stats.CompileStats())
+    compile_stats._on_start(CallbackArgs(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"))
+    compile_stats._on_start(CallbackArgs(CallbackTrigger.DYNAMO, "0/1"))
+    compile_stats._on_start(SimpleNamespace(callback_trigger="something new"))
+    assert (compile_stats.STATS.captures, compile_stats.STATS.compiles) == (1, 1)

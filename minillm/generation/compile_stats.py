@@ -51,11 +51,12 @@ _installed = False
 
 
 def _on_start(args) -> None:
-    from torch._dynamo.callback import CallbackTrigger
-
-    if args.callback_trigger == CallbackTrigger.DYNAMO:
+    # by name, never raising: an exception here would fail the compile it observes (torch versions differ in
+    # which triggers exist)
+    trigger = getattr(getattr(args, "callback_trigger", None), "name", "")
+    if trigger == "DYNAMO":
         STATS.compiles += 1
-    elif args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING:
+    elif trigger == "CUDAGRAPH_RECORDING":
         STATS.captures += 1
 
 
