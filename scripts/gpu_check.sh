@@ -10,6 +10,12 @@
 #   bash scripts/gpu_check.sh bench     # rollout / scoring / training / single-step KL at the 16x512 target shape
 #   bash scripts/gpu_check.sh phase     # one measured MiniLLM phase (256 rollouts, 4 PPO epochs), naive vs fast
 #   bash scripts/gpu_check.sh gpt2      # the GPT-2 preset
+#   bash scripts/gpu_check.sh bench17 [all|gpt2|phase|opt]   # issue 17's numbers in one call of < 8 min (470 s of
+#                                       # steps): the gpt2 preset (items 1, 5, 6: naive vs fast vs HF generate, the
+#                                       # rollout breakdown, compile counts), the measured gpt2 phase with 256
+#                                       # rollouts (item 4), the opt-1.3b-13b preset with the time left (items 2, 5;
+#                                       # random weights, bf16); each step under `timeout`, then
+#                                       # scripts/issue17_summary.py checks every target from the JSON files
 #
 # Offline GPU nodes often have torch, transformers, accelerate and peft but not datasets, deepspeed or rouge-score.
 # `run` installs whatever of those is missing from the wheels in $WHEELS (default .whl/ in the repo, if it exists)
@@ -26,7 +32,7 @@
 # copy the JSON files into benchmarks/results/ and commit them.
 set -uo pipefail
 
-step=${1:?"usage: bash scripts/gpu_check.sh run|wheels DIR|tests|bench|phase|gpt2"}
+step=${1:?"usage: bash scripts/gpu_check.sh run|wheels DIR|tests|bench|phase|gpt2|bench17 [all|gpt2|phase|opt]"}
 py=${PYTHON:-python3}
 # packages `run` needs beyond a typical GPU image, and their pure-Python requirements (pydantic-core is binary)
 RUN_PACKAGES="datasets hjson pydantic pydantic-core annotated-types typing-inspection dill multiprocess nltk defusedxml"
@@ -49,10 +55,14 @@ out=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then  # only to check the script itself on a CPU (tiny presets, see bench17)
+  gpu=cpu
+else
 gpu=$("$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(0).lower().replace('nvidia', '').split()[0])") || { echo "gpu_check: $py has no torch with a CUDA device"; exit 1; }
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'gpu', torch.cuda.get_device_name(0))" | tee "$out/versions.txt"
+fi
 
 case "$step" in
   run)
@@ -117,6 +127,39 @@ if u.find_spec(m) is None))")
       --output "$out/$gpu-opt-1.3b-13b-phase.json" 2>&1 | tail -40 | tee "$out/phase.log" ;;
   gpt2)
     "$py" -m minillm.cli.bench --preset gpt2 --output "$out/$gpu-gpt2.json" 2>&1 | tail -40 | tee "$out/gpt2.log" ;;
+  bench17)
+    which=${2:-all}
+    budget=${BENCH17_SECONDS:-470}  # all steps together; the device tool allows 600 s per call
+    deadline=$((SECONDS + budget))
+    walls="$out/bench17-walls.txt"
+    : > "$walls"
+    # NAME CAP CMD...: runs under min(CAP, seconds left before the deadline); records "NAME SECONDS RC"
+    b17() {
+      local name=$1 cap=$2 start=$SECONDS left rc
+      shift 2
+      left=$((deadline - SECONDS - 5))
+      [ "$left" -lt "$cap" ] && cap=$left
+      if [ "$cap" -lt 30 ]; then echo "bench17: no time left for $name"; echo "$name 0 124" >> "$walls"; return; fi
+      echo "=== bench17 $name (up to ${cap}s): $*"
+      timeout --kill-after=10 "$cap" "$@" > "$out/bench17-$name.log" 2>&1
+      rc=$?
+      echo "$name $((SECONDS - start)) $rc" >> "$walls"
+      tail -25 "$out/bench17-$name.log"
+    }
+    # on a CPU, to check this step: GPU_CHECK_ALLOW_CPU=1 BENCH17_GPT2=tiny BENCH17_OPT=tiny BENCH17_ROLLOUTS=8 \
+    #   BENCH17_ARGS="--batch 4 --new-tokens 8 --train-batch 2 --ppo-epochs 1"
+    p_gpt2=${BENCH17_GPT2:-gpt2} p_opt=${BENCH17_OPT:-opt-1.3b-13b} extra=${BENCH17_ARGS:-}
+    case "$which" in all|gpt2)
+      b17 gpt2 200 "$py" -m minillm.cli.bench --preset "$p_gpt2" --repeats 2 $extra --output "$out/$gpu-gpt2.json" ;;
+    esac
+    case "$which" in all|phase)
+      b17 phase 150 "$py" -m minillm.cli.bench --preset "$p_gpt2" --phase-only --phase-rollouts "${BENCH17_ROLLOUTS:-256}" \
+        $extra --output "$out/$gpu-gpt2-phase.json" ;; esac
+    case "$which" in all|opt)
+      b17 opt 300 "$py" -m minillm.cli.bench --preset "$p_opt" --repeats 2 $extra --output "$out/$gpu-opt-1.3b-13b.json" ;;
+    esac
+    "$py" scripts/issue17_summary.py --gpt2 "$out/$gpu-gpt2.json" --phase "$out/$gpu-gpt2-phase.json" \
+      --opt "$out/$gpu-opt-1.3b-13b.json" --walls "$walls" | tee "$out/bench17-summary.txt" ;;
   *)
-    echo "unknown step $step: run|wheels DIR|tests|bench|phase|gpt2"; exit 2 ;;
+    echo "unknown step $step: run|wheels DIR|tests|bench|phase|gpt2|bench17"; exit 2 ;;
 esac

@@ -22,6 +22,40 @@ def test_help_imports_nothing_heavy():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def issue17_summary(path) -> str:
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("issue17_summary", REPO / "scripts/issue17_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return "\n".join(module.rollout_lines("gpt2", json.loads(path.read_text()), 0.8, 12, 2.4))
+
+
+def check_breakdown(breakdown: dict, prompt_width: int, score: bool, forwards: dict) -> None:
+    """Issue 17 item 6: the breakdown's counts are the ones its coin string implies (test_rollout_breakdown's
+    oracle); the CPU clock is perf_counter; on CPU nothing compiles."""
+    from test_rollout_breakdown import expected_parts
+
+    counts, tokens = expected_parts(breakdown["coins"], prompt_width, score)
+    parts = breakdown["parts"]
+    assert {k: v["count"] for k, v in parts.items()} == dict(counts)
+    assert breakdown["student_steps"] == counts["student_step"] and breakdown["teacher_steps"] == counts["teacher_step"]
+    assert breakdown["catch_ups"] == {"count": counts["student_catch_up"] + counts["teacher_catch_up"],
+                                      "tokens": tokens["student_catch_up"] + tokens["teacher_catch_up"]}
+    assert breakdown["prefills"] == counts["student_prefill"] + counts["teacher_prefill"]
+    assert breakdown["host_syncs"] == len(breakdown["coins"]) + 2
+    assert breakdown["clock"] == "perf_counter"
+    assert breakdown["unaccounted_seconds"] == pytest.approx(
+        breakdown["wall_seconds"] - sum(p["seconds"] for p in parts.values()))
+    # the traced call repeats the timed calls (same seed): same forwards
+    assert forwards["student_forwards"] == sum(v for k, v in counts.items() if k.startswith("student"))
+    assert forwards["teacher_forwards"] == sum(v for k, v in counts.items() if k.startswith("teacher"))
+    for when in ("warmup", "timed_runs", "traced_call"):
+        assert breakdown["compile"][when] == {"compiles": 0, "captures": 0, "step_shapes": 0, "compile_seconds": 0.0}
+
+
 def test_tiny_preset_writes_consistent_json(tmp_path):
     path = tmp_path / "bench.json"
     assert main(["--preset", "tiny", "--batch", "4", "--new-tokens", "8", "--train-batch", "2", "--chunk-size", "16",
@@ -66,11 +100,17 @@ def test_tiny_preset_writes_consistent_json(tmp_path):
     heads = round(fast["teacher_step_fraction"] * 8)
     assert fast["teacher_forwards"] == heads and fast["student_forwards"] <= 8 - heads + 1
     assert rollout["speedup_vs_naive"]["fast_eager"] == pytest.approx(naive["seconds"] / fast["seconds"])
+    check_breakdown(fast["breakdown"], prompt_width=16, score=False, forwards=fast)
+    summary = issue17_summary(path)  # what `gpu_check.sh bench17` prints from this JSON
+    assert "variant fast_eager" in summary and f"{rollout['speedup_vs_naive']['fast_eager']:.3f}" in summary
+    assert "host_sync" in summary and "compiles + captures in the timed calls" in summary
     alone = rollout["fast_student_only"]  # the engine at alpha = 0 (minillm-eval --engine fast): no teacher call
     assert alone["teacher_forwards"] == 0 and alone["student_forwards"] >= 1 and alone["cuda_graphs"] is False
     assert rollout["speedup_vs_hf_generate_student_only"]["fast_student_only"] == pytest.approx(
         rollout["hf_generate_student_only"]["seconds"] / alone["seconds"])
     assert "fast_student_only" not in rollout["speedup_vs_naive"]
+    check_breakdown(alone["breakdown"], prompt_width=16, score=False, forwards=alone)
+    assert alone["breakdown"]["coins"] == "0" * 8 and alone["breakdown"]["student_steps"] == 7  # prefill + 7 steps
     spec = rollout["speculative_eager"]  # default 4 drafts per round; the teacher verifies once per round
     assert spec["draft_tokens"] == 4 and spec["teacher_forwards"] == spec["rounds"] >= 2  # 8 tokens
     assert 0.0 <= spec["acceptance"] <= 1.0 and spec["tokens_per_s"] * spec["seconds"] == pytest.approx(4 * 8)

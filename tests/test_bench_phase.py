@@ -100,6 +100,8 @@ def test_measure_phases_reports_consistent_numbers_and_restores_the_student(mode
         parts = entry["rollout_seconds"] + entry["score_seconds"] + entry["learn_seconds"]
         assert 0 < parts <= entry["seconds"]
         assert entry["generated_tokens_per_s"] * entry["seconds"] == pytest.approx(8 * 5)
+        zero = {"compiles": 0, "captures": 0, "step_shapes": 0, "compile_seconds": 0.0}  # CPU: eager, no compile
+        assert entry["compile"] == {"warmup": zero, "phase": zero}
     naive = result["variants"]["naive"]["seconds"]
     for name, speedup in result["speedup_vs_naive"].items():
         assert speedup == pytest.approx(naive / result["variants"][name]["seconds"])

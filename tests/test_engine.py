@@ -285,10 +285,12 @@ def _compiled_rollout(student, teacher, lengths: list[int], seed: int):
 def test_compiled_decode_steps_match_eager_and_are_not_recompiled_per_prompt_width(bucket, monkeypatch):
     """The compiled path (HF's get_compiled_call: torch.compile, the CUDA-graph path on GPUs; plain inductor here)
     gives the dynamic cache's tokens and log-probs, and a second batch of another prompt width reuses the compiled
-    step: with prompt bucketing turned off (bucket 1) that second batch recompiles, which this test catches."""
+    step: with prompt and cache-length bucketing turned off (bucket 1) that second batch recompiles, which this test
+    catches."""
     import torch._dynamo
 
     monkeypatch.setattr("minillm.generation.engine.STATIC_PROMPT_BUCKET", bucket)
+    monkeypatch.setattr("minillm.generation.engine.STATIC_LENGTH_BUCKET", bucket)
     torch._dynamo.reset()  # dynamo's per-function state (sizes seen, shapes made dynamic) must not leak in
     student, teacher = tiny_llama(32, seed=1), tiny_llama(32, seed=2)
     first = _compiled_rollout(student, teacher, [3, 5, 1], seed=0)

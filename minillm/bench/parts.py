@@ -22,6 +22,8 @@ from ..losses import chunked as chunked_losses
 from .. import losses
 from ..losses.heads import response_hidden
 from ..generation.engine import fast_mixed_sample
+from ..generation.trace import NULL_TRACE
+from .breakdown import CompileCounter, traced_rollout
 from ..generation.rollout import response_logits
 from ..generation.sampling import mixed_sample
 
@@ -205,11 +207,15 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     if device.type == "cuda" and not args.no_graphs:
         variants.append(("fast_cuda_graphs", dict(static_cache=True, cuda_graphs=True)))
     for name, options in variants:  # the warm-up call of _timed also compiles and captures the CUDA graphs
-        secs, out, peak = _timed(device, lambda: fast_mixed_sample(student, teacher, prompts, prompt_mask,
-                                                                   generator=seeded(), score=False, **common,
-                                                                   **options), repeats)
+        def fast(trace=NULL_TRACE, options=options):
+            return fast_mixed_sample(student, teacher, prompts, prompt_mask, generator=seeded(), score=False,
+                                     trace=trace, **common, **options)
+
+        counter = CompileCounter(fast)
+        secs, out, peak = _timed(device, counter, repeats)
         rollout[name] = rollout_entry(secs, peak, out.student_forwards, out.teacher_forwards)
         rollout[name]["teacher_step_fraction"] = float(out.teacher_steps.float().mean())
+        rollout[name]["breakdown"] = traced_rollout(device, fast, counter)  # after the timed calls: no cost to them
     if dtype != torch.float32:  # the local strategy's rollouts without strategy.sampling_copy: fp32 weights, autocast
         name, options = variants[-1]
         fp32_student = copy.deepcopy(student).float()
@@ -226,11 +232,15 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     # the engine with the student alone (alpha = 0): what minillm-eval --engine fast runs, against HF generate
     student_only = dict(common, alpha=0.0)
     graphs = device.type == "cuda" and not args.no_graphs
-    secs, out, peak = _timed(device, lambda: fast_mixed_sample(student, None, prompts, prompt_mask, generator=seeded(),
-                                                               score=False, static_cache=graphs, cuda_graphs=graphs,
-                                                               **student_only), repeats)
+    def alone(trace=NULL_TRACE):
+        return fast_mixed_sample(student, None, prompts, prompt_mask, generator=seeded(), score=False,
+                                 static_cache=graphs, cuda_graphs=graphs, trace=trace, **student_only)
+
+    counter = CompileCounter(alone)
+    secs, out, peak = _timed(device, counter, repeats)
     rollout["fast_student_only"] = rollout_entry(secs, peak, out.student_forwards, 0)
     rollout["fast_student_only"]["cuda_graphs"] = graphs
+    rollout["fast_student_only"]["breakdown"] = traced_rollout(device, alone, counter)
     if args.draft_tokens > 0:  # the speculative engine: independent rows, eager only
         from ..generation.speculative import speculative_mixed_sample
 

@@ -117,11 +117,17 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     import json
+    import sys
     from pathlib import Path
 
     from ..bench import run_benchmark
 
     result = run_benchmark(args, SHAPES, PRESETS, DEVICES)
+    from ..bench.breakdown import format_breakdown
+
+    for name, entry in result.get("phases", {}).get("rollout", {}).items():  # where the rollout time goes
+        if isinstance(entry, dict) and "breakdown" in entry:
+            print(format_breakdown(name, entry["breakdown"]), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,15 @@ CUDA graphs the stop condition is checked every 16 steps (a host sync per step w
 where every row had stopped only decode padding and are dropped, so the result equals a check at every step.
 If compiling/capturing or the static cache fails at run time, one warning names the switch and decoding continues
 eagerly with the same result.
-Prompts are left-padded to a multiple of :data:`STATIC_PROMPT_BUCKET` columns first, so batches of different prompt
-widths share decode shapes and the compiled steps are not recompiled per batch.
+Shapes are bucketed so that a training run compiles and captures its decode steps in its first phase only: prompts
+are left-padded to a multiple of :data:`STATIC_PROMPT_BUCKET` columns, the batch is padded with dummy rows (copies of row 0,
+dropped from every result: tokens are drawn for the real rows only, so the random stream and the real rows' tokens
+are those of the unpadded batch) up to a larger batch this model already decodes, else to a power of two, and the
+cache length is rounded up to a multiple of :data:`STATIC_LENGTH_BUCKET`, or to a longer one this model already
+decodes (up to twice as long: the extra slots are never written and causality hides them). See
+:func:`_static_shape`. (Real rows' log-probs are bit-identical to the unpadded batch's wherever the matmul kernels do
+not change with the row count; CPU BLAS picks another kernel below 4 rows: fp32 rounding apart there.) Compiles, captures and their seconds are counted in
+:mod:`minillm.generation.compile_stats`; ``trace=`` (:class:`minillm.generation.trace.RolloutTrace`) times the loop.
 On CPU, and for other models, a ``DynamicCache`` and eager forwards give the same results.
 """
 
@@ -50,9 +57,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import compile_stats
 from .sampling import (SampleOutput, _accepts_logits_to_keep, _cache_keyword, _check_prompts, _eos_tensor, _eval_mode,
                        _model_device, _new_cache, check_sampling_args, mixed_sample, position_ids_from_mask,
                        process_logits)
+from .trace import NULL_TRACE
 
 __all__ = ["FastSampleOutput", "fast_mixed_sample", "left_pad_to_bucket"]
 
@@ -60,6 +69,26 @@ __all__ = ["FastSampleOutput", "fast_mixed_sample", "left_pad_to_bucket"]
 # left padding, masked like any other) keeps the number of distinct decode shapes small, so compiled CUDA-graph
 # steps are reused across rollout batches instead of recompiled for every prompt width.
 STATIC_PROMPT_BUCKET = 64
+# Static cache lengths (prompt + new tokens) are rounded up to a multiple of this, so eval and rollout settings of
+# slightly different lengths share a decode shape.
+STATIC_LENGTH_BUCKET = 64
+
+
+# Off: static decoding runs at the exact (batch, prompt + new tokens) shape (the reference the tests compare with).
+SHAPE_BUCKETING = True
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size static decoding runs at: the next power of two (the last, smaller batch of a phase and eval
+    batches then reuse the compiled steps of a full batch, at most twice the rows)."""
+    return 1 << max(0, int(batch) - 1).bit_length()
+
+
+def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """Append copies of row 0 up to ``rows`` rows: dummy rows that are real sequences (no all-masked row to turn
+    into NaN), whose outputs are dropped."""
+    extra = rows - x.shape[0]
+    return x if extra <= 0 else torch.cat([x, x[:1].expand(extra, *x.shape[1:])], 0)
 
 
 def left_pad_to_bucket(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int,
@@ -123,6 +152,7 @@ class _DecodeStep:
         config = default().to_dict() if default is not None else {"mode": "reduce-overhead"}
         self.call = torch.compile(function, **config)
         self.owner = weakref.ref(model)  # a deep copy of the model copies the attribute: the owner check catches it
+        compile_stats.install()
         self.shapes: set[tuple[int, ...]] = set()  # (batch, cache length) shapes decoded through this step
         self.eager_shapes: set[tuple[int, ...]] = set()  # shapes past the recompile limit: decoded eagerly
         self.broken = False  # compiling or running it failed once: the model decodes eagerly from then on
@@ -155,14 +185,32 @@ def _compiled_call(model: torch.nn.Module, shape: tuple[int, ...]):
     step = _decode_step(model)
     if step.broken or shape in step.eager_shapes:
         return None
-    step.shapes.add(shape)
+    if shape not in step.shapes:
+        step.shapes.add(shape)
+        compile_stats.new_step_shape()
     return step
 
 
 # Static caches are reused per (model, batch, cache length): allocating a new one per call gave its tensors new
 # addresses, and CUDA-graph trees re-record a graph whenever a static input's address changes. A few shapes per model.
 _STATIC_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-_STATIC_CACHES_PER_MODEL = 4
+_STATIC_CACHES_PER_MODEL = 6
+
+
+def _static_shape(model: torch.nn.Module, rows: int, needed: int) -> tuple[int, int]:
+    """(batch, cache length) a static decode of ``rows`` prompts and ``needed`` columns runs at. Reuse comes first:
+    the smallest shape this model already has a static cache or compiled step for with at least ``rows`` rows and a
+    length from ``needed`` (rounded up to :data:`STATIC_LENGTH_BUCKET`) to twice that (so the last, smaller batch of
+    a phase and dev batches decode at the full batch's compiled shape; a decode step reads the weights once whatever
+    its rows). Otherwise the batch rounded up to a power of two and the rounded length. With
+    :data:`SHAPE_BUCKETING` off: exactly (rows, needed)."""
+    if not SHAPE_BUCKETING:
+        return rows, needed
+    length = -(-int(needed) // STATIC_LENGTH_BUCKET) * STATIC_LENGTH_BUCKET
+    step = model.__dict__.get("_minillm_decode_step")
+    known = {key[1:] for key in _STATIC_CACHES.get(model, {})} | (set(step.shapes) if step is not None else set())
+    fits = [(b * n, b, n) for b, n in known if b >= rows and length <= n <= 2 * length]
+    return min(fits)[1:] if fits else (batch_bucket(rows), length)
 
 
 def _static_cache(model: torch.nn.Module, key: tuple[int, ...]):
@@ -218,21 +266,25 @@ class _LazyLM:
     """
 
     def __init__(self, model: torch.nn.Module, work_device: torch.device, prompt_ids: Tensor, prompt_mask: Tensor,
-                 max_new_tokens: int, static: bool, graphs: bool, warp: dict, vocab_size: int | None, role: int):
+                 max_new_tokens: int, static: bool, graphs: bool, warp: dict, vocab_size: int | None, role: int,
+                 trace=NULL_TRACE):
         self.model = model
+        self.trace, self.name = trace, ("student", "teacher")[role]
         self.vocab_size = vocab_size
         self.device = _model_device(model)
         self.work_device = work_device
         self.warp = warp
-        self.prompt_ids = prompt_ids.to(self.device)
+        self.rows = prompt_ids.shape[0]  # real rows; static decoding adds dummy rows up to the batch bucket
         self.prompt_len = prompt_ids.shape[1]
-        batch = prompt_ids.shape[0]
-        mask = prompt_mask.to(self.device).long()
+        needed = self.prompt_len + max_new_tokens
+        batch, length = _static_shape(model, self.rows, needed) if static else (self.rows, needed)
+        self.prompt_ids = pad_rows(prompt_ids.to(self.device), batch)
+        mask = pad_rows(prompt_mask.to(self.device).long(), batch)
         # prompt mask followed by 1 for every response slot: slots not yet written are hidden by causality
-        self.full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1)
+        self.full_mask = torch.cat([mask, mask.new_ones(batch, length - self.prompt_len)], dim=1)
         self.prompt_positions = position_ids_from_mask(mask)
         self.first_position = self.prompt_positions[:, -1:] + 1  # [B, 1] position of y_0 (last column is real)
-        self.cache_shape = (batch, self.prompt_len + max_new_tokens)
+        self.cache_shape = (batch, length)
         self.static = static
         self.role = role
         self.cache = None
@@ -270,7 +322,10 @@ class _LazyLM:
             try:
                 # Past its recompile limit dynamo would run the step eagerly without a word; make it raise instead
                 with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                    return self.step.call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+                    mark = compile_stats.start()
+                    out = self.step.call(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+                    compile_stats.charge(mark)
+                    return out
             except FailOnRecompileLimitHit:  # raised before anything ran: the cache is untouched
                 limit = torch._dynamo.config.recompile_limit
                 _warn_once(f"recompile-limit-{id(self.model)}",
@@ -307,7 +362,7 @@ class _LazyLM:
             returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             if returned is not None:  # models may hand back a new cache object
                 self.cache = returned
-        logits = out.logits[:, -keep:]
+        logits = out.logits[:self.rows, -keep:]  # the dummy rows' logits are dropped here
         if self.vocab_size is not None:
             logits = logits[..., :self.vocab_size]
         return logits.to(device=self.work_device, dtype=torch.float32, copy=True)
@@ -320,15 +375,20 @@ class _LazyLM:
             raise RuntimeError(f"minillm.generation.engine: catch_up to step {t} after consuming {self.fed} tokens (the cache "
                                "cannot go back)")
         start = max(self.fed, 0)
-        new_tokens = response[:, start:t].to(self.device)
+        # contiguous: a padded batch's tokens are a fresh tensor, a full batch's a strided view of the response; the
+        # compiled step guards on strides, so both must look alike or every switch recompiles
+        new_tokens = pad_rows(response[:, start:t].to(self.device), self.prompt_ids.shape[0]).contiguous()
         # arange on the device: no host-to-device copy (a blocking one on CUDA) per catch-up
         new_positions = self.first_position + torch.arange(start, t, device=self.device)
         if self.fed < 0:  # first run: the prompt too; keep the logits predicting y_0..y_t
-            logits = self._forward(torch.cat([self.prompt_ids, new_tokens], 1),
-                                   torch.cat([self.prompt_positions, new_positions], 1), self.prompt_len + t, t + 1)
+            with self.trace.span(f"{self.name}_prefill", self.prompt_len + t):
+                logits = self._forward(torch.cat([self.prompt_ids, new_tokens], 1),
+                                       torch.cat([self.prompt_positions, new_positions], 1), self.prompt_len + t,
+                                       t + 1)
         else:  # logits predicting y_{fed+1}..y_t, after the stored ones predicting y_{fed}
-            logits = torch.cat([self.next_logits[:, None],
-                                self._forward(new_tokens, new_positions, self.prompt_len + t, t - start)], 1)
+            with self.trace.span(f"{self.name}_step" if t - start == 1 else f"{self.name}_catch_up", t - start):
+                logits = torch.cat([self.next_logits[:, None],
+                                    self._forward(new_tokens, new_positions, self.prompt_len + t, t - start)], 1)
         # The tokens this model has no log-prob for are one contiguous run: y_fed may be its own draw (stored when
         # drawn), every later one was drawn by the other model. A slice, so no index tensor is built on the host.
         first = start + 1 if start in self.logprobs else start
@@ -385,7 +445,7 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
                       top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None,
                       pad_token_id: int | None, generator: torch.Generator | None = None, do_sample: bool = True,
                       score: bool = True, static_cache: bool | None = None, cuda_graphs: bool | None = None,
-                      vocab_size: int | None = None) -> SampleOutput:
+                      vocab_size: int | None = None, trace=NULL_TRACE) -> SampleOutput:
     """Draw y ~ p̃ = (1−α)·q + α·p exactly, running each model only on the steps its coin side comes up.
 
     Arguments and result as :func:`minillm.generation.sampling.mixed_sample` (left-padded [B, P] prompts; rows stop at
@@ -394,7 +454,7 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     (the trainer re-scores with teacher forcing anyway). ``static_cache``/``cuda_graphs``: None = on for CUDA
     models that support them. ``vocab_size`` cuts both models' logits to the tokenizer's entries
     (:class:`minillm.models.VocabAlignment`), so padded embedding rows are never drawn. Returns a
-    :class:`FastSampleOutput`.
+    :class:`FastSampleOutput`. ``trace``: a :class:`minillm.generation.trace.RolloutTrace` to time the loop's parts.
     """
     pad_token_id = check_sampling_args("minillm.generation.engine.fast_mixed_sample", alpha=alpha, teacher=teacher,
                                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
@@ -428,7 +488,8 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
         coins = torch.rand(length, generator=generator, device=device) < alpha  # [L] bool
     else:
         coins = torch.full((length,), alpha == 1.0, dtype=torch.bool, device=device)
-    teacher_turn = coins.tolist()  # the engine's one host sync for the coins
+    with trace.span("host_sync", host=True):
+        teacher_turn = coins.tolist()  # the engine's one host sync for the coins
     eos = _eos_tensor(eos_token_id, device)
     pad = torch.full((batch,), int(pad_token_id), dtype=torch.long, device=device)
     response = torch.full((batch, length), int(pad_token_id), dtype=torch.long, device=device)
@@ -445,30 +506,34 @@ def fast_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module | None,
     model_ids, model_mask = left_pad_to_bucket(ids, prompt_mask, pad_token_id, STATIC_PROMPT_BUCKET) if static_cache else (ids, prompt_mask)
     with _eval_mode(*models):
         s_lm = _LazyLM(student, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size,
-                       role=0)
+                       role=0, trace=trace)
         t_lm = _LazyLM(teacher, device, model_ids, model_mask, length, static_cache, cuda_graphs, warp, vocab_size,
-                       role=1) if use_teacher else None
+                       role=1, trace=trace) if use_teacher else None
         for t in range(length):
             if rng is not None:
                 rng_states[t] = rng.get_state()  # host-side state (seed, offset on CUDA): no device sync
             lm = t_lm if teacher_turn[t] else s_lm
             logits = lm.catch_up(response, t)  # [B, V] fp32, predicting y_t
-            logp = torch.log_softmax(process_logits(logits, **warp), dim=-1)
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1) if do_sample \
-                else logp.argmax(dim=-1)
-            alive = ~done
-            token = torch.where(alive, token, pad)
-            lm.logprobs[t] = logp.gather(1, token[:, None]).squeeze(1)
-            response[:, t] = token
-            valid[:, t] = alive
-            done = done | torch.isin(token, eos)
+            with trace.span("sample"):
+                logp = torch.log_softmax(process_logits(logits, **warp), dim=-1)
+                token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1) if do_sample \
+                    else logp.argmax(dim=-1)
+                alive = ~done
+                token = torch.where(alive, token, pad)
+                lm.logprobs[t] = logp.gather(1, token[:, None]).squeeze(1)
+                response[:, t] = token
+                valid[:, t] = alive
+                done = done | torch.isin(token, eos)
             if (t + 1) % check_every == 0:
-                if bool(done.all()):
+                with trace.span("host_sync", host=True):
+                    stop = bool(done.all())
+                if stop:
                     steps = t + 1
                     break
                 rng_states.clear()  # the stop cannot lie before this step
         # columns after the step where every row had stopped are all padding: drop them (as the naive loop stops)
-        steps = max(1, int(valid[:, :steps].any(0).sum()))
+        with trace.span("host_sync", host=True):
+            steps = max(1, int(valid[:, :steps].any(0).sum()))
         if steps in rng_states:  # sparse checks drew past the stop: leave the stream where a dense check leaves it
             rng.set_state(rng_states[steps])
         s_lp = s_lm.finish(response, steps)

@@ -33,6 +33,7 @@ from .. import losses
 from ..losses.heads import chunked_head_matches, global_chunk_count, hidden_and_head, lm_head, response_hidden
 from ..config import RunConfig, to_dict
 from ..data import ResumableSampler
+from ..generation.compile_stats import CompileLog
 from ..generation.dispatch import sample_rollouts
 from ..evaluation import rouge_l
 from ..generation.rollout import Rollout, pad_responses, response_logits, score_samples
@@ -137,6 +138,7 @@ class MiniLLMTrainer:
         self.best = BestTracker(t.select_best_by)
         self.window = MetricWindow()
         self.timer = PhaseTimer()
+        self.compile_log = CompileLog()  # time/compile and engine/* counts of the decode steps (flat after phase 1)
         self.metrics = MetricsLogger(self.output_dir, config.logging, strategy.is_main,
                                      run_name=self.output_dir.name, config=to_dict(config))
         self._prompt_iter = None
@@ -489,6 +491,7 @@ class MiniLLMTrainer:
         values.update(self._phase_stats)  # already global
         timing = self.timer.pop()
         values.update(timing)
+        values.update(self.compile_log.pop())
         tokens = self._phase_stats.get("rollout/tokens", 0.0)
         if timing.get("time/rollout"):
             values["rollout/tokens_per_s"] = tokens / (timing["time/rollout"] + timing.get("time/score", 0.0))
