@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .adapter_config import PeftConfig
 from .errors import UserError
 
 
@@ -57,6 +58,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (student only).")
     trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
+    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"doc": "LoRA adapter (student only): train it instead of the weights."})
 
 
 @dataclass
@@ -346,6 +348,9 @@ class RunConfig:
             fail("student.path", "is required (a hub id or a local model folder)")
         if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path:
             fail("teacher.path", f"is required for method `{self.method}`")
+        self.student.peft.check("student.peft", fail)
+        if self.teacher.peft.method != "none":
+            fail("teacher.peft.method", "the teacher is frozen: give its adapter folder as teacher.path instead")
         d, t, o = self.data, self.train, self.optim
         if d.max_prompt_length <= 0 or d.max_length <= d.max_prompt_length:
             fail("data.max_length", f"must exceed data.max_prompt_length ({d.max_length} <= {d.max_prompt_length})")
@@ -475,6 +480,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
+            if typing.get_args(tp) == (str,):  # module names (student.peft), never numbers read as strings
+                return [str(v) for v in value]
             return [float(v) if isinstance(v, str) else v for v in value]
     else:  # pragma: no cover - a field type this loader does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
