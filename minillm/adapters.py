@@ -119,8 +119,10 @@ def add_adapter(model: torch.nn.Module, peft_cfg: "PeftConfig", base_path: str, 
     model.__dict__[_BASE_KEYS] = base_keys
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    targets = config.target_modules  # peft turns lists (and its per-architecture default) into a set
+    targets = targets if isinstance(targets, str) else sorted(targets)
     log.info("student.peft: LoRA r=%d alpha=%g on %s: %s trainable parameters of %s (%.2f%%)", peft_cfg.r,
-             peft_cfg.alpha, config.target_modules, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
+             peft_cfg.alpha, targets, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return model
 
 
