@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -251,3 +252,22 @@ def test_fast_engine_static_cache_decoding_of_a_lora_student_equals_the_dynamic_
                 p.zero_()
     forced = teacher_forced_logprobs(base, ids, mask, dynamic.response_ids, dynamic.response_mask)
     assert (forced - dynamic.student_logprobs).abs().max() > 1e-3
+
+
+def test_optimizer_state_memory_with_and_without_lora():
+    """AdamW holds two moments per trainable parameter: with LoRA r=4 on every projection of the tiny student that
+    is 4,352 of its 53,408 weights (benchmarks/peft_optimizer_memory.py writes these figures, and LLaMA-7B's, to
+    benchmarks/results/peft-optimizer-memory.json)."""
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from peft_optimizer_memory import tiny
+
+    result = tiny(r=4)
+    full, lora = result["full"], result["lora_r4_all_projections"]
+    # per layer: q, k, v, o (32 -> 32): 4 x r(32 + 32); gate, up, down (32 <-> 64): 3 x r(32 + 64); 2 layers
+    assert lora["trainable_parameters"] == 2 * (4 * 4 * 64 + 3 * 4 * 96) == 4352
+    assert full["trainable_parameters"] == full["parameters"] == 53408
+    for entry in (full, lora):
+        assert entry["optimizer_moment_elements"] == 2 * entry["trainable_parameters"]
+    print(f"optimizer state: full {full['optimizer_state_bytes']:,} B, LoRA r=4 {lora['optimizer_state_bytes']:,} B")
