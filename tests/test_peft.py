@@ -18,10 +18,10 @@ import torch
 pytest.importorskip("peft")
 
 from test_chunked_losses import assert_same, build, loss_and_grads  # noqa: E402
-from test_sampling import PAD, left_padded_prompts, tiny_llama  # noqa: E402
+from test_sampling import PAD, left_padded_prompts, tiny_gpt2, tiny_llama  # noqa: E402
 
 from minillm.adapter_config import PeftConfig  # noqa: E402
-from minillm.adapters import add_adapter, adapter_state_dict, merged_state_dict, save_adapter  # noqa: E402
+from minillm.adapters import add_adapter, adapter_state_dict, merged_state_dict, save_adapter, save_merged  # noqa: E402
 from minillm.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from minillm.models import load_model, load_model_shape, load_tokenizer  # noqa: E402
 
@@ -153,6 +153,33 @@ def test_adapter_folder_round_trip_and_merge_equal_peft(tmp_path, assets):
     from safetensors.torch import load_file
 
     assert adapter_state_dict(model).keys() == load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+
+
+def test_gpt2_conv1d_layers_and_tied_embeddings_merge_into_a_loadable_folder(tmp_path):
+    """GPT-2: Conv1D projections (peft's fan_in_fan_out: the delta is transposed) under peft's default target
+    (c_attn), and an LM head tied to the token embeddings that must stay tied in the merged folder."""
+    from transformers import AutoModelForCausalLM
+
+    model = add_adapter(tiny_gpt2(40, seed=3), PeftConfig(method="lora", r=4, alpha=8.0), "tiny-gpt2", seed=0)
+    assert {n.rsplit(".", 3)[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"c_attn"}
+    randomize_adapter(model)
+    save_merged(model.eval(), tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_a_lora_student_the_same_gradients(tmp_path):
+    results = []
+    for checkpointing in ("false", "true"):
+        trainer = build("kd", tmp_path / checkpointing, [*LORA, f"student.gradient_checkpointing={checkpointing}"],
+                        padded=False)
+        randomize_adapter(trainer.student)
+        results.append(loss_and_grads(trainer, lambda: trainer.compute_loss(next(trainer._micro_batches()))))
+    assert_same(*results)
+    assert len(results[1][2]) == 28
 
 
 def test_an_adapter_teacher_gives_the_merged_teachers_kd_loss(tmp_path, assets):
