@@ -19,8 +19,9 @@ tensorboard) are imported inside the functions that need them.
 * ``losses/`` — the pure losses of DESIGN §4, their chunked twins, the fused head, top-k teacher rows and the
   hidden-state/LM-head plumbing; ``data/`` — instruction sets, templates, pre-training corpora, teacher caches;
   ``routing`` — multi-teacher routing (``teachers:``): each record's teacher, the per-phase/per-step schedule;
-* ``config``, ``models``, ``strategy`` (local torch / DeepSpeed), ``checkpoint``, ``optim``, ``tracking``,
-  ``runtime``, ``errors`` — the bottom layer.
+* ``config``, ``models``, ``strategy`` (local torch / DeepSpeed), ``adapters`` (LoRA students and adapter folders
+  through peft; its config section: ``adapter_config``), ``checkpoint``, ``optim``, ``tracking``, ``runtime``,
+  ``errors`` — the bottom layer.
 
 The old flat module paths (``minillm.chunked_losses``, ``minillm.engine``, ``minillm.sampling``, ``minillm.rollout``,
 ``minillm.chunking``, ``minillm.topk``, ``minillm.fused_head``, ``minillm.speculative``, ``minillm.bench_phase``,

@@ -1,6 +1,7 @@
 """Atomic checkpoints and the RNG/trainer state that exact resume needs.
 
 Layout of ``output_dir/checkpoints/step-N/``: an HF ``save_pretrained`` folder (weights, config, tokenizer)
+(a LoRA student, ``student.peft``: its peft adapter folder instead, the frozen base being ``student.path``)
 plus ``optimizer.pt`` (local) or ``deepspeed/`` (DeepSpeed engine state), and ``trainer_state.pt``
 (step counters, data cursors, RNG states, ...). A checkpoint is written into ``.tmp-step-N`` and renamed
 when complete, so a crash never leaves a folder that resume would pick up half-written.

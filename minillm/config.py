@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
+from .adapter_config import PeftConfig
 from .config_checks import parse_duration  # noqa: F401 (re-exported: minillm.config.parse_duration)
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem, with the key and the file it came from in the message."""
-
-
-def _f(default: Any, doc: str, **kw: Any) -> Any:
-    """A dataclass field with its documentation attached (shown by ``--explain``)."""
-    if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+from .config_io import (  # noqa: F401 (re-exported: the loader's public names have always lived here)
+    ConfigError, _f, _coerce, _type_name, apply_overrides, from_dict, parse_override, to_dict, to_yaml)
 
 
 Method = Literal["sft", "kd", "seqkd", "minillm"]
@@ -58,6 +48,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (student only).")
     trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
+    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"doc": "LoRA adapter (student only): train it instead of the weights."})
 
 
 @dataclass
@@ -112,6 +103,8 @@ class DataConfig:
 @dataclass
 class TrainLoopConfig:
     """The training loop. Used by the trainers."""
+
+    DURATION_FIELDS = ("max_time",)  # "H:MM:SS" strings that YAML 1.1 may read as base-60 integers (from_dict)
 
     max_steps: int = _f(-1, "Optimizer steps to run (-1: `epochs` decides).")
     epochs: int = _f(10, "Passes over the training data (the run stops at whichever limit comes first).")
@@ -372,6 +365,10 @@ class RunConfig:
         check_teachers(self, fail)
         if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path and not self.teachers:
             fail("teacher.path", f"is required for method `{self.method}`")
+        self.student.peft.check("student.peft", fail)
+        for key, t in [("teacher", self.teacher)] + [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]:
+            if t.peft.method != "none":
+                fail(f"{key}.peft.method", "a teacher is frozen: give its adapter folder as its path instead")
         d, t, o = self.data, self.train, self.optim
         if d.max_prompt_length <= 0 or d.max_length <= d.max_prompt_length:
             fail("data.max_length", f"must exceed data.max_prompt_length ({d.max_length} <= {d.max_prompt_length})")
@@ -458,110 +455,6 @@ class RunConfig:
             fail("train.select_best_by", "MiniLLM evaluation samples from the student and has no dev loss; "
                  "use rougeL (the reference) or none")
         return self
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check (and gently convert) one value against a field type; fail naming the key and file."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{source}: `{key}` must be one of {list(choices)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: `{key}` is a section; expected a mapping, got {value!r}")
-        return from_dict(tp, value, source, prefix=key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `5e-6` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif tp is list or origin is list:
-        item = (typing.get_args(tp) or [None])[0]
-        if dataclasses.is_dataclass(item) and isinstance(value, (list, tuple)):  # e.g. teachers: list[TeacherConfig]
-            return [v if isinstance(v, item) else _coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        if isinstance(value, (list, tuple)):
-            return [float(v) if isinstance(v, str) else v for v in value]
-    else:  # pragma: no cover - a field type this loader does not know is a programming error
-        raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    raise ConfigError(f"{source}: `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {sorted(names)}")
-    if cls is TrainLoopConfig and isinstance(data.get("max_time"), (int, float)) and \
-            not isinstance(data["max_time"], bool):
-        # YAML 1.1 reads an unquoted 3:55:00 as the base-60 integer 14100, which is that duration in seconds
-        data = {**data, "max_time": str(data["max_time"])}
-    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML (``true``, ``3``, ``[1, 2]``)."""
-    if "=" not in text:
-        raise ConfigError(f"override `{text}`: expected key.sub=value")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    if not key:
-        raise ConfigError(f"override `{text}`: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override `{text}`: `{part}` is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def shipped_config_dir() -> Path:

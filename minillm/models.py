@@ -7,17 +7,21 @@ prefers them; ``.bin`` files are loaded with ``weights_only`` by transformers it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .adapters import adapter_base_path
 from .config import ModelConfig
 from .errors import UserError
+from .tracking import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = get_logger()
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,6 +61,9 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.path
+    base = adapter_base_path(name) if not cfg.tokenizer else None
+    if base is not None and not (Path(name).expanduser() / "tokenizer_config.json").is_file():
+        name = base  # an adapter folder without its own tokenizer files: its base model's tokenizer
     problem = _local_problem(name, "tokenizer" if cfg.tokenizer else "model")
     if problem:
         raise FileNotFoundError(problem)
@@ -73,8 +80,13 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
 
 
 def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str | None = None,
-               zero3_config: dict | None = None) -> "PreTrainedModel":
+               zero3_config: dict | None = None, seed: int = 0) -> "PreTrainedModel":
     """Load a causal LM.
+
+    ``cfg.path`` may be a peft adapter folder (``adapter_config.json``): its base model is loaded and the adapter
+    merged into it, once (:func:`load_adapter_folder`). A trainable model with ``cfg.peft.method`` lora gets a
+    fresh LoRA adapter injected in place (:func:`minillm.adapters.add_adapter`, initialised from ``seed``): only
+    the adapter then requires gradients.
 
     A trainable student is loaded in fp32: its precision (``cfg.dtype``) is applied by the strategy
     (autocast locally, DeepSpeed's bf16/fp16 mode with fp32 master weights otherwise). A frozen model
@@ -85,6 +97,56 @@ def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str 
     ``from_pretrained`` construct it under ``deepspeed.zero.Init`` and load each tensor into its shards, so no
     rank ever holds the whole model in host RAM (every rank of a node would otherwise load a full copy).
     """
+    if adapter_base_path(cfg.path) is not None:
+        model = load_adapter_folder(cfg, trainable=trainable, zero3_config=zero3_config)
+    else:
+        model = _load_pretrained(cfg, trainable=trainable, zero3_config=zero3_config)
+    if trainable:
+        if cfg.peft.method != "none":
+            from .adapters import add_adapter
+
+            model = add_adapter(model, cfg.peft, cfg.path, seed=seed, revision=cfg.revision)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_adapter_folder(cfg: ModelConfig, *, trainable: bool, zero3_config: dict | None = None) -> "PreTrainedModel":
+    """The base model named by the adapter folder ``cfg.path`` with the adapter merged in (a plain HF model).
+
+    The base is loaded whole (not into ZeRO-3 shards: merging needs every weight; a ZeRO-3 engine partitions the
+    merged model when it is prepared), so for the duration a global ZeRO-3 config (``minillm-eval --zero3``) is
+    set aside."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    from .adapters import merge_adapter_folder
+
+    if zero3_config is not None:
+        log.info("%s is an adapter folder: its base model is loaded whole and merged, then sharded", cfg.path)
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    previous = ref() if ref is not None else None
+    if previous is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        base_cfg = replace(cfg, path=adapter_base_path(cfg.path))
+        # an adapter trained on a student that was itself an adapter folder: merge the chain from the bottom
+        load_base = load_adapter_folder if adapter_base_path(base_cfg.path) is not None else _load_pretrained
+        base = load_base(base_cfg, trainable=trainable, zero3_config=None)
+        return merge_adapter_folder(base, cfg.path)
+    finally:
+        if previous is not None:
+            hf_deepspeed.set_hf_deepspeed_config(previous)
+
+
+def _load_pretrained(cfg: ModelConfig, *, trainable: bool, zero3_config: dict | None) -> "PreTrainedModel":
+    """``from_pretrained`` in the dtype of its role, into ZeRO-3 shards when ``zero3_config`` is given."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if trainable else TORCH_DTYPES[cfg.dtype]
@@ -113,16 +175,6 @@ def load_model(cfg: ModelConfig, *, trainable: bool, device: torch.device | str 
             else:
                 hf_deepspeed.unset_hf_deepspeed_config()
             del sharded
-    if trainable:
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        model.train()
-    else:
-        model.eval()
-        model.requires_grad_(False)
-    if device is not None:
-        model.to(device)
     return model
 
 
@@ -131,6 +183,7 @@ def load_model_shape(cfg: ModelConfig) -> "PreTrainedModel":
     taken. For the shape checks of a run that never runs the model (a teacher replaced by an offline cache)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg = replace(cfg, path=adapter_base_path(cfg.path) or cfg.path)  # an adapter keeps its base model's shapes
     problem = _local_problem(cfg.path, "model")
     if problem:
         raise FileNotFoundError(problem)

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .adapters import is_adapted, load_adapter_weights, save_adapter, save_model_folder
 from .config import RunConfig, StrategyConfig
 from .tracking import get_logger
 
@@ -253,31 +254,34 @@ class LocalStrategy:
     def save_hf(self, model, tokenizer, directory: str | Path) -> None:
         """An HF folder (safetensors) loadable by AutoModelForCausalLM.from_pretrained."""
         if self.is_main:
-            self.unwrap(model).save_pretrained(directory, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
+            save_model_folder(self.unwrap(model), directory, tokenizer)  # merged + adapter/ for a LoRA student
 
     def save_checkpoint(self, directory: str | Path, tokenizer) -> None:
         directory = Path(directory)
-        self.save_hf(self.model, tokenizer, directory)
+        if is_adapted(self.unwrap(self.model)):  # student.peft: the adapter is all that trains
+            save_adapter(self.unwrap(self.model), directory, tokenizer)
+        else:
+            self.save_hf(self.model, tokenizer, directory)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "micro": self._micro}, directory / "optimizer.pt")
 
     def load_checkpoint(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        state = {}
-        for shard in sorted(directory.glob("*.safetensors")):
-            state.update(load_file(shard, device=str(self.device)))
-        model = self.unwrap(self.model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # Tied output embeddings are saved once; anything else missing is a real problem.
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
+        directory, model = Path(directory), self.unwrap(self.model)
+        if is_adapted(model):  # student.peft: the frozen base is the one loaded from student.path
+            load_adapter_weights(model, directory)
+        else:
+            state = {}
+            for shard in sorted(directory.glob("*.safetensors")):
+                state.update(load_file(shard, device=str(self.device)))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Tied output embeddings are saved once; anything else missing is a real problem.
+            tied = set(getattr(model, "_tied_weights_keys", None) or [])
+            missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]})")
         opt = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -582,20 +586,28 @@ class DeepSpeedStrategy(LocalStrategy):
     def save_hf(self, model, tokenizer, directory: str | Path) -> None:
         with self.gathered(model) as module:
             if self.is_main:
-                module.save_pretrained(directory, safe_serialization=True)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(directory)
+                save_model_folder(module, directory, tokenizer)  # merged + adapter/ for a LoRA student
         self.barrier()
 
     def save_checkpoint(self, directory: str | Path, tokenizer) -> None:
         directory = Path(directory)
-        self.save_hf(self.model, tokenizer, directory)
-        # Model, fp32 master weights, optimizer and scheduler, sharded as ZeRO holds them.
-        self.model.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        adapted = is_adapted(self.unwrap(self.model))
+        if adapted:  # student.peft: the adapter (for eval of the checkpoint); the engine state below resumes
+            with self.gathered(self.model) as module:
+                if self.is_main:
+                    save_adapter(module, directory, tokenizer)
+            self.barrier()
+        else:
+            self.save_hf(self.model, tokenizer, directory)
+        # Model, fp32 master weights, optimizer and scheduler, sharded as ZeRO holds them (a LoRA student's
+        # frozen base is left out: it is reloaded from student.path).
+        self.model.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=adapted)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         path, _ = self.model.load_checkpoint(str(Path(directory) / "deepspeed"), tag="state",
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+                                             load_optimizer_states=True, load_lr_scheduler_states=True,
+                                             load_module_strict=not is_adapted(self.unwrap(self.model)))
         if path is None:
             raise RuntimeError(f"{directory}: no DeepSpeed state to resume from")
 

@@ -42,6 +42,7 @@ MINILLM_REF = {
     "gpt2-large": (256, 64, 16, "constant"), "opt-1.3b": (64, 64, 4, "constant"),
     "opt-2.7b": (64, 64, 4, "constant"), "opt-6.7b": (64, 64, 4, "constant"),
     "llama-7b": (64, 64, 4, "cosine"), "qwen2.5-1.5b": (64, 64, 4, "cosine"),
+    "llama-7b-lora": (64, 64, 4, "cosine"),  # llama-7b with a LoRA student (student.peft)
 }
 EXPECTED = {"sft": set(SFT_REF), "kd": set(KD_REF), "seqkd": set(KD_REF), "minillm": set(MINILLM_REF)}
 
@@ -193,7 +194,7 @@ def test_teachers_and_students_are_shipped_sft_outputs(method):
         assert teacher_sft.train.select_best_by == "rougeL"
         assert family(teacher) == family(name)  # one tokenizer per family
         if method == "minillm":
-            student_sft = load("sft", name)
+            student_sft = load("sft", name.removesuffix("-lora"))
             assert cfg.student.path == f"{student_sft.output_dir}/best"
             assert student_sft.train.select_best_by == "loss"  # the reference picks init-* by dev loss
 
@@ -256,7 +257,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("folder", sorted(VARIANTS))
-@pytest.mark.parametrize("name", sorted(MINILLM_REF))
+@pytest.mark.parametrize("name", sorted(set(MINILLM_REF) - {"llama-7b-lora"}))  # no LoRA variants ship
 def test_minillm_variant_recipes_differ_from_minillm_exactly_in_their_switches(folder, name):
     from minillm.config import to_dict
 
@@ -270,3 +271,18 @@ def test_minillm_variant_recipes_differ_from_minillm_exactly_in_their_switches(f
         m = variant.minillm
         assert (m.ranking_margin, m.ranking_anchor_coef, m.ranking_anchor) == (1.0, 1.0, "reference")
     assert f"--config configs/{folder}/{name}.yaml" in header(CONFIGS / folder / f"{name}.yaml")
+
+
+def test_the_lora_recipe_is_llama_7b_with_lmops_adapter_settings():
+    """configs/minillm/llama-7b-lora.yaml differs from llama-7b.yaml only in the adapter (LMOps'
+    train_7B_13B_lora.sh: --peft lora with r 8, alpha 32, dropout 0.1 on peft's LLaMA default q_proj, v_proj) and
+    its output folder."""
+    from dataclasses import asdict
+
+    lora, full = asdict(load("minillm", "llama-7b-lora")), asdict(load("minillm", "llama-7b"))
+    peft = lora["student"].pop("peft")
+    assert peft == {"method": "lora", "r": 8, "alpha": 32.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                    "modules_to_save": [], "use_rslora": False}
+    assert full["student"].pop("peft")["method"] == "none"
+    assert lora.pop("output_dir") == "runs/minillm/llama-7b-lora" and full.pop("output_dir") == "runs/minillm/llama-7b"
+    assert lora == full

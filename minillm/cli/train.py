@@ -146,7 +146,7 @@ def build_trainer(cfg, strategy):
     data = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed)
     log.info("data: %s", data.stats)
     # under ZeRO-3 straight into shards: no rank holds a whole copy in host RAM
-    student = load_model(cfg.student, trainable=True, zero3_config=strategy.zero3_init_config())
+    student = load_model(cfg.student, trainable=True, zero3_config=strategy.zero3_init_config(), seed=cfg.seed)
     teacher, alignment = None, None
     if cfg.teachers:  # multi-teacher routing (minillm.routing): every teacher loaded once and checked like `teacher:`
         teacher = {}

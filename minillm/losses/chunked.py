@@ -126,11 +126,17 @@ def _checkpointed_values(plan: _ChunkPlan, student_head: Head) -> Tensor:
     def chunk_fn(h: Tensor, *rest: Tensor | None) -> Tensor:
         return plan.values(student_head(h), *rest)
 
+    # A frozen ZeRO-3 head (a LoRA student's): its recompute runs outside every module's backward, so DeepSpeed
+    # releases the weight right after the head's forward and non-reentrant checkpointing finds it empty ([0])
+    # where its forward saved it. Reentrant checkpointing backpropagates through the recomputed output at once,
+    # and the head's own backward hook fetches the weight for that backward.
+    reentrant = isinstance(student_head, torch.nn.Module) and any(
+        hasattr(p, "ds_id") and not p.requires_grad for p in student_head.parameters())
     outputs = []
     for lo, hi in plan.bounds:  # the same head calls on every rank, whatever its data
         args = (plan.hidden[lo:hi], *plan.args(lo, hi))
         if torch.is_grad_enabled():
-            outputs.append(checkpoint(chunk_fn, *args, use_reentrant=False))
+            outputs.append(checkpoint(chunk_fn, *args, use_reentrant=reentrant))
         else:
             outputs.append(chunk_fn(*args))
     return torch.cat(outputs)
