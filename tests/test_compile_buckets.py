@@ -130,3 +130,17 @@ def test_the_compile_hook_counts_graph_recordings_by_the_trigger_torch_sends(mon
     compile_stats._on_start(CallbackArgs(CallbackTrigger.DYNAMO, "0/1"))
     compile_stats._on_start(SimpleNamespace(callback_trigger="something new"))
     assert (compile_stats.STATS.captures, compile_stats.STATS.compiles) == (1, 1)
+
+
+def test_compiles_are_still_counted_after_a_dynamo_reset():
+    """torch._dynamo.reset() clears dynamo's callbacks; a compile after it (a user's reset between two runs, or a
+    test's) must still be counted. Before the fix the counter, installed once, silently stayed at 0."""
+    import torch._dynamo
+
+    from minillm.generation import compile_stats
+
+    compile_stats.install()
+    torch._dynamo.reset()
+    log = compile_stats.CompileLog()
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert log.pop()["engine/compiles"] == 1

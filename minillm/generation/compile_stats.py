@@ -47,7 +47,6 @@ class CompileStats:
 
 
 STATS = CompileStats()
-_installed = False
 
 
 def _on_start(args) -> None:
@@ -61,17 +60,16 @@ def _on_start(args) -> None:
 
 
 def install() -> None:
-    """Register the dynamo callback once. Older torch without the callback module: compiles and captures stay 0
-    (the engine's own ``step_shapes`` count and the timed seconds still work)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Register the dynamo callback unless it is registered already. Checked on every call, not remembered:
+    ``torch._dynamo.reset()`` clears dynamo's callbacks, and a user (or a test) may call it between two runs.
+    Older torch without the callback module: compiles and captures stay 0 (the engine's own ``step_shapes`` count
+    and the timed seconds still work)."""
     try:
         from torch._dynamo.callback import callback_handler
     except ImportError:
         return
-    callback_handler.register_start_callback(_on_start)
+    if _on_start not in getattr(callback_handler, "start_callbacks", ()):
+        callback_handler.register_start_callback(_on_start)
 
 
 def new_step_shape() -> None:

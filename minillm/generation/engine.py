@@ -185,6 +185,7 @@ def _compiled_call(model: torch.nn.Module, shape: tuple[int, ...]):
     step = _decode_step(model)
     if step.broken or shape in step.eager_shapes:
         return None
+    compile_stats.install()  # once per generation batch: torch._dynamo.reset() may have dropped the counter
     if shape not in step.shapes:
         step.shapes.add(shape)
         compile_stats.new_step_shape()
