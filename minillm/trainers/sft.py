@@ -33,6 +33,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import measure_save
+from .served import TeacherServerUnavailable, mark_step_start, stop_for_teacher_server
 
 log = get_logger()
 
@@ -133,6 +134,20 @@ class SFTTrainer:
         ``index``; student-generated ones (GKD, DistiLLM) do not and need the online teacher."""
         return self.teacher_cache is not None and "index" in batch
 
+    def _prefetch_teacher(self, batch, inputs: dict[str, torch.Tensor]) -> None:
+        """A served teacher (teacher.server) starts scoring the batch now, while the student runs its forward."""
+        if self.use_teacher and not self._cached(batch) and hasattr(self.teacher, "prefetch"):
+            self.teacher.prefetch(**inputs)
+
+    def _stateful_parts(self) -> dict[str, Any]:
+        """What a micro-step advances besides the weights (rewound by minillm.trainers.served)."""
+        parts = {"sampler": self.sampler}
+        if self.use_pt:
+            parts["pt_sampler"] = self.pt_sampler
+        if self.student_data is not None:
+            parts["student_data"] = self.student_data
+        return parts
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch and its named parts (python floats, for logging): the SFT/KD loss, plus
         ``kd.ptx_coef`` × the language-modelling loss on a pre-training batch when that is on."""
@@ -174,6 +189,7 @@ class SFTTrainer:
 
     def _plain_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The SFT/KD loss from full [B, L, V] logits (kd.chunked=false)."""
+        self._prefetch_teacher(batch, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         with self.strategy.autocast():
             out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits.float()
@@ -210,6 +226,7 @@ class SFTTrainer:
         kd, strategy = self.cfg.kd, self.strategy
         trim = self.alignment.trim if self.alignment is not None else (lambda x: x)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        self._prefetch_teacher(batch, inputs)
         hidden, head = hidden_and_head(self.student, **inputs, trim=trim, autocast=strategy.autocast)
         labels = batch["labels"]
         mask = labels != -100
@@ -250,18 +267,26 @@ class SFTTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True)
         batches = self._micro_batches()
         self.student.train()
+        served, micro_done = getattr(self.teacher, "is_remote_teacher", False), 0
         while self.step < self.total_steps:
-            with self.timer("data"):
-                batch = to_device(next(batches), strategy.device)
-            if self.student_data is not None:
-                with self.timer("student_data"):
-                    batch, _ = self.student_data.prepare(batch, self.step)
-            with self.timer("forward"):
-                loss, parts = self.compute_loss(batch)
+            if served and micro_done == 0:  # where a teacher.server failure rewinds to (minillm.trainers.served)
+                mark_step_start(self, self._stateful_parts())
+            try:
+                with self.timer("data"):
+                    batch = to_device(next(batches), strategy.device)
+                if self.student_data is not None:
+                    with self.timer("student_data"):
+                        batch, _ = self.student_data.prepare(batch, self.step)
+                with self.timer("forward"):
+                    loss, parts = self.compute_loss(batch)
+            except TeacherServerUnavailable as error:
+                return stop_for_teacher_server(self, error, micro_done)
             result = guarded_micro_step(self, loss, parts, tokens=int((batch["labels"] != -100).sum()),
                                         phases=("backward", "optimizer"))
             if not result.stepped:
+                micro_done += 1
                 continue
+            micro_done = 0
             self.step += 1
             if bar is not None:
                 bar.update(1)
@@ -273,6 +298,8 @@ class SFTTrainer:
                 timing = self.timer.pop()
                 elapsed = sum(timing.values())
                 values.update(timing)
+                if served:  # server request time and the fraction of it hidden behind the student's forward
+                    values.update(self.teacher.pop_timings())
                 values.update({"train/lr": strategy.current_lr(), "train/grad_norm": result.grad_norm,
                                "train/tokens_per_s": tokens * strategy.world_size / elapsed if elapsed else 0.0,
                                "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
