@@ -91,7 +91,7 @@ class TeacherClient:
                                              f"{message}{hint}")
                 last = f"{target}: HTTP {status}: {message}"
             if attempt < self.retries:
-                time.sleep(min(self.backoff * 2 ** attempt, 30.0))
+                _pause(min(self.backoff * 2 ** attempt, 30.0))
         raise TeacherServerUnavailable(
             f"teacher.server: no answer after {self.retries + 1} tries over {time.monotonic() - started:.1f}s "
             f"(last: {last}); check that minillm-teacher-serve runs at {', '.join(urls)} (teacher.server_retries "
@@ -104,6 +104,11 @@ class TeacherClient:
         body = protocol.encode(tensors, {k: str(v) for k, v in options.items()})
         out, _ = protocol.decode(self._call("POST", "score", body, url=url))
         return out
+
+
+def _pause(seconds: float) -> None:
+    """The backoff between tries (a function of its own, so tests can record the pauses without waiting them)."""
+    time.sleep(seconds)
 
 
 def _error_message(payload: bytes) -> str:

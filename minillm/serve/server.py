@@ -8,7 +8,8 @@ one batch at a time per process (one process per GPU), while the event loop keep
 Endpoints (:mod:`minillm.serve.protocol` describes the bodies):
 
 * ``GET /v1/info`` → JSON: model, revision, model_type, vocab size (the tokenizer's and the head's rows), hidden
-  size, layers, dtype, the tokenizer fingerprint, the logit post-processing the head needs, the batch limit;
+  size, layers, dtype, the tokenizer fingerprint, the logit post-processing the head needs, the batch limit and
+  the number of batches scored so far;
 * ``POST /v1/score`` (safetensors body) → safetensors body with the outputs asked for.
 
 Errors are JSON ``{"error": message}``: 401 without the bearer token when ``MINILLM_TEACHER_TOKEN`` is set
@@ -35,6 +36,7 @@ class TeacherScorer:
     def __init__(self, model, tokenizer, *, model_path: str, revision: str | None, device: torch.device,
                  dtype: str) -> None:
         self.model, self.device, self.lock = model, device, threading.Lock()
+        self.batches = 0  # scored so far (reported by /v1/info: which of several servers got work)
         self.vocab = len(tokenizer)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head = model.get_output_embeddings()
@@ -62,6 +64,7 @@ class TeacherScorer:
         if int(ids.max()) >= self.vocab or int(ids.min()) < 0:
             raise protocol.ProtocolError(f"input_ids holds ids outside the tokenizer's vocabulary [0, {self.vocab})")
         with self.lock:
+            self.batches += 1
             dev = self.device
             hidden, head = hidden_and_head(self.model, ids.to(dev), mask.to(dev),
                                            positions.to(dev) if positions is not None else None, trim=self._trim)
@@ -119,7 +122,7 @@ def build_app(scorer: TeacherScorer, *, token: str | None, max_batch_tokens: int
         return None
 
     async def get_info(request: Request):
-        return refuse(request) or JSONResponse(info)
+        return refuse(request) or JSONResponse({**info, "scored_batches": scorer.batches})
 
     async def score(request: Request):
         denied = refuse(request)

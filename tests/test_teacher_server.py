@@ -1,0 +1,297 @@
+"""minillm-teacher-serve and teacher.server (issue 22), with the servers as real subprocesses on 127.0.0.1.
+
+A served teacher gives the colocated teacher's hidden states, so losses, gradients and whole kd runs are the same
+(fp32 on CPU); the token, the request limits and malformed bodies are refused; a server with another tokenizer fails
+the pre-flight check; a server killed mid-run leads to retries, a checkpoint of the exact position and exit 75;
+two servers behind one client share the batches."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.cli.train import run
+from minillm.config import ModelConfig, load_config
+from minillm.serve import protocol
+from minillm.serve.client import TeacherClient, TeacherServerError, TeacherServerUnavailable
+from minillm.trainers.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = "tests/assets/teacher"
+TOKEN = "t22-secret-token-value"
+KD = ["train.max_steps=4", "train.save_interval=2", "train.eval_interval=0", "logging.log_interval=1",
+      "data.max_length=160", "train.select_best_by=none", "eval.rouge=false", "train.eval_at_start=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ``python -m minillm.cli.teacher_serve`` process (one torch thread: the box is shared)."""
+
+    def __init__(self, log: Path, model: str | Path = TEACHER, token: str | None = TOKEN, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env.pop(protocol.TOKEN_ENV, None)
+        if token:
+            env[protocol.TOKEN_ENV] = token
+        self.proc = subprocess.Popen([sys.executable, "-m", "minillm.cli.teacher_serve", "--model", str(model),
+                                      "--port", str(self.port), *extra], cwd=REPO, env=env,
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 90.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"the server did not start:\n{self.log.read_text()}")
+
+    def info(self) -> dict:
+        return TeacherClient(self.url, token=TOKEN, retries=0).info(self.url)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """Three servers, started together: ``a`` and ``b`` serve the teacher (``b`` is killed by the last test),
+    ``other`` the teacher with a tokenizer whose EOS differs (same weights), with a small batch limit for the 413
+    case. The colocated reference run trains while they start."""
+    from transformers import AutoTokenizer
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("servers")
+    other = tmp / "other-teacher"
+    shutil.copytree(REPO / TEACHER, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.eos_token = tok.convert_ids_to_tokens(5)
+    tok.save_pretrained(other)
+    started = {"a": Server(tmp / "a.log"), "b": Server(tmp / "b.log"),
+               "other": Server(tmp / "other.log", other, TOKEN, "--max-batch-tokens", "64")}
+    try:
+        out = tmp / "colocated"
+        assert run(_config(out)) == 0
+        yield {name: server.wait() for name, server in started.items()}, out
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(started):
+    return started[0]
+
+
+@pytest.fixture(scope="module")
+def colocated(started):
+    """The kd run with the teacher loaded locally: the reference of the served runs."""
+    return started[1]
+
+
+def _config(out, *extra):
+    return load_config("configs/tiny/kd.yaml", [*KD, f"output_dir={out}", *extra])
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(rows):
+    return [{k: v for k, v in row.items() if k.startswith("train/") and "per_s" not in k} for row in rows]
+
+
+def test_kd_with_two_servers_logs_the_colocated_losses_and_both_servers_work(servers, colocated, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    before = {name: servers[name].info()["scored_batches"] for name in ("a", "b")}
+    out = tmp_path / "served"
+    assert run(_config(out, f"teacher.server={servers['a'].url},{servers['b'].url}")) == 0
+    served, reference = _rows(out), _rows(colocated)
+    assert [r["step"] for r in served] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for mine, theirs in zip(_losses(served), _losses(reference)):
+        assert mine.keys() == theirs.keys() and "train/kd" in mine
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), key
+    # 4 steps x 2 micro-batches, round-robin over the two servers (+1 identity probe each)
+    after = {name: servers[name].info()["scored_batches"] for name in ("a", "b")}
+    assert {name: after[name] - before[name] for name in after} == {"a": 5, "b": 5}
+    for row in served:  # the server time and how much of it the student's forward hid
+        assert row["time/teacher_request"] > 0 and 0.0 <= row["teacher/hidden_fraction"] <= 1.0
+    from safetensors.torch import load_file
+
+    mine, theirs = (load_file(str(Path(d) / "final" / "model.safetensors")) for d in (out, colocated))
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_requests_without_the_token_are_refused_and_bad_requests_are_named(servers, monkeypatch):
+    monkeypatch.delenv(protocol.TOKEN_ENV, raising=False)
+    url = servers["a"].url
+    body = protocol.encode({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3).long()})
+
+    def post(path, data, headers):
+        conn = http.client.HTTPConnection("127.0.0.1", servers["a"].port, timeout=10)
+        conn.request("POST" if data is not None else "GET", path, body=data, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        assert post("/v1/score", body, headers)[0] == 401
+        assert post("/v1/info", None, headers)[0] == 401
+    status, payload = post("/v1/score", body, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and protocol.decode(payload)[0]["hidden"].shape == (1, 3, 64)
+    with pytest.raises(TeacherServerError, match=protocol.TOKEN_ENV):
+        TeacherClient(url, retries=0).info(url)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, payload = post("/v1/score", b"not a safetensors body", auth)
+    assert status == 400 and "safetensors" in json.loads(payload)["error"]
+    no_mask = protocol.encode({"input_ids": torch.tensor([[1, 2]])})
+    assert json.loads(post("/v1/score", no_mask, auth)[1])["error"] == "the body has no `attention_mask` tensor"
+    status, payload = post("/v1/score?outputs=logits", body, auth)
+    assert status == 400 and "outputs='logits'" in json.loads(payload)["error"]
+    big = protocol.encode({"input_ids": torch.zeros(4, 32).long(), "attention_mask": torch.ones(4, 32).long()})
+    other = servers["other"]
+    conn = http.client.HTTPConnection("127.0.0.1", other.port, timeout=10)
+    conn.request("POST", "/v1/score", body=big, headers=auth)
+    response = conn.getresponse()
+    assert response.status == 413 and "--max-batch-tokens=64" in json.loads(response.read())["error"]
+    for server in servers.values():  # the token never reaches the server's output
+        assert TOKEN not in server.log.read_text()
+
+
+def test_served_outputs_match_the_colocated_model(servers, monkeypatch):
+    """Hidden states bitwise, sampled-token and top-k log-probs at a temperature; the chunked KD loss and its
+    student gradients through RemoteTeacher equal the colocated teacher's (fp32)."""
+    from minillm.losses import chunked as chunked_losses
+    from minillm.losses.heads import hidden_and_head
+    from minillm.models import load_model
+    from minillm.serve.remote import RemoteTeacher
+
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    teacher = load_model(ModelConfig(path=TEACHER), trainable=False)
+    student = load_model(ModelConfig(path="tests/assets/student"), trainable=True)
+    remote = RemoteTeacher.from_config(ModelConfig(path=TEACHER, server=servers["a"].url))
+    assert sum(p.numel() for p in remote.parameters()) == teacher.get_output_embeddings().weight.numel()
+    ids = torch.randint(2, 500, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = remote.client.score({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+                              {"outputs": "hidden,token_logprobs,topk", "temperature": "2.0", "top_k": "5"})
+    with torch.no_grad():
+        hidden, head = hidden_and_head(teacher, ids, mask, positions)
+        logp = torch.log_softmax(head(hidden).float() / 2.0, -1)
+    assert torch.equal(out["hidden"], hidden)
+    torch.testing.assert_close(out["token_logprobs"], logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0])
+    torch.testing.assert_close(out["topk_logprobs"], logp.topk(5, -1).values)
+    assert torch.equal(out["topk_ids"], logp.topk(5, -1).indices)
+
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (teacher, remote):
+        student.zero_grad()
+        s_hidden, s_head = hidden_and_head(student, ids, mask, positions)
+        with torch.no_grad():
+            t_hidden, t_head = hidden_and_head(model, ids, mask, positions)
+        terms = chunked_losses.chunked_kd_loss(s_hidden, s_head, labels, kd_ratio=0.5, divergence="fkl",
+                                               temperature=1.0, chunk_size=8, teacher_hidden=t_hidden,
+                                               teacher_head=t_head)
+        terms.loss.backward()
+        results.append((terms.loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    # a prefetched batch is taken by the forward with equal inputs: one request, not two
+    count = remote.client.requests_per_url[servers["a"].url]
+    remote.prefetch(ids, mask, positions)
+    torch.testing.assert_close(remote(ids, mask, positions).logits, teacher(ids, mask, positions).logits)
+    assert remote.client.requests_per_url[servers["a"].url] == count + 1
+    remote.close()
+
+
+def test_preflight_catches_a_server_with_another_tokenizer(servers, monkeypatch):
+    from minillm.preflight import ERROR, preflight
+
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+
+    def errors(url):
+        cfg = load_config("configs/tiny/kd.yaml", [f"teacher.server={url}"])
+        return [f for f in preflight(cfg) if f.severity == ERROR]
+
+    assert errors(servers["a"].url) == []
+    found = errors(servers["other"].url)
+    assert [f.check for f in found] == ["teacher server"]
+    assert servers["other"].url in found[0].message and "another tokenizer" in found[0].message
+    monkeypatch.setenv(protocol.TOKEN_ENV, "wrong")
+    found = errors(servers["a"].url)
+    assert [f.check for f in found] == ["teacher server"] and "(401)" in found[0].message
+
+
+def test_a_served_teacher_refuses_teacher_mixed_sampling_and_reports_a_dead_server():
+    from minillm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.teacher_mix_alpha"):
+        load_config("configs/tiny/minillm.yaml", ["teacher.server=http://127.0.0.1:9"]).resolve()
+    with pytest.raises(ConfigError, match="teacher.server"):
+        load_config("configs/tiny/kd.yaml", ["teacher.server=127.0.0.1:9"]).resolve()
+    client = TeacherClient(f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(TeacherServerUnavailable, match="no answer after 2 tries"):
+        client.score({"input_ids": torch.ones(1, 2).long(), "attention_mask": torch.ones(1, 2).long()}, {})
+
+
+def test_a_server_killed_mid_run_retries_then_checkpoints_and_stops(servers, colocated, tmp_path, monkeypatch):
+    """Server ``b`` dies when step 3 starts (no periodic checkpoint); step 3's first micro-batch fails after 2
+    retries, the run rewinds the data cursor to the step start, checkpoints step 2 (the exact position) and exits
+    75; resuming against a live server ends where the colocated run ends. (Last in the file: it kills ``b``.)"""
+    from minillm.trainers import sft
+
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    doomed = servers["b"]
+    sleeps = []
+    monkeypatch.setattr("minillm.serve.client._pause", sleeps.append)
+    original = sft.SFTTrainer._stateful_parts
+
+    def kill_at_step_3(self):  # called when each step starts
+        if self.step == 2:
+            doomed.stop()
+        return original(self)
+
+    monkeypatch.setattr(sft.SFTTrainer, "_stateful_parts", kill_at_step_3)
+    out = tmp_path / "run"
+    code = run(_config(out, f"teacher.server={doomed.url}", "teacher.server_retries=2",
+                       "teacher.server_timeout=5", "train.save_interval=0"))
+    assert code == EXIT_PREEMPTED
+    assert sleeps == [0.5, 1.0]  # exponential backoff between the 3 tries
+    log = (out / "train.log").read_text()
+    assert "teacher.server unavailable" in log and "no answer after 3 tries" in log and "exit status 75" in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    monkeypatch.setattr(sft.SFTTrainer, "_stateful_parts", original)
+    assert run(_config(out, f"teacher.server={servers['a'].url}"), resume="auto") == 0
+    for mine, theirs in zip(_losses(_rows(out)), _losses(_rows(colocated))):
+        assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-7)
