@@ -264,6 +264,29 @@ def test_a_served_teacher_refuses_teacher_mixed_sampling_and_reports_a_dead_serv
         client.score({"input_ids": torch.ones(1, 2).long(), "attention_mask": torch.ones(1, 2).long()}, {})
 
 
+MINILLM = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "logging.log_interval=1",
+           "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=8", "train.micro_batch_size=4",
+           "train.global_batch_size=8", "rollout.teacher_mix_alpha=0", "train.select_best_by=none",
+           "eval.rouge=false", "minillm.ppo_epochs=1"]
+
+
+def test_minillm_with_a_served_teacher_logs_the_colocated_losses(servers, tmp_path, monkeypatch):
+    """Rollout scoring, the chunked single-step and PT KD losses read the served hidden states through the local
+    head: the logged losses (rewards, KL, PT) equal the colocated run's."""
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    outs = {}
+    for name, extra in (("colocated", []), ("served", [f"teacher.server={servers['a'].url}"])):
+        outs[name] = tmp_path / name
+        cfg = load_config("configs/tiny/minillm.yaml", [*MINILLM, f"output_dir={outs[name]}", *extra])
+        assert run(cfg) == 0
+    served, reference = _losses(_rows(outs["served"])), _losses(_rows(outs["colocated"]))
+    assert len(served) == len(reference) == 2 and any("pt" in key for key in served[0])
+    for mine, theirs in zip(served, reference):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
 def test_a_server_killed_mid_run_retries_then_checkpoints_and_stops(servers, colocated, tmp_path, monkeypatch):
     """Server ``b`` dies when step 3 starts (no periodic checkpoint); step 3's first micro-batch fails after 2
     retries, the run rewinds the data cursor to the step start, checkpoints step 2 (the exact position) and exits
