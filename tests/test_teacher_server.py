@@ -318,3 +318,34 @@ def test_a_server_killed_mid_run_retries_then_checkpoints_and_stops(servers, col
     assert run(_config(out, f"teacher.server={servers['a'].url}"), resume="auto") == 0
     for mine, theirs in zip(_losses(_rows(out)), _losses(_rows(colocated))):
         assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-7)
+
+
+def test_minillm_stops_cleanly_when_the_server_dies_in_a_learning_step(servers, tmp_path, monkeypatch):
+    """Server ``a`` dies when step 2's first micro-batch starts learning (its PT loss asks the teacher): the run
+    checkpoints step 1 mid-phase (rollout buffer, PPO position, corpus cursor rewound) and exits 75; resumed with the
+    teacher loaded locally it ends on the colocated run's losses. (Last in the file: it kills ``a``.)"""
+    from minillm.trainers.minillm import MiniLLMTrainer
+
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    monkeypatch.setattr("minillm.serve.client._pause", lambda seconds: None)
+    original = MiniLLMTrainer.learn_micro_step
+
+    def kill_at_step_2(self, perm):
+        if self.step == 1:
+            servers["a"].stop()
+        return original(self, perm)
+
+    reference, out = tmp_path / "colocated", tmp_path / "served"
+    assert run(load_config("configs/tiny/minillm.yaml", [*MINILLM, f"output_dir={reference}"])) == 0
+    monkeypatch.setattr(MiniLLMTrainer, "learn_micro_step", kill_at_step_2)
+    served = [*MINILLM, f"output_dir={out}", f"teacher.server={servers['a'].url}", "teacher.server_retries=1"]
+    assert run(load_config("configs/tiny/minillm.yaml", served)) == EXIT_PREEMPTED
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert "teacher.server unavailable" in (out / "train.log").read_text()
+    monkeypatch.setattr(MiniLLMTrainer, "learn_micro_step", original)
+    resumed = load_config("configs/tiny/minillm.yaml", [*MINILLM, f"output_dir={out}"])
+    assert run(resumed, resume="auto") == 0
+    mine, theirs = _losses(_rows(out)), _losses(_rows(reference))
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)

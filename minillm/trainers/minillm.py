@@ -44,6 +44,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
+from .served import TeacherServerUnavailable, learn_or_stop
 
 log = get_logger()
 
@@ -442,7 +443,7 @@ class MiniLLMTrainer:
                 start = phase_start_state(self.prompt_sampler)
                 try:
                     self.buffer = self.rollout_and_score()
-                except RolloutInterrupted as stop:
+                except (RolloutInterrupted, TeacherServerUnavailable) as stop:  # a signal, or teacher.server down
                     # a signal between generation batches (a phase's sampling can take minutes): back to the
                     # state at the phase start, which is the position the checkpoint records
                     restore_phase_start(self.prompt_sampler, start)
@@ -451,7 +452,9 @@ class MiniLLMTrainer:
                 self.ppo_epoch, self.micro_index = 0, 0
             perm = self._permutation(len(self.buffer))
             while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:
-                result = self.learn_micro_step(perm)
+                result = learn_or_stop(self, perm)  # teacher.server down: checkpointed, stopped (a dict)
+                if isinstance(result, dict):
+                    return result
                 if not result.stepped:
                     continue
                 if bar is not None:

@@ -51,3 +51,20 @@ def stop_for_teacher_server(trainer, error: TeacherServerUnavailable, micro_done
         trainer.save()
     trainer.metrics.close()
     return {"step": trainer.step, "stopped_early": True, "stopped": reason}
+
+
+def learn_or_stop(trainer, perm):
+    """MiniLLM's ``learn_micro_step(perm)`` with a served teacher's failure turned into a checkpoint and a stop:
+    the StepResult, or the stopped result (a dict) that ``_train`` returns. The PT loss's corpus cursor is the
+    only data a learning micro-step draws; the rollout buffer and PPO position are part of the checkpoint."""
+    if not getattr(trainer.teacher, "is_remote_teacher", False):
+        return trainer.learn_micro_step(perm)
+    done = getattr(trainer, "_micro_done", 0)
+    if done == 0:
+        mark_step_start(trainer, {"pt_sampler": trainer.pt_sampler} if trainer.use_pt else {})
+    try:
+        result = trainer.learn_micro_step(perm)
+    except TeacherServerUnavailable as error:
+        return stop_for_teacher_server(trainer, error, done)
+    trainer._micro_done = 0 if result.stepped else done + 1
+    return result
