@@ -264,6 +264,27 @@ def test_a_served_teacher_refuses_teacher_mixed_sampling_and_reports_a_dead_serv
         client.score({"input_ids": torch.ones(1, 2).long(), "attention_mask": torch.ones(1, 2).long()}, {})
 
 
+def test_bench_measures_bytes_per_token_and_served_scoring():
+    """minillm-bench --served: the server's real bodies carry 4H / 2H bytes per token of hidden states and 12k of
+    top-k (plus the safetensors header), against 4V of full logits; served scoring gives the colocated log-probs."""
+    from minillm.bench.served import measure_served
+    from minillm.models import load_model
+
+    teacher = load_model(ModelConfig(path=TEACHER), trainable=False)
+    ids = torch.randint(2, 500, (2, 24))
+    result = measure_served(teacher, ids, top_k=8, repeats=1)
+    tokens, header = 48, 256 / 48  # a safetensors header is well under 256 bytes here
+    assert result["tokens"] == tokens and (result["hidden_size"], result["vocab_rows"]) == (64, 512)
+    measured, payload = result["bytes_per_token"], result["payload_bytes_per_token"]
+    assert payload == {"hidden_fp32": 256, "hidden_bf16": 128, "top8": 96, "full_logits_fp32": 2048,
+                       "full_logits_bf16": 1024}
+    for name in ("hidden_fp32", "hidden_bf16", "top8"):
+        assert payload[name] < measured[name] < payload[name] + header
+    assert measured["full_logits_fp32"] == 2048 and result["request_bytes_per_token"] < 16 + header
+    assert result["max_logprob_difference"] == 0.0
+    assert all(v > 0 for v in result["scoring_seconds"].values())
+
+
 MINILLM = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "logging.log_interval=1",
            "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=8", "train.micro_batch_size=4",
            "train.global_batch_size=8", "rollout.teacher_mix_alpha=0", "train.select_best_by=none",

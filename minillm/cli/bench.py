@@ -106,6 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pt-cache-top-k", type=int, default=0,
                    help="> 0: also time the phase with a teacher top-k cache of the pre-training chunks (built "
                         "first, its build time reported separately)")
+    p.add_argument("--served", action="store_true",
+                   help="also measure a served teacher (minillm-teacher-serve, in this process): bytes per token of "
+                        "hidden states vs full logits vs top-k, and teacher scoring colocated vs served")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON result here (default: print only)")
     return p
