@@ -151,22 +151,34 @@ class RemoteTeacher(torch.nn.Module):
         return out["hidden"]
 
     def prefetch(self, input_ids, attention_mask=None, position_ids=None) -> Future:
-        """Start scoring these inputs in the background; ``forward`` with equal inputs takes the result. At most
-        :data:`MAX_PENDING` requests are held (the oldest unclaimed one is dropped)."""
+        """Start scoring these inputs in the background (unless they already are); ``forward`` with equal inputs takes
+        the result. At most :data:`MAX_PENDING` requests are held (the oldest unclaimed one is dropped)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=MAX_PENDING, thread_name_prefix="teacher-prefetch")
         tensors = self._tensors(input_ids, attention_mask, position_ids)
+        key = self._key(tensors)
+        for pending, future in self._pending:
+            if self._same(pending, key):
+                return future
         future = self._executor.submit(self._fetch, tensors)
-        self._pending.append((tuple(tensors.get(k) for k in ("input_ids", "attention_mask", "position_ids")), future))
+        self._pending.append((key, future))
         while len(self._pending) > MAX_PENDING:
             self._pending.popleft()[1].cancel()
         return future
 
+    @staticmethod
+    def _key(tensors: dict[str, torch.Tensor]) -> tuple:
+        return tuple(tensors.get(k) for k in ("input_ids", "attention_mask", "position_ids"))
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return all((x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
+                                                 and torch.equal(x, y)) for x, y in zip(a, b))
+
     def _claim(self, tensors: dict[str, torch.Tensor]) -> Future | None:
-        key = tuple(tensors.get(k) for k in ("input_ids", "attention_mask", "position_ids"))
+        key = self._key(tensors)
         for i, (pending, future) in enumerate(self._pending):
-            if all((a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
-                                                 and torch.equal(a, b)) for a, b in zip(pending, key)):
+            if self._same(pending, key):
                 del self._pending[i]
                 return future
         return None

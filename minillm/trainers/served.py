@@ -20,7 +20,15 @@ from ..tracking import get_logger
 
 log = get_logger()
 
-__all__ = ["TeacherServerUnavailable", "mark_step_start", "stop_for_teacher_server"]
+__all__ = ["TeacherServerUnavailable", "mark_step_start", "stop_for_teacher_server", "next_micro_batch",
+           "learn_or_stop"]
+
+
+def next_micro_batch(sampler, dataset, collate, size: int):
+    """The micro-batch a drop-last data loader over ``sampler`` yields next, read without moving the cursor (for
+    a served teacher's prefetch); None when the epoch has fewer than ``size`` indices left."""
+    indices = sampler.epoch_indices()[sampler.position: sampler.position + size]
+    return collate([dataset[i] for i in indices]) if len(indices) == size else None
 
 
 def mark_step_start(trainer, samplers: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import measure_save
-from .served import TeacherServerUnavailable, mark_step_start, stop_for_teacher_server
+from .served import TeacherServerUnavailable, mark_step_start, next_micro_batch, stop_for_teacher_server
 
 log = get_logger()
 
@@ -135,9 +135,17 @@ class SFTTrainer:
         return self.teacher_cache is not None and "index" in batch
 
     def _prefetch_teacher(self, batch, inputs: dict[str, torch.Tensor]) -> None:
-        """A served teacher (teacher.server) starts scoring the batch now, while the student runs its forward."""
-        if self.use_teacher and not self._cached(batch) and hasattr(self.teacher, "prefetch"):
-            self.teacher.prefetch(**inputs)
+        """A served teacher (teacher.server) starts scoring the batch now, while the student runs its forward, and
+        the step's next micro-batch too, while this one learns. Never across an optimizer-step boundary: a server
+        failure then surfaces at a step's first micro-batch, where the stop's checkpoint is exact."""
+        if not (self.use_teacher and not self._cached(batch) and hasattr(self.teacher, "prefetch")):
+            return
+        self.teacher.prefetch(**inputs)
+        if self.student_data is None and getattr(self, "_micro_done", 0) + 1 < self.cfg.train.gradient_accumulation_steps:
+            upcoming = next_micro_batch(self.sampler, self.data.train, self.data.sft_collator,
+                                        self.cfg.train.micro_batch_size)
+            if upcoming is not None and not self._cached(upcoming):
+                self.teacher.prefetch(input_ids=upcoming["input_ids"], attention_mask=upcoming["attention_mask"])
 
     def _stateful_parts(self) -> dict[str, Any]:
         """What a micro-step advances besides the weights (rewound by minillm.trainers.served)."""
@@ -269,6 +277,7 @@ class SFTTrainer:
         self.student.train()
         served, micro_done = getattr(self.teacher, "is_remote_teacher", False), 0
         while self.step < self.total_steps:
+            self._micro_done = micro_done  # read by _prefetch_teacher
             if served and micro_done == 0:  # where a teacher.server failure rewinds to (minillm.trainers.served)
                 mark_step_start(self, self._stateful_parts())
             try:
