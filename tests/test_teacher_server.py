@@ -289,6 +289,32 @@ def test_bench_measures_bytes_per_token_and_served_scoring():
     assert all(v > 0 for v in result["scoring_seconds"].values())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lm_head_alone_is_read_from_sharded_weights_tied_or_not(tmp_path, tied):
+    """RemoteTeacher's head: the output embedding of a sharded checkpoint (index + shards), found under the input
+    embedding's name when tied (the files hold it once), and nothing else is loaded."""
+    from minillm.models import tiny_llama
+    from minillm.serve.remote import load_lm_head
+
+    model = tiny_llama(vocab_size=96, hidden_size=16, tie_word_embeddings=tied, seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert ("lm_head.weight" in names) != tied
+    head, config = load_lm_head(ModelConfig(path=str(tmp_path)))
+    assert torch.equal(head.weight, model.get_output_embeddings().weight) and head.bias is None
+    assert config.vocab_size == 96 and not head.weight.requires_grad
+
+
+def test_loopback_hosts_are_recognised():
+    from minillm.cli.teacher_serve import _loopback
+
+    assert all(_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.5"))
+    assert not any(_loopback(h) for h in ("0.0.0.0", "10.0.0.3", "::", "teacher-node"))
+
+
 MINILLM = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "logging.log_interval=1",
            "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=8", "train.micro_batch_size=4",
            "train.global_batch_size=8", "rollout.teacher_mix_alpha=0", "train.select_best_by=none",
