@@ -183,6 +183,16 @@ def test_requests_without_the_token_are_refused_and_bad_requests_are_named(serve
     conn.request("POST", "/v1/score", body=big, headers=auth)
     response = conn.getresponse()
     assert response.status == 413 and "--max-batch-tokens=64" in json.loads(response.read())["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", other.port, timeout=10)  # no content-length: counted on reading
+    conn.putrequest("POST", "/v1/score")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for _ in range(20):  # 80 KiB: past the 64 x 24 bytes + 64 KiB header allowance
+        conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+    response = conn.getresponse()
+    assert response.status == 413 and "exceeds" in json.loads(response.read())["error"]
     for server in servers.values():  # the token never reaches the server's output
         assert TOKEN not in server.log.read_text()
 

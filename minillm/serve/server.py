@@ -133,7 +133,14 @@ def build_app(scorer: TeacherScorer, *, token: str | None, max_batch_tokens: int
             return JSONResponse({"error": f"the body has {length} bytes, more than a batch of --max-batch-tokens="
                                           f"{max_batch_tokens} tokens needs ({max_body}); send smaller batches"},
                                 status_code=413)
-        body = await request.body()
+        body = bytearray()
+        async for piece in request.stream():  # a chunked body has no content-length: count while reading
+            body += piece
+            if len(body) > max_body:
+                return JSONResponse({"error": f"the body exceeds the {max_body} bytes a batch of --max-batch-tokens="
+                                              f"{max_batch_tokens} tokens needs; send smaller batches"},
+                                    status_code=413)
+        body = bytes(body)
         try:
             tensors, metadata = protocol.decode(body)
             options = protocol.request_options(metadata, dict(request.query_params))
