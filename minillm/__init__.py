@@ -10,7 +10,7 @@ tensorboard) are imported inside the functions that need them.
 **Map.** Dependencies point one way, down this list (tests/test_layout.py checks there is no import cycle):
 
 * ``cli/`` — thin command-line entry points (``minillm-train``, ``-eval``, ``-generate``, ``-data``, ``-compare``,
-  ``-bench``, ``-teacher-cache``, ``-check``); ``demo/`` — the SmolLM2 demo pipeline;
+  ``-bench``, ``-teacher-cache``, ``-check``, ``-teacher-serve``); ``demo/`` — the SmolLM2 demo pipeline;
 * ``trainers/`` — ``SFTTrainer`` (sft, kd, seqkd, GKD/DistiLLM student data) and ``MiniLLMTrainer``;
   ``evaluation/`` — the paper's protocol and analyses; ``bench/`` — ``minillm-bench``; ``compare``, ``preflight``,
   ``device_check`` — the tools built on them;
@@ -18,6 +18,7 @@ tensorboard) are imported inside the functions that need them.
   scoring;
 * ``losses/`` — the pure losses of DESIGN §4, their chunked twins, the fused head, top-k teacher rows and the
   hidden-state/LM-head plumbing; ``data/`` — instruction sets, templates, pre-training corpora, teacher caches;
+  ``serve/`` — the teacher server (``minillm-teacher-serve``) and the trainer's ``RemoteTeacher`` (``teacher.server``);
   ``routing`` — multi-teacher routing (``teachers:``): each record's teacher, the per-phase/per-step schedule;
 * ``config``, ``models``, ``strategy`` (local torch / DeepSpeed), ``adapters`` (LoRA students and adapter folders
   through peft; its config section: ``adapter_config``), ``checkpoint``, ``optim``, ``tracking``, ``runtime``,

@@ -49,6 +49,11 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={"doc": "LoRA adapter (student only): train it instead of the weights."})
+    server: Optional[str] = _f(None, "Teacher only: minillm-teacher-serve URL(s), comma-separated; the run then "
+                               "holds only the LM head read from `path` and gets the final hidden states over HTTP.")
+    server_timeout: float = _f(120.0, "Teacher only: seconds one request to teacher.server may take.")
+    server_retries: int = _f(5, "Teacher only: retries of a failed teacher.server request (backoff from 0.5 s, "
+                             "over the URLs in turn) before the run checkpoints and stops.")
 
 
 @dataclass
@@ -353,7 +358,8 @@ class RunConfig:
     def resolve(self, world_size: int = 1, source: str = "<config>") -> "RunConfig":
         """Check cross-field constraints and fill derived values, before any model is loaded."""
 
-        from .config_checks import check_minillm_objective, check_student_data, check_teachers
+        from .config_checks import (check_minillm_objective, check_student_data, check_teacher_server,
+                                    check_teachers)
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"{source}: `{key}`: {msg}")
@@ -445,6 +451,7 @@ class RunConfig:
                 fail("minillm.pt_teacher_cache", "is only read by the PT loss's KD half: it needs data.pretrain, "
                      "minillm.ptx_coef > 0 and minillm.pt_kd_ratio > 0")
         check_student_data(self, fail)
+        check_teacher_server(self, fail)
         check_minillm_objective(self, fail, world_size)
         if self.eval.batch_size <= 0:
             fail("eval.batch_size", "must be positive")

@@ -138,3 +138,33 @@ def check_teachers(self, fail) -> None:
             fail(f"routing.{key}", f"unknown teacher `{name}`; the teachers are {names}")
     if not routing.field:
         fail("routing.field", "must name the record field that picks the teacher")
+
+
+def check_teacher_server(self, fail) -> None:
+    """teacher.server (minillm-teacher-serve): URLs, patience, and what a served teacher cannot do."""
+    from urllib.parse import urlsplit
+
+    if self.student.server is not None:
+        fail("student.server", "a served model can only be the teacher; remove it")
+    for i, spec in enumerate(self.teachers):
+        if spec.server is not None:
+            fail(f"teachers[{i}].server", "served teachers are not supported with `teachers:` yet; load every routed "
+                 "teacher locally, or serve a single `teacher:`")
+    t = self.teacher
+    if t.server is None:
+        return
+    urls = [u.strip() for u in t.server.split(",") if u.strip()]
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            fail("teacher.server", f"`{url}` is not a server URL; write http://host:port (several: comma-separated)")
+    if not urls:
+        fail("teacher.server", "is empty; give http://host:port or remove it")
+    if not t.server_timeout > 0:
+        fail("teacher.server_timeout", f"must be > 0 seconds, got {t.server_timeout}")
+    if t.server_retries < 0:
+        fail("teacher.server_retries", f"must be >= 0, got {t.server_retries}")
+    if self.method == "minillm" and self.rollout.teacher_mix_alpha > 0:
+        fail("rollout.teacher_mix_alpha", "must be 0 with teacher.server: teacher-mixed sampling runs the teacher "
+             "token by token with a KV cache, which a served teacher does not keep; set rollout.teacher_mix_alpha=0 "
+             "or load the teacher locally")

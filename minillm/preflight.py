@@ -274,7 +274,44 @@ def preflight(cfg, device_type: str | None = None) -> list[Finding]:
     findings += check_lengths(cfg, student_config, teacher_config)
     findings += check_sampling(cfg, teacher_gen)
     findings += check_logits_and_dtype(cfg, student_config, teacher_config, device_type)
+    if needs_teacher and cfg.teacher.server is not None:
+        findings += check_teacher_server(cfg, student_tok, teacher_config)
     return findings
+
+
+def check_teacher_server(cfg, student_tok, teacher_config) -> list[Finding]:
+    """teacher.server: each server's /v1/info against the student's tokenizer (fingerprints of the token → id map
+    and EOS/BOS) and teacher.path's config, whose LM head the run applies to the served hidden states."""
+    from .serve.client import TeacherClient, TeacherServerError, TeacherServerUnavailable
+    from .serve.protocol import tokenizer_fingerprint
+
+    t = cfg.teacher
+    client = TeacherClient(t.server, timeout=min(t.server_timeout, 30.0), retries=min(t.server_retries, 2))
+    text = _text_config(teacher_config)
+    expected = {"model_type": getattr(text, "model_type", None), "hidden_size": getattr(text, "hidden_size", None),
+                "num_hidden_layers": getattr(text, "num_hidden_layers", None)}
+    out = []
+    for url in client.urls:
+        try:
+            info = client.info(url)
+        except (TeacherServerUnavailable, TeacherServerError) as error:
+            out.append(Finding(ERROR, "teacher server", str(error), f"start `minillm-teacher-serve --model {t.path}` "
+                               f"there, with the {'same ' if client.token else ''}MINILLM_TEACHER_TOKEN"))
+            continue
+        fix = f"serve teacher.path ({t.path}) with the student's tokenizer at {url}, or point teacher.path at the " \
+              "served model"
+        if info.get("tokenizer_sha256") != tokenizer_fingerprint(student_tok) or info.get("vocab_size") != len(
+                student_tok):
+            out.append(Finding(ERROR, "teacher server", f"{url} serves `{info.get('model')}` with another tokenizer "
+                               f"than the student's ({info.get('vocab_size')} vs {len(student_tok)} tokens, "
+                               "different token ids or EOS/BOS): its hidden states would score other tokens", fix))
+        differ = [f"{k} {info.get(k)!r} vs {v!r}" for k, v in expected.items() if v is not None and info.get(k) != v]
+        if t.revision and info.get("revision") not in (None, t.revision):
+            differ.append(f"revision {info.get('revision')!r} vs {t.revision!r}")
+        if differ:
+            out.append(Finding(ERROR, "teacher server", f"{url} serves `{info.get('model')}`, not the model of "
+                               f"teacher.path `{t.path}` ({'; '.join(differ)})", fix))
+    return out
 
 
 def has_errors(findings: list[Finding]) -> bool:

@@ -399,7 +399,7 @@ class DeepSpeedStrategy(LocalStrategy):
         return engine
 
     def prepare_teacher(self, model):
-        if self.teacher_stage() == 0:
+        if self.teacher_stage() == 0 or getattr(model, "is_remote_teacher", False):  # a served teacher: its head
             return model.to(self.device).eval()  # a replicated frozen copy needs no engine
         import deepspeed
 

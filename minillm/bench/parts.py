@@ -392,6 +392,12 @@ def run_benchmark(args, shapes: dict, presets: dict, devices: dict) -> dict:
     if args.phase:
         phases["phase_measured"] = _measure_phase(args, student, teacher, dtype, batch, prompt_len, new_tokens,
                                                   train_batch)
+    if getattr(args, "served", False):  # minillm-teacher-serve: bytes per token, scoring colocated vs served
+        from .served import measure_served
+
+        scored = torch.cat([prompts[:train_batch], torch.randint(3, vocab, (min(train_batch, batch), new_tokens),
+                                                                 generator=g).to(device)], 1)
+        phases["teacher_served"] = measure_served(teacher, scored, repeats=args.repeats)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result["process_max_rss_bytes"] = maxrss
     result["finite"] = all(math.isfinite(v["seconds"]) for p in ("teacher_scoring", "training_step")

@@ -72,8 +72,9 @@ def _entry(module: str):
 # the [project.scripts] targets, minillm-train = "minillm.cli:train_command" and so on (not named after the
 # submodules, which would replace them as attributes of this package once imported)
 (train_command, eval_command, generate_command, data_command, compare_command, bench_command,
- teacher_cache_command, check_command) = (
-    _entry(m) for m in ("train", "eval", "generate", "data", "compare", "bench", "teacher_cache", "check"))
+ teacher_cache_command, check_command, teacher_serve_command) = (
+    _entry(m) for m in ("train", "eval", "generate", "data", "compare", "bench", "teacher_cache", "check",
+                        "teacher_serve"))
 
 
 def finish_process(code: int) -> int:

@@ -109,6 +109,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-teacher", action="append", default=[], metavar="NAME=SHAPE|PATH",
                    help="multi-teacher routing: also time scoring the same rollouts with this teacher (a shape name "
                         "or an HF folder; repeatable); reported per teacher as phases.teacher_scoring_per_teacher")
+    p.add_argument("--served", action="store_true",
+                   help="also measure a served teacher (minillm-teacher-serve, in this process): bytes per token of "
+                        "hidden states vs full logits vs top-k, and teacher scoring colocated vs served")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON result here (default: print only)")
     return p

@@ -162,6 +162,10 @@ def build_trainer(cfg, strategy):
         student_data = cfg.kd.on_policy_fraction > 0 or cfg.kd.adaptive_off_policy  # sampled batches: online teacher
         if cfg.method in ("kd", "seqkd") and cfg.kd.teacher_cache is not None and not student_data:
             teacher = load_model_shape(cfg.teacher)  # never runs: its shapes are checked against the cache's
+        elif cfg.teacher.server is not None:  # minillm-teacher-serve: only the LM head is loaded here
+            from ..serve.remote import RemoteTeacher
+
+            teacher = RemoteTeacher.from_config(cfg.teacher)
         else:
             advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type,
                                               cfg.strategy.backend)

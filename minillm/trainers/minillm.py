@@ -46,6 +46,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
 from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
 from ..routing import build_router, pretrain_teacher
 from .rollout_stats import disable_dropout, rollout_statistics, rollout_totals  # noqa: F401 (also imported from here)
+from .served import TeacherServerUnavailable, learn_or_stop
 
 log = get_logger()
 
@@ -412,7 +413,7 @@ class MiniLLMTrainer:
                 start = phase_start_state(self.prompt_sampler)
                 try:
                     self.buffer = self.rollout_and_score()
-                except RolloutInterrupted as stop:
+                except (RolloutInterrupted, TeacherServerUnavailable) as stop:  # a signal, or teacher.server down
                     # a signal between generation batches (a phase's sampling can take minutes): back to the
                     # state at the phase start, which is the position the checkpoint records
                     restore_phase_start(self.prompt_sampler, start)
@@ -421,7 +422,9 @@ class MiniLLMTrainer:
                 self.ppo_epoch, self.micro_index = 0, 0
             perm = self._permutation(len(self.buffer))
             while self.micro_index < self.micro_per_epoch and self.step < self.total_steps:
-                result = self.learn_micro_step(perm)
+                result = learn_or_stop(self, perm)  # teacher.server down: checkpointed, stopped (a dict)
+                if isinstance(result, dict):
+                    return result
                 if not result.stepped:
                     continue
                 if bar is not None:

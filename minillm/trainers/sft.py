@@ -33,6 +33,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import measure_save
+from .served import TeacherServerUnavailable, mark_step_start, next_micro_batch, stop_for_teacher_server
 
 log = get_logger()
 
@@ -145,6 +146,28 @@ class SFTTrainer:
         ``index``; student-generated ones (GKD, DistiLLM) do not and need the online teacher."""
         return self.teacher_cache is not None and "index" in batch
 
+    def _prefetch_teacher(self, batch, inputs: dict[str, torch.Tensor]) -> None:
+        """A served teacher (teacher.server) starts scoring the batch now, while the student runs its forward, and
+        the step's next micro-batch too, while this one learns. Never across an optimizer-step boundary: a server
+        failure then surfaces at a step's first micro-batch, where the stop's checkpoint is exact."""
+        if not (self.use_teacher and not self._cached(batch) and hasattr(self.teacher, "prefetch")):
+            return
+        self.teacher.prefetch(**inputs)
+        if self.student_data is None and getattr(self, "_micro_done", 0) + 1 < self.cfg.train.gradient_accumulation_steps:
+            upcoming = next_micro_batch(self.sampler, self.data.train, self.data.sft_collator,
+                                        self.cfg.train.micro_batch_size)
+            if upcoming is not None and not self._cached(upcoming):
+                self.teacher.prefetch(input_ids=upcoming["input_ids"], attention_mask=upcoming["attention_mask"])
+
+    def _stateful_parts(self) -> dict[str, Any]:
+        """What a micro-step advances besides the weights (rewound by minillm.trainers.served)."""
+        parts = {"sampler": self.sampler}
+        if self.use_pt:
+            parts["pt_sampler"] = self.pt_sampler
+        if self.student_data is not None:
+            parts["student_data"] = self.student_data
+        return parts
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch and its named parts (python floats, for logging): the SFT/KD loss, plus
         ``kd.ptx_coef`` × the language-modelling loss on a pre-training batch when that is on."""
@@ -186,6 +209,7 @@ class SFTTrainer:
 
     def _plain_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The SFT/KD loss from full [B, L, V] logits (kd.chunked=false)."""
+        self._prefetch_teacher(batch, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         with self.strategy.autocast():
             out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits.float()
@@ -222,6 +246,7 @@ class SFTTrainer:
         kd, strategy = self.cfg.kd, self.strategy
         trim = self.alignment.trim if self.alignment is not None else (lambda x: x)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        self._prefetch_teacher(batch, inputs)
         hidden, head = hidden_and_head(self.student, **inputs, trim=trim, autocast=strategy.autocast)
         labels = batch["labels"]
         mask = labels != -100
@@ -262,20 +287,29 @@ class SFTTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True)
         batches = self._micro_batches()
         self.student.train()
+        served, micro_done = getattr(self.teacher, "is_remote_teacher", False), 0
         while self.step < self.total_steps:
-            with self.timer("data"):
-                batch = to_device(next(batches), strategy.device)
-            if self.student_data is not None:
-                with self.timer("student_data"):
-                    batch, _ = self.student_data.prepare(batch, self.step)
-            with self.timer("forward"):
-                loss, parts = self.compute_loss(batch)
+            self._micro_done = micro_done  # read by _prefetch_teacher
+            if served and micro_done == 0:  # where a teacher.server failure rewinds to (minillm.trainers.served)
+                mark_step_start(self, self._stateful_parts())
+            try:
+                with self.timer("data"):
+                    batch = to_device(next(batches), strategy.device)
+                if self.student_data is not None:
+                    with self.timer("student_data"):
+                        batch, _ = self.student_data.prepare(batch, self.step)
+                with self.timer("forward"):
+                    loss, parts = self.compute_loss(batch)
+            except TeacherServerUnavailable as error:
+                return stop_for_teacher_server(self, error, micro_done)
             tokens = int((batch["labels"] != -100).sum())
             result = guarded_micro_step(self, loss, parts, tokens=tokens, phases=("backward", "optimizer"))
             routed_tokens = getattr(self, "_routed_tokens", 0) + tokens
             self._routed_tokens = 0 if result.stepped else routed_tokens
             if not result.stepped:
+                micro_done += 1
                 continue
+            micro_done = 0
             if self.router is not None:
                 rows = cfg.train.global_batch_size
                 self._routed_values = self.router.record_step(self._routed, routed_tokens, rows, strategy)
@@ -290,6 +324,8 @@ class SFTTrainer:
                 timing = self.timer.pop()
                 elapsed = sum(timing.values())
                 values.update(timing)
+                if served:  # server request time and the fraction of it hidden behind the student's forward
+                    values.update(self.teacher.pop_timings())
                 values.update({"train/lr": strategy.current_lr(), "train/grad_norm": result.grad_norm,
                                "train/tokens_per_s": tokens * strategy.world_size / elapsed if elapsed else 0.0,
                                "train/epoch": self.sampler.epoch, "train/nan_skips": self.nan_guard.skipped})
