@@ -236,14 +236,16 @@ class RemoteTeacher(torch.nn.Module):
                                      f"{info.get('hidden_size')}), not the model of teacher.path (head {rows} x "
                                      f"{hidden_size})")
         vocab = int(info["vocab_size"])
-        probe = torch.arange(min(8, vocab), dtype=torch.long)[None]
+        # the probe travels over HTTP (a host tensor); the head may live on the training device
+        probe = torch.arange(min(8, vocab), dtype=torch.long, device="cpu")[None]
         out = self.client.score({"input_ids": probe, "attention_mask": torch.ones_like(probe)},
                                 {"outputs": "hidden,token_logprobs", "hidden_dtype": "fp32"}, url=url)
+        weight = self.lm_head.weight
         with torch.no_grad():
-            logits = self.lm_head(out["hidden"][0, :-1].to(self.lm_head.weight.dtype))
+            logits = self.lm_head(out["hidden"][0, :-1].to(device=weight.device, dtype=weight.dtype))
             logits = (self._post(logits) if self._post is not None else logits)[..., :vocab]
-            mine = torch.log_softmax(logits.float(), -1).gather(-1, probe[0, 1:, None])[:, 0]
-        theirs = out["token_logprobs"][0].float()
+            mine = torch.log_softmax(logits.float(), -1).gather(-1, probe[0, 1:, None].to(weight.device))[:, 0]
+        theirs = out["token_logprobs"][0].float().to(mine.device)
         _, tolerance = _log_prob_gap(logits, logits)
         gap = float((mine - theirs).abs().max())
         if not gap <= tolerance:
