@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -72,10 +72,11 @@ class TeacherConfig(ModelConfig):
 class RoutingConfig:
     """Which of `teachers:` supervises each training record (minillm.routing)."""
 
-    by: Literal["field"] = _f("field", "field: by the value of the record's `routing.field` (a JSON field).")
-    field: str = _f("source", "The record field whose value picks the teacher.")
-    routes: dict = _f({}, "Field value -> teacher name. Empty: the value itself is the teacher's name.")
-    default: Optional[str] = _f(None, "Teacher of records without the field (null: such a record is an error).")
+    by: Literal["field", "file", "dataset"] = _f("field", "field: by the record's `routing.field`. file / dataset: "
+                                                 "by its data.train entry (a path / a set name or hub id).")
+    field: str = _f("source", "The record field whose value picks the teacher (by: field).")
+    routes: dict = _f({}, "Field value (file, dataset) -> teacher. Empty (by: field): the value is the teacher's name.")
+    default: Optional[str] = _f(None, "Teacher of records without a route (null: such a record is an error).")
     pretrain_teacher: Optional[str] = _f(None, "Teacher of the PT/KD term on data.pretrain and of dev metrics "
                                          "(null: the first of `teachers:`).")
 
@@ -84,8 +85,9 @@ class RoutingConfig:
 class DataConfig:
     """Instruction data and the pre-training corpus. Used by ``minillm.data``."""
 
-    train: str = _f("dolly", "Training set: a named set (dolly, dolly-15k, self_inst, vicuna, sinst, uinst), "
-                    "a local .json/.jsonl file, or an HF dataset id.")
+    train: Union[str, list[str]] = _f("dolly", "Training set: a named set (dolly, dolly-15k, self_inst, vicuna, "
+                                      "sinst, uinst), a local .json/.jsonl file, or an HF dataset id; or a list of "
+                                      "them, concatenated (routing.by: file / dataset route each to a teacher).")
     dev: Optional[str] = _f(None, "Dev set (same forms as `train`). None: the first `dev_num` records of "
                             "`train` become dev, as the reference does for Dolly.")
     dev_num: int = _f(1000, "Records split off `train` as dev when `dev` is None (0: no dev set).")
@@ -360,7 +362,7 @@ class RunConfig:
     def resolve(self, world_size: int = 1, source: str = "<config>") -> "RunConfig":
         """Check cross-field constraints and fill derived values, before any model is loaded."""
 
-        from .config_checks import check_minillm_objective, check_student_data, check_teachers
+        from .config_checks import check_minillm_objective, check_student_data, check_teachers, check_train_sources
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"{source}: `{key}`: {msg}")
@@ -369,6 +371,7 @@ class RunConfig:
             fail("world size", f"must be >= 1, got {world_size}")
         if not self.student.path:
             fail("student.path", "is required (a hub id or a local model folder)")
+        check_train_sources(self, fail)
         check_teachers(self, fail)
         if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path and not self.teachers:
             fail("teacher.path", f"is required for method `{self.method}`")
@@ -472,7 +475,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        errors = []
+        for arm in inner:  # e.g. data.train: one source or a list of them
+            try:
+                return _coerce(value, arm, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(inner) == 1 else ConfigError(
+            f"{source}: `{key}` must be {' or '.join(map(_type_name, inner))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -506,7 +516,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         item = (typing.get_args(tp) or [None])[0]
         if dataclasses.is_dataclass(item) and isinstance(value, (list, tuple)):  # e.g. teachers: list[TeacherConfig]
             return [v if isinstance(v, item) else _coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        if isinstance(value, (list, tuple)):
+        if item is str and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, (list, tuple)) and item is not str:
             return [float(v) if isinstance(v, str) else v for v in value]
     else:  # pragma: no cover - a field type this loader does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")

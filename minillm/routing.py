@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Subset
 
 from .config import ConfigError
+from .config_checks import route_key
 from .data import ResumableSampler
 from .data.records import DataError
 
@@ -36,7 +37,11 @@ def pretrain_teacher(cfg, teacher) -> tuple[Any, str, str | None]:
 
 def route_records(records: Sequence[Any], routing, names: Sequence[str]) -> list[int]:
     """The teacher (index into ``names``) of each record, by ``routing``; a record without a route, or routed to
-    an unknown teacher, is a :class:`DataError` naming its file, line and record index."""
+    an unknown teacher, is a :class:`DataError` naming its file, line and record index. By file or dataset, a
+    record's route is its ``origin`` (the data.train entry it was read from)."""
+    if routing.by in ("file", "dataset"):
+        routes = {route_key(routing.by, k): v for k, v in routing.routes.items()}
+        return [_route_by_source(i, record, routes, routing, names) for i, record in enumerate(records)]
     out = []
     for i, record in enumerate(records):
         fields = getattr(record, "fields", {}) or {}
@@ -56,6 +61,17 @@ def route_records(records: Sequence[Any], routing, names: Sequence[str]) -> list
                             f"teacher; the teachers are {list(names)}")
         out.append(list(names).index(name))
     return out
+
+
+def _route_by_source(i: int, record, routes: dict, routing, names: Sequence[str]) -> int:
+    name = routes.get(route_key(routing.by, record.origin), routing.default)
+    if name is None:
+        raise DataError(f"{record.where} (record {i}): its {routing.by} `{record.origin}` has no route in "
+                        f"routing.routes ({sorted(map(str, routing.routes))}) and there is no routing.default")
+    if name not in names:
+        raise DataError(f"{record.where} (record {i}): {routing.by} `{record.origin}` routes to `{name}`, which is "
+                        f"not a teacher; the teachers are {list(names)}")
+    return list(names).index(name)
 
 
 class TeacherRouter:
