@@ -123,30 +123,53 @@ def _subset_loglik(trainer, models, prompts_by_source, generator_seed=0):
     return out
 
 
+SWAPPED = "teachers=[{name: language, path: tests/assets/teacher-b}, {name: facts, path: tests/assets/teacher}]"
+
+
 def test_each_subset_moves_towards_its_own_teacher(tmp_path):
-    """Train 24 steps (6 phases, both teachers), then compare each subset's margin of its routed teacher over the
-    other, log p_own - log p_other of the student's samples, before and after. The tiny student also drifts as a
-    whole towards whichever teacher it trained on last (the same shift on both subsets), so the assertion is on
-    the difference of the two subsets' margins, which cancels that common shift: routing must make each subset's
-    own teacher gain more there than on the other subset. (Deterministic: fixed seeds on CPU.)"""
-    cfg = _config(tmp_path / "run", "train.max_steps=24", "optim.lr=2e-2", "rollout.teacher_mix_alpha=0.0", "seed=11")
-    trainer = _trainer(cfg)
-    models = _teachers()
-    prompts = trainer.data.train_prompts
-    by_source = {name: trainer.data.prompt_collator([prompts[i] for i in trainer.router.subsets[k][:48]])
-                 for k, name in enumerate(trainer.router.names)}
-    before = _subset_loglik(trainer, models, by_source)
-    trainer.stopper = None
-    while trainer.step < 24:
-        trainer.run_phase()
-    assert {trainer.router.teacher_of_phase(p) for p in range(trainer.phase)} == {0, 1}
-    after = _subset_loglik(trainer, models, by_source)
-    rise = {k: after[k] - before[k] for k in before}
-    language = rise["language", "language"] - rise["language", "facts"]  # the language teacher's gain there
-    facts = rise["facts", "facts"] - rise["facts", "language"]
-    assert language + facts > 0.2, rise
-    # the samples really moved: both teachers' likelihoods changed by far more than the asserted margin
-    assert max(abs(v) for v in rise.values()) > 1.0, rise
+    """A controlled comparison, not a lucky seed: each subset's own teacher's log-likelihood of the student's samples
+    there is higher after training with the true routes than with the routes swapped, all else equal.
+
+    The swapped run exchanges the two teachers' paths, so the subsets, the phase schedule, every prompt cursor and
+    every seed are identical: phase k trains on the same prompts from the same start, and only the teacher that
+    scores them differs. Both runs alternate subsets (4 phases each), so each teacher gets the same number of
+    phases. What remains is an order effect: on this tiny student the teacher of the *first* phase pulls the whole
+    model towards it (measured: ~0.3-0.5 nats/token on both subsets, far more than the routing effect), which
+    would decide a single comparison. So each pair of runs is made twice, with either subset first, and the
+    assertion is on the mean over the two orders, where the order effect cancels (it favours the true routing on
+    one order and the swapped one on the other). Measured with seeds 11/12/13 (lr 5e-3 cosine, 8 phases), the mean
+    gains were language +0.11/+0.02/+0.12 and facts +0.10/+0.10/+0.04 nats/token: small but positive for all."""
+    models, gains, moved, before = _teachers(), {"language": [], "facts": []}, [], None
+    for first in (0, 1):
+        after = {}
+        for routing, extra in (("true", []), ("swapped", [SWAPPED])):
+            cfg = _config(tmp_path / f"{routing}{first}", "train.max_steps=32", "optim.lr=5e-3",
+                          "optim.scheduler=cosine", "rollout.teacher_mix_alpha=0.0", "seed=11", *extra)
+            trainer = _trainer(cfg)
+            trainer.stopper = None
+            # the controlled schedule: subsets alternate, `first` first (same in both runs)
+            trainer.router.teacher_of_phase = lambda phase, first=first: (phase + first) % 2
+            prompts = trainer.data.train_prompts
+            by_source = {name: trainer.data.prompt_collator([prompts[i] for i in trainer.router.subsets[k][:96]])
+                         for k, name in enumerate(trainer.router.names)}
+            # the same start, prompts and sampling seeds in all four runs
+            before = before or _subset_loglik2(trainer, models, by_source)
+            while trainer.phase < 8:
+                trainer.run_phase()
+            assert trainer.step == 32
+            after[routing] = _subset_loglik2(trainer, models, by_source)
+            moved.extend(after[routing][s, s] - before[s, s] for s in gains)
+        for s in gains:
+            gains[s].append(after["true"][s, s] - after["swapped"][s, s])
+    assert all(m > 0.5 for m in moved), moved  # every run really trained: each own likelihood rose
+    mean = {s: sum(v) / 2 for s, v in gains.items()}
+    assert mean["language"] > 0 and mean["facts"] > 0, gains
+
+
+def _subset_loglik2(trainer, models, by_source):
+    """:func:`_subset_loglik` averaged over two sampling seeds (less sampling noise)."""
+    one, two = (_subset_loglik(trainer, models, by_source, generator_seed=g) for g in (0, 1))
+    return {k: (one[k] + two[k]) / 2 for k in one}
 
 
 def test_resume_mid_phase_equals_the_uninterrupted_run(tmp_path):
