@@ -171,3 +171,45 @@ def build_router(cfg, data, teachers: dict[str, Any], strategy) -> TeacherRouter
                              if cfg.method == "minillm" else
                              dict(batch_size=cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps,
                                   unit="one optimizer step (train.micro_batch_size x accumulation steps)")))
+
+
+def dev_routes(cfg, records: Sequence[Any]) -> list[int]:
+    """The teacher index of each dev record by ``cfg.routing``; -1 for a record without a route and no
+    routing.default (e.g. a dev file without the routing field): it counts in dev/* but in no teacher's subset."""
+    names = [t.name for t in cfg.teachers]
+    out = []
+    for record in records:
+        try:
+            out.append(route_records([record], cfg.routing, names)[0])
+        except DataError:
+            out.append(-1)
+    return out
+
+
+class DevPerTeacher:
+    """Per-teacher dev metrics of the MiniLLM trainer: each teacher's k3 reverse-KL estimate and mean per-token
+    log-prob of the student's dev samples, on the dev prompts routed to it. Every teacher scores every dev batch on
+    every rank (under ZeRO-3 a teacher forward is a collective, so no rank may skip one); rows routed elsewhere
+    are weighted 0. Keys: dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}."""
+
+    def __init__(self, router: TeacherRouter, routes: Sequence[int], device):
+        self.router, self.routes = router, torch.tensor(list(routes) or [-1], dtype=torch.long, device="cpu")
+        # per teacher: [Σ k3 per sequence, sequences, Σ teacher log-prob over tokens, tokens]
+        self.sums = torch.zeros(len(router.names), 4, dtype=torch.float64, device=device)
+
+    def add(self, index, weight, score) -> None:
+        """One dev batch: ``index`` [B] its dev record indices, ``weight`` [B] 0 for padding repeats, ``score``:
+        model -> [B, 4] per-row sums of that teacher (as the trainer's dev/* sums)."""
+        routes = self.routes[index.cpu()].to(self.sums.device)
+        for k, model in enumerate(self.router.models):
+            w = weight.to(self.sums) * (routes == k).to(self.sums)
+            self.sums[k] += (score(model).to(self.sums) * w[:, None]).sum(0)
+
+    def metrics(self, strategy) -> dict[str, float]:
+        strategy.all_reduce(self.sums, "sum")
+        out = {}
+        for name, (k3, rows, logprob, tokens) in zip(self.router.names, self.sums.tolist()):
+            if rows > 0:  # a teacher without routed dev prompts has no dev metrics
+                out.update({f"dev/teacher/{name}/reverse_kl_k3": k3 / rows, f"dev/teacher/{name}/records": rows,
+                            f"dev/teacher/{name}/teacher_logprob": logprob / max(tokens, 1.0)})
+        return out

@@ -194,6 +194,41 @@ def test_resume_mid_phase_equals_the_uninterrupted_run(tmp_path):
     assert last["teacher/language/routed_rollouts"] + last["teacher/facts/routed_rollouts"] == 32
 
 
+def test_dev_metrics_per_teacher_on_its_routed_dev_prompts(tmp_path):
+    """dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}: each teacher's k3 and log-prob of the student's
+    dev samples on the dev prompts routed to it, against an independent per-row forward of that teacher and of the
+    student; a dev prompt without a route counts in dev/* only."""
+    lines = (ASSETS / "data" / "routed.jsonl").read_text().splitlines()[:11]
+    lines.append(json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "source"}))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(lines) + "\n")
+    cfg = _config(tmp_path / "run", f"data.dev={dev}", "eval.num_prompts=-1", "eval.batch_size=5",
+                  "eval.max_new_tokens=8")
+    trainer, models = _trainer(cfg), _teachers()
+    samples, sample = [], trainer._sample
+    trainer._sample = lambda *a, **k: samples.append((a[2], a[3], sample(*a, **k))) or samples[-1][2]
+    metrics = trainer.evaluate()
+    sources = [json.loads(x).get("source") for x in lines]
+    rows = []  # (source, teacher log-probs by name, student log-probs), in dev prompt order
+    for prompt_ids, prompt_mask, out in samples:
+        args = (prompt_ids, prompt_mask, out.response_ids, out.response_mask)
+        per_teacher = {name: _logprobs(model, *args) for name, model in models.items()}
+        for i, s_lp in enumerate(_logprobs(trainer.student, *args)):
+            rows.append({name: lp[i] for name, lp in per_teacher.items()} | {"student": s_lp})
+    indices = trainer.data.dev_prompts.indices
+    assert len(rows) == len(indices) == 12
+    for name in ("language", "facts"):
+        mine = [r for r, i in zip(rows, indices) if sources[i] == name]
+        k3 = [float((torch.expm1(r[name] - r["student"]) - (r[name] - r["student"])).mean()) for r in mine]
+        assert metrics[f"dev/teacher/{name}/records"] == len(mine) > 0
+        assert metrics[f"dev/teacher/{name}/reverse_kl_k3"] == pytest.approx(sum(k3) / len(k3), abs=2e-4)
+        assert metrics[f"dev/teacher/{name}/teacher_logprob"] == pytest.approx(
+            float(torch.cat([r[name] for r in mine]).mean()), abs=1e-4)
+    assert sum(metrics[f"dev/teacher/{n}/records"] for n in ("language", "facts")) == 11  # the unrouted one: none
+    assert metrics["dev/teacher_logprob"] == pytest.approx(float(torch.cat([r["language"] for r in rows]).mean()),
+                                                           abs=1e-4)  # dev/*: all prompts, routing.pretrain_teacher
+
+
 # ------------------------------------------------------------------------------------------ clear errors
 def _teachers_yaml(**routing):
     return ["teachers=[{name: language, path: tests/assets/teacher}, {name: facts, path: tests/assets/teacher-b}]",

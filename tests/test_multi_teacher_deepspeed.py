@@ -1,6 +1,6 @@
 """Multi-teacher routing on 2 DeepSpeed ranks (gloo, CPU), with sampling on (what users run): ZeRO-3 shards the
 student and BOTH teachers, and the run equals the 2-rank ZeRO-0 run (replicated weights) step by step — losses,
-rewards, per-teacher metrics — and in its final weights, over phases routed to different teachers.
+rewards, per-teacher metrics (dev ones included) — and in its final weights, over phases routed to different teachers.
 
 Both runs draw the same per-rank samples: the rollout generator of a phase is seeded by (seed, phase, rank), and
 ZeRO-3 gathers the same full weights ZeRO-0 holds. (Under ZeRO-3 a teacher forward gathers that teacher's shards,
@@ -18,7 +18,11 @@ pytestmark = pytest.mark.distributed
 ARGS = ["--config", "configs/tiny/minillm.yaml", "train.max_steps=4", "train.micro_batch_size=1",
         "train.global_batch_size=8", "rollout.num_rollouts=8", "rollout.chunk_size=4", "minillm.ppo_epochs=2",
         "rollout.teacher_mix_alpha=0.2", "rollout.do_sample=true", "minillm.whiten=global",
-        "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1", "train.select_best_by=none",
+        "train.save_interval=0", "logging.log_interval=1", "train.select_best_by=none",
+        # sampled dev evaluation at step 4 of 5 routed prompts (3 + 3 on two ranks, the last a padding repeat): every
+        # teacher scores every dev batch on both ranks, for the per-teacher dev metrics
+        "train.eval_interval=4", "data.dev=tests/assets/data/routed.jsonl", "eval.num_prompts=5", "eval.batch_size=2",
+        "eval.max_new_tokens=8",
         "teacher.path=", "data.train=tests/assets/data/routed.jsonl",
         "teachers=[{name: language, path: tests/assets/teacher}, {name: facts, path: tests/assets/teacher-b}]",
         "routing.routes={language: language, facts: facts}", "strategy.backend=deepspeed"]
@@ -44,6 +48,12 @@ def test_multi_teacher_sampled_zero3_on_two_ranks_equals_zero0(tmp_path):
             assert ref and [s for s, _ in ref] == [s for s, _ in got], (name, key)
             for (_, a), (_, b) in zip(ref, got):
                 assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (name, key)
+    for name in ("language", "facts"):
+        for key in ("reverse_kl_k3", "teacher_logprob", "records"):
+            ref, got = losses(runs[0], f"dev/teacher/{name}/{key}"), losses(runs[3], f"dev/teacher/{name}/{key}")
+            assert [s for s, _ in ref] == [s for s, _ in got] == [4], (name, key)
+            assert got[0][1] == pytest.approx(ref[0][1], rel=1e-4, abs=1e-5), (name, key)
+    assert sum(losses(runs[0], f"dev/teacher/{n}/records")[0][1] for n in ("language", "facts")) == 5
     # 8 rollouts a phase, so the counters after phase 0 (facts) and phase 1 (language) are exact
     last = [r for _, r in losses(runs[0], "teacher/facts/routed_rollouts")][-1]
     assert last == 8 and [r for _, r in losses(runs[0], "teacher/language/routed_rollouts")][-1] == 8
