@@ -188,12 +188,15 @@ def dev_routes(cfg, records: Sequence[Any]) -> list[int]:
 
 class DevPerTeacher:
     """Per-teacher dev metrics of the MiniLLM trainer: each teacher's k3 reverse-KL estimate and mean per-token
-    log-prob of the student's dev samples, on the dev prompts routed to it. Every teacher scores every dev batch on
-    every rank (under ZeRO-3 a teacher forward is a collective, so no rank may skip one); rows routed elsewhere
-    are weighted 0. Keys: dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}."""
+    log-prob of the student's dev samples, on the dev prompts routed to it. Every teacher with routed dev prompts
+    scores every dev batch on every rank (under ZeRO-3 a teacher forward is a collective, so no rank may skip one);
+    rows routed elsewhere are weighted 0. Keys: dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}."""
 
     def __init__(self, router: TeacherRouter, routes: Sequence[int], device):
         self.router, self.routes = router, torch.tensor(list(routes) or [-1], dtype=torch.long, device="cpu")
+        # teachers with dev prompts routed to them: the same on every rank (from all dev records), so skipping the
+        # others' forwards keeps the ranks' collectives matched
+        self.active = [k for k in range(len(router.names)) if bool((self.routes == k).any())]
         # per teacher: [Σ k3 per sequence, sequences, Σ teacher log-prob over tokens, tokens]
         self.sums = torch.zeros(len(router.names), 4, dtype=torch.float64, device=device)
 
@@ -201,7 +204,8 @@ class DevPerTeacher:
         """One dev batch: ``index`` [B] its dev record indices, ``weight`` [B] 0 for padding repeats, ``score``:
         model -> [B, 4] per-row sums of that teacher (as the trainer's dev/* sums)."""
         routes = self.routes[index.cpu()].to(self.sums.device)
-        for k, model in enumerate(self.router.models):
+        for k in self.active:
+            model = self.router.models[k]
             w = weight.to(self.sums) * (routes == k).to(self.sums)
             self.sums[k] += (score(model).to(self.sums) * w[:, None]).sum(0)
 

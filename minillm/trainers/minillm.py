@@ -564,7 +564,8 @@ class MiniLLMTrainer:
         """With `teachers:` and dev reverse-KL on: the per-teacher dev sums (minillm.routing.DevPerTeacher)."""
         if self.router is None or not self.cfg.minillm.dev_reverse_kl:
             return None
-        return DevPerTeacher(self.router, dev_routes(self.cfg, self.data.dev_records), self.strategy.device)
+        routed = DevPerTeacher(self.router, dev_routes(self.cfg, self.data.dev_records), self.strategy.device)
+        return routed if routed.active else None  # no dev prompt has a route: no extra teacher forwards
 
     def _evaluate_and_select(self) -> None:
         evaluate_and_select(self)
