@@ -18,7 +18,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -68,10 +68,11 @@ class TeacherConfig(ModelConfig):
 class RoutingConfig:
     """Which of `teachers:` supervises each training record (minillm.routing)."""
 
-    by: Literal["field"] = _f("field", "field: by the value of the record's `routing.field` (a JSON field).")
-    field: str = _f("source", "The record field whose value picks the teacher.")
-    routes: dict = _f({}, "Field value -> teacher name. Empty: the value itself is the teacher's name.")
-    default: Optional[str] = _f(None, "Teacher of records without the field (null: such a record is an error).")
+    by: Literal["field", "file", "dataset"] = _f("field", "field: by the record's `routing.field`. file / dataset: "
+                                                 "by its data.train entry (a path / a set name or hub id).")
+    field: str = _f("source", "The record field whose value picks the teacher (by: field).")
+    routes: dict = _f({}, "Field value (file, dataset) -> teacher. Empty (by: field): the value is the teacher's name.")
+    default: Optional[str] = _f(None, "Teacher of records without a route (null: such a record is an error).")
     pretrain_teacher: Optional[str] = _f(None, "Teacher of the PT/KD term on data.pretrain and of dev metrics "
                                          "(null: the first of `teachers:`).")
 
@@ -80,8 +81,9 @@ class RoutingConfig:
 class DataConfig:
     """Instruction data and the pre-training corpus. Used by ``minillm.data``."""
 
-    train: str = _f("dolly", "Training set: a named set (dolly, dolly-15k, self_inst, vicuna, sinst, uinst), "
-                    "a local .json/.jsonl file, or an HF dataset id.")
+    train: Union[str, list[str]] = _f("dolly", "Training set: a named set (dolly, dolly-15k, self_inst, vicuna, "
+                                      "sinst, uinst), a local .json/.jsonl file, or an HF dataset id; or a list of "
+                                      "them, concatenated (routing.by: file / dataset route each to a teacher).")
     dev: Optional[str] = _f(None, "Dev set (same forms as `train`). None: the first `dev_num` records of "
                             "`train` become dev, as the reference does for Dolly.")
     dev_num: int = _f(1000, "Records split off `train` as dev when `dev` is None (0: no dev set).")
@@ -359,7 +361,7 @@ class RunConfig:
         """Check cross-field constraints and fill derived values, before any model is loaded."""
 
         from .config_checks import (check_minillm_objective, check_student_data, check_teacher_server,
-                                    check_teachers)
+                                    check_teachers, check_train_sources)
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"{source}: `{key}`: {msg}")
@@ -368,6 +370,7 @@ class RunConfig:
             fail("world size", f"must be >= 1, got {world_size}")
         if not self.student.path:
             fail("student.path", "is required (a hub id or a local model folder)")
+        check_train_sources(self, fail)
         check_teachers(self, fail)
         if self.method in ("kd", "seqkd", "minillm") and not self.teacher.path and not self.teachers:
             fail("teacher.path", f"is required for method `{self.method}`")

@@ -5,6 +5,8 @@ Kept apart so config.py stays a readable size; imports nothing of minillm.
 
 from __future__ import annotations
 
+import os
+
 
 def check_student_data(self, fail) -> None:
     """kd.on_policy_fraction / kd.adaptive_off_policy (GKD, DistiLLM): checks and the derived length."""
@@ -102,7 +104,8 @@ def parse_duration(text: str) -> float:
 
 def check_teachers(self, fail) -> None:
     """`teachers:` and `routing:` (multi-teacher routing, minillm.routing): names, references and exclusivity.
-    Whether every training record has a route is checked when the data is loaded (minillm.routing.route_prompts)."""
+    By field, whether every training record has a route is checked when the data is loaded
+    (minillm.routing.route_records); by file or dataset, every data.train source needs a route here."""
     teachers, routing = self.teachers, self.routing
     if not teachers:
         if routing != type(routing)():
@@ -136,8 +139,44 @@ def check_teachers(self, fail) -> None:
         name = getattr(routing, key)
         if name is not None and name not in names:
             fail(f"routing.{key}", f"unknown teacher `{name}`; the teachers are {names}")
-    if not routing.field:
-        fail("routing.field", "must name the record field that picks the teacher")
+    if routing.by == "field":
+        if not routing.field:
+            fail("routing.field", "must name the record field that picks the teacher")
+        return
+    # by file / dataset: every route names a data.train source, every source has a route (or routing.default)
+    sources = {route_key(routing.by, s): s for s in train_sources(self.data.train)}
+    for value in routing.routes:
+        if route_key(routing.by, value) not in sources:
+            fail(f"routing.routes.{value}", f"routes {routing.by} `{value}`, which is not in data.train "
+                 f"{list(sources.values())}")
+    routed = {route_key(routing.by, v) for v in routing.routes}
+    for key, source in sources.items():
+        if key not in routed and routing.default is None:
+            fail("routing.routes", f"data.train source `{source}` has no route (routing.by={routing.by}) and there "
+                 "is no routing.default; add it to routing.routes or set routing.default to a teacher name")
+
+
+def train_sources(spec) -> list[str]:
+    """data.train as a list of sources (one string, or a list of them)."""
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def route_key(by: str, source: str) -> str:
+    """What a data.train entry and a routing.routes key are compared by: by file, the normalised absolute path (so
+    `./a.jsonl` and `a.jsonl` are one file); by dataset, the name as spelled (a named set or hub id)."""
+    source = str(source)
+    return os.path.normpath(os.path.abspath(os.path.expanduser(source))) if by == "file" else source
+
+
+def check_train_sources(self, fail) -> None:
+    """data.train: one source, or a non-empty list of distinct ones."""
+    sources = train_sources(self.data.train)
+    if not sources or not all(sources):
+        fail("data.train", f"needs a source (a file, named set or hub id), or a list of them; got {self.data.train!r}")
+    keys = [route_key("file", s) for s in sources]  # `a.jsonl` and `./a.jsonl` are one file
+    for i, source in enumerate(sources):
+        if keys[i] in keys[:i]:
+            fail(f"data.train[{i}]", f"`{source}` is listed twice; its records would be trained on twice as often")
 
 
 def check_teacher_server(self, fail) -> None:

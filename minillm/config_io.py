@@ -41,7 +41,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        errors = []
+        for arm in inner:  # e.g. data.train: one source or a list of them
+            try:
+                return _coerce(value, arm, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(inner) == 1 else ConfigError(
+            f"{source}: `{key}` must be {' or '.join(map(_type_name, inner))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -75,9 +82,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         item = (typing.get_args(tp) or [None])[0]
         if dataclasses.is_dataclass(item) and isinstance(value, (list, tuple)):  # e.g. teachers: list[TeacherConfig]
             return [v if isinstance(v, item) else _coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        if isinstance(value, (list, tuple)):
-            if typing.get_args(tp) == (str,):  # module names (student.peft), never numbers read as strings
-                return [str(v) for v in value]
+        if item is str and isinstance(value, (list, tuple)):  # module names, data sources: never numbers
+            if all(isinstance(v, str) for v in value):
+                return list(value)
+        elif isinstance(value, (list, tuple)):
             return [float(v) if isinstance(v, str) else v for v in value]
     else:  # pragma: no cover - a field type this loader does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")

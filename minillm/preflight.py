@@ -227,10 +227,10 @@ def check_logits_and_dtype(cfg, student_config, teacher_config, device_type: str
 
 
 def _records(cfg) -> tuple[list, Finding | None]:
-    from .data.records import load_records
+    from .data.records import load_train_records
 
     try:
-        records = load_records(cfg.data.train, cache_dir=cfg.data.cache_dir, response_field=cfg.data.response_field)
+        records = load_train_records(cfg.data.train, cache_dir=cfg.data.cache_dir, response_field=cfg.data.response_field)
     except Exception as e:  # noqa: BLE001 — the run reports data errors itself; the check only samples
         return [], Finding(INFO, "tokenization", f"not compared: data.train could not be read here ({e})")
     step = max(1, len(records) // SAMPLE_RECORDS)

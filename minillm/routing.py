@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Subset
 
 from .config import ConfigError
+from .config_checks import route_key
 from .data import ResumableSampler
 from .data.records import DataError
 
@@ -36,7 +37,11 @@ def pretrain_teacher(cfg, teacher) -> tuple[Any, str, str | None]:
 
 def route_records(records: Sequence[Any], routing, names: Sequence[str]) -> list[int]:
     """The teacher (index into ``names``) of each record, by ``routing``; a record without a route, or routed to
-    an unknown teacher, is a :class:`DataError` naming its file, line and record index."""
+    an unknown teacher, is a :class:`DataError` naming its file, line and record index. By file or dataset, a
+    record's route is its ``origin`` (the data.train entry it was read from)."""
+    if routing.by in ("file", "dataset"):
+        routes = {route_key(routing.by, k): v for k, v in routing.routes.items()}
+        return [_route_by_source(i, record, routes, routing, names) for i, record in enumerate(records)]
     out = []
     for i, record in enumerate(records):
         fields = getattr(record, "fields", {}) or {}
@@ -56,6 +61,17 @@ def route_records(records: Sequence[Any], routing, names: Sequence[str]) -> list
                             f"teacher; the teachers are {list(names)}")
         out.append(list(names).index(name))
     return out
+
+
+def _route_by_source(i: int, record, routes: dict, routing, names: Sequence[str]) -> int:
+    name = routes.get(route_key(routing.by, record.origin), routing.default)
+    if name is None:
+        raise DataError(f"{record.where} (record {i}): its {routing.by} `{record.origin}` has no route in "
+                        f"routing.routes ({sorted(map(str, routing.routes))}) and there is no routing.default")
+    if name not in names:
+        raise DataError(f"{record.where} (record {i}): {routing.by} `{record.origin}` routes to `{name}`, which is "
+                        f"not a teacher; the teachers are {list(names)}")
+    return list(names).index(name)
 
 
 class TeacherRouter:
@@ -155,3 +171,49 @@ def build_router(cfg, data, teachers: dict[str, Any], strategy) -> TeacherRouter
                              if cfg.method == "minillm" else
                              dict(batch_size=cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps,
                                   unit="one optimizer step (train.micro_batch_size x accumulation steps)")))
+
+
+def dev_routes(cfg, records: Sequence[Any]) -> list[int]:
+    """The teacher index of each dev record by ``cfg.routing``; -1 for a record without a route and no
+    routing.default (e.g. a dev file without the routing field): it counts in dev/* but in no teacher's subset."""
+    names = [t.name for t in cfg.teachers]
+    out = []
+    for record in records:
+        try:
+            out.append(route_records([record], cfg.routing, names)[0])
+        except DataError:
+            out.append(-1)
+    return out
+
+
+class DevPerTeacher:
+    """Per-teacher dev metrics of the MiniLLM trainer: each teacher's k3 reverse-KL estimate and mean per-token
+    log-prob of the student's dev samples, on the dev prompts routed to it. Every teacher with routed dev prompts
+    scores every dev batch on every rank (under ZeRO-3 a teacher forward is a collective, so no rank may skip one);
+    rows routed elsewhere are weighted 0. Keys: dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}."""
+
+    def __init__(self, router: TeacherRouter, routes: Sequence[int], device):
+        self.router, self.routes = router, torch.tensor(list(routes) or [-1], dtype=torch.long, device="cpu")
+        # teachers with dev prompts routed to them: the same on every rank (from all dev records), so skipping the
+        # others' forwards keeps the ranks' collectives matched
+        self.active = [k for k in range(len(router.names)) if bool((self.routes == k).any())]
+        # per teacher: [Σ k3 per sequence, sequences, Σ teacher log-prob over tokens, tokens]
+        self.sums = torch.zeros(len(router.names), 4, dtype=torch.float64, device=device)
+
+    def add(self, index, weight, score) -> None:
+        """One dev batch: ``index`` [B] its dev record indices, ``weight`` [B] 0 for padding repeats, ``score``:
+        model -> [B, 4] per-row sums of that teacher (as the trainer's dev/* sums)."""
+        routes = self.routes[index.cpu()].to(self.sums.device)
+        for k in self.active:
+            model = self.router.models[k]
+            w = weight.to(self.sums) * (routes == k).to(self.sums)
+            self.sums[k] += (score(model).to(self.sums) * w[:, None]).sum(0)
+
+    def metrics(self, strategy) -> dict[str, float]:
+        strategy.all_reduce(self.sums, "sum")
+        out = {}
+        for name, (k3, rows, logprob, tokens) in zip(self.router.names, self.sums.tolist()):
+            if rows > 0:  # a teacher without routed dev prompts has no dev metrics
+                out.update({f"dev/teacher/{name}/reverse_kl_k3": k3 / rows, f"dev/teacher/{name}/records": rows,
+                            f"dev/teacher/{name}/teacher_logprob": logprob / max(tokens, 1.0)})
+        return out

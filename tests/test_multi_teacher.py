@@ -123,30 +123,53 @@ def _subset_loglik(trainer, models, prompts_by_source, generator_seed=0):
     return out
 
 
+SWAPPED = "teachers=[{name: language, path: tests/assets/teacher-b}, {name: facts, path: tests/assets/teacher}]"
+
+
 def test_each_subset_moves_towards_its_own_teacher(tmp_path):
-    """Train 24 steps (6 phases, both teachers), then compare each subset's margin of its routed teacher over the
-    other, log p_own - log p_other of the student's samples, before and after. The tiny student also drifts as a
-    whole towards whichever teacher it trained on last (the same shift on both subsets), so the assertion is on
-    the difference of the two subsets' margins, which cancels that common shift: routing must make each subset's
-    own teacher gain more there than on the other subset. (Deterministic: fixed seeds on CPU.)"""
-    cfg = _config(tmp_path / "run", "train.max_steps=24", "optim.lr=2e-2", "rollout.teacher_mix_alpha=0.0", "seed=11")
-    trainer = _trainer(cfg)
-    models = _teachers()
-    prompts = trainer.data.train_prompts
-    by_source = {name: trainer.data.prompt_collator([prompts[i] for i in trainer.router.subsets[k][:48]])
-                 for k, name in enumerate(trainer.router.names)}
-    before = _subset_loglik(trainer, models, by_source)
-    trainer.stopper = None
-    while trainer.step < 24:
-        trainer.run_phase()
-    assert {trainer.router.teacher_of_phase(p) for p in range(trainer.phase)} == {0, 1}
-    after = _subset_loglik(trainer, models, by_source)
-    rise = {k: after[k] - before[k] for k in before}
-    language = rise["language", "language"] - rise["language", "facts"]  # the language teacher's gain there
-    facts = rise["facts", "facts"] - rise["facts", "language"]
-    assert language + facts > 0.2, rise
-    # the samples really moved: both teachers' likelihoods changed by far more than the asserted margin
-    assert max(abs(v) for v in rise.values()) > 1.0, rise
+    """A controlled comparison, not a lucky seed: each subset's own teacher's log-likelihood of the student's samples
+    there is higher after training with the true routes than with the routes swapped, all else equal.
+
+    The swapped run exchanges the two teachers' paths, so the subsets, the phase schedule, every prompt cursor and
+    every seed are identical: phase k trains on the same prompts from the same start, and only the teacher that
+    scores them differs. Both runs alternate subsets (4 phases each), so each teacher gets the same number of
+    phases. What remains is an order effect: on this tiny student the teacher of the *first* phase pulls the whole
+    model towards it (measured: ~0.3-0.5 nats/token on both subsets, far more than the routing effect), which
+    would decide a single comparison. So each pair of runs is made twice, with either subset first, and the
+    assertion is on the mean over the two orders, where the order effect cancels (it favours the true routing on
+    one order and the swapped one on the other). Measured with seeds 11/12/13 (lr 5e-3 cosine, 8 phases), the mean
+    gains were language +0.11/+0.02/+0.12 and facts +0.10/+0.10/+0.04 nats/token: small but positive for all."""
+    models, gains, moved, before = _teachers(), {"language": [], "facts": []}, [], None
+    for first in (0, 1):
+        after = {}
+        for routing, extra in (("true", []), ("swapped", [SWAPPED])):
+            cfg = _config(tmp_path / f"{routing}{first}", "train.max_steps=32", "optim.lr=5e-3",
+                          "optim.scheduler=cosine", "rollout.teacher_mix_alpha=0.0", "seed=11", *extra)
+            trainer = _trainer(cfg)
+            trainer.stopper = None
+            # the controlled schedule: subsets alternate, `first` first (same in both runs)
+            trainer.router.teacher_of_phase = lambda phase, first=first: (phase + first) % 2
+            prompts = trainer.data.train_prompts
+            by_source = {name: trainer.data.prompt_collator([prompts[i] for i in trainer.router.subsets[k][:96]])
+                         for k, name in enumerate(trainer.router.names)}
+            # the same start, prompts and sampling seeds in all four runs
+            before = before or _subset_loglik2(trainer, models, by_source)
+            while trainer.phase < 8:
+                trainer.run_phase()
+            assert trainer.step == 32
+            after[routing] = _subset_loglik2(trainer, models, by_source)
+            moved.extend(after[routing][s, s] - before[s, s] for s in gains)
+        for s in gains:
+            gains[s].append(after["true"][s, s] - after["swapped"][s, s])
+    assert all(m > 0.5 for m in moved), moved  # every run really trained: each own likelihood rose
+    mean = {s: sum(v) / 2 for s, v in gains.items()}
+    assert mean["language"] > 0 and mean["facts"] > 0, gains
+
+
+def _subset_loglik2(trainer, models, by_source):
+    """:func:`_subset_loglik` averaged over two sampling seeds (less sampling noise)."""
+    one, two = (_subset_loglik(trainer, models, by_source, generator_seed=g) for g in (0, 1))
+    return {k: (one[k] + two[k]) / 2 for k in one}
 
 
 def test_resume_mid_phase_equals_the_uninterrupted_run(tmp_path):
@@ -169,6 +192,41 @@ def test_resume_mid_phase_equals_the_uninterrupted_run(tmp_path):
     assert names == {"language", "facts"}, names
     last = logged[-1]
     assert last["teacher/language/routed_rollouts"] + last["teacher/facts/routed_rollouts"] == 32
+
+
+def test_dev_metrics_per_teacher_on_its_routed_dev_prompts(tmp_path):
+    """dev/teacher/<name>/{reverse_kl_k3,teacher_logprob,records}: each teacher's k3 and log-prob of the student's
+    dev samples on the dev prompts routed to it, against an independent per-row forward of that teacher and of the
+    student; a dev prompt without a route counts in dev/* only."""
+    lines = (ASSETS / "data" / "routed.jsonl").read_text().splitlines()[:11]
+    lines.append(json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "source"}))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(lines) + "\n")
+    cfg = _config(tmp_path / "run", f"data.dev={dev}", "eval.num_prompts=-1", "eval.batch_size=5",
+                  "eval.max_new_tokens=8")
+    trainer, models = _trainer(cfg), _teachers()
+    samples, sample = [], trainer._sample
+    trainer._sample = lambda *a, **k: samples.append((a[2], a[3], sample(*a, **k))) or samples[-1][2]
+    metrics = trainer.evaluate()
+    sources = [json.loads(x).get("source") for x in lines]
+    rows = []  # (source, teacher log-probs by name, student log-probs), in dev prompt order
+    for prompt_ids, prompt_mask, out in samples:
+        args = (prompt_ids, prompt_mask, out.response_ids, out.response_mask)
+        per_teacher = {name: _logprobs(model, *args) for name, model in models.items()}
+        for i, s_lp in enumerate(_logprobs(trainer.student, *args)):
+            rows.append({name: lp[i] for name, lp in per_teacher.items()} | {"student": s_lp})
+    indices = trainer.data.dev_prompts.indices
+    assert len(rows) == len(indices) == 12
+    for name in ("language", "facts"):
+        mine = [r for r, i in zip(rows, indices) if sources[i] == name]
+        k3 = [float((torch.expm1(r[name] - r["student"]) - (r[name] - r["student"])).mean()) for r in mine]
+        assert metrics[f"dev/teacher/{name}/records"] == len(mine) > 0
+        assert metrics[f"dev/teacher/{name}/reverse_kl_k3"] == pytest.approx(sum(k3) / len(k3), abs=2e-4)
+        assert metrics[f"dev/teacher/{name}/teacher_logprob"] == pytest.approx(
+            float(torch.cat([r[name] for r in mine]).mean()), abs=1e-4)
+    assert sum(metrics[f"dev/teacher/{n}/records"] for n in ("language", "facts")) == 11  # the unrouted one: none
+    assert metrics["dev/teacher_logprob"] == pytest.approx(float(torch.cat([r["language"] for r in rows]).mean()),
+                                                           abs=1e-4)  # dev/*: all prompts, routing.pretrain_teacher
 
 
 # ------------------------------------------------------------------------------------------ clear errors

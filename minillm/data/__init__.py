@@ -11,7 +11,8 @@ from .instruction import (DataReport, DataStats, InstructionData, PromptDataset,
                           build_instruction_data, build_prompt_dataset, sft_item, tokenize_records)
 from .pretrain import (PackedCorpus, corpus_key, iter_documents, load_or_pack_corpus, pack_corpus,
                        resolve_sources, token_dtype)
-from .records import NAMED_SETS, DataError, Record, load_records, parse_record, read_json_objects
+from .records import (NAMED_SETS, DataError, Record, load_records, load_train_records, parse_record,
+                      read_json_objects, train_sources)
 from .sampler import InfiniteBatches, ResumableSampler, infinite_batches, shard_indices
 from .templates import (REFERENCE_TEMPLATE, REFERENCE_TEMPLATE_WITH_INPUT, TEMPLATE_MODES, chat_prompt,
                         reference_prompt, render_prompt)
@@ -22,7 +23,8 @@ __all__ = [
     "build_instruction_data", "build_prompt_dataset", "sft_item", "tokenize_records",
     "PackedCorpus", "corpus_key", "iter_documents", "load_or_pack_corpus", "pack_corpus", "resolve_sources",
     "token_dtype",
-    "NAMED_SETS", "DataError", "Record", "load_records", "parse_record", "read_json_objects",
+    "NAMED_SETS", "DataError", "Record", "load_records", "load_train_records", "parse_record", "read_json_objects",
+    "train_sources",
     "InfiniteBatches", "ResumableSampler", "infinite_batches", "shard_indices",
     "REFERENCE_TEMPLATE", "REFERENCE_TEMPLATE_WITH_INPUT", "TEMPLATE_MODES", "chat_prompt", "reference_prompt",
     "render_prompt",

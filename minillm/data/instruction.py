@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .collate import IGNORE_INDEX, PromptCollator, SFTCollator, resolve_pad_id
-from .records import DataError, Record, load_records
+from .records import DataError, Record, load_records, load_train_records, train_sources
 from .templates import TemplateMode, render_prompt
 
 # Reasons a record is not used; the keys of DataStats.dropped.
@@ -283,22 +283,25 @@ def _limit(records: list[Record], limit: int, stats: DataStats) -> list[Record]:
 def build_instruction_data(cfg, tokenizer, seed: int = 10, *, require_dev: bool = False) -> InstructionData:
     """Load, split, tokenise and report the instruction data of a ``DataConfig``.
 
-    Dev: ``cfg.dev`` when given (its evaluation split for named sets), else the first ``cfg.dev_num`` records
-    of ``cfg.train`` (the reference's Dolly split; ``dev_num=0``: no dev set). Then ``max_train_records`` and
-    ``max_dev_records`` keep the first N of each split. The split is deterministic and does not shuffle, as in
-    the reference; ``seed`` is recorded in the result for the samplers built on it.
+    ``cfg.train`` is one source or a list of them, read in order into one training set (each record keeps its
+    source in ``Record.origin``, for routing by file or dataset). Dev: ``cfg.dev`` when given (its evaluation split
+    for named sets), else the first ``cfg.dev_num`` records of ``cfg.train``, of the concatenation for a list (the
+    reference's Dolly split; ``dev_num=0``: no dev set). Then ``max_train_records`` and ``max_dev_records`` keep
+    the first N of each split. The split is deterministic and does not shuffle, as in the reference; ``seed`` is
+    recorded in the result for the samplers built on it.
     """
     kw = dict(cache_dir=cfg.cache_dir, response_field=cfg.response_field)
-    records = load_records(cfg.train, split="train", **kw)
-    train_stats = DataStats("train", cfg.train, total=len(records))
+    records = load_train_records(cfg.train, split="train", **kw)
+    train = ", ".join(train_sources(cfg.train))  # data.train as text: its one source, or its list's sources
+    train_stats = DataStats("train", train, total=len(records))
     dev_stats: Optional[DataStats] = None
     dev_records: list[Record] = []
     if cfg.dev is not None:
         dev_records = load_records(cfg.dev, split="dev", **kw)
         dev_stats = DataStats("dev", cfg.dev, total=len(dev_records))
     elif cfg.dev_num > 0:
-        dev_records, records, dev_stats = split_off_dev(records, cfg.dev_num, train_stats, cfg.train,
-                                                        where=f"data.train `{cfg.train}`", dev_num_key="data.dev_num",
+        dev_records, records, dev_stats = split_off_dev(records, cfg.dev_num, train_stats, train,
+                                                        where=f"data.train `{train}`", dev_num_key="data.dev_num",
                                                         dev_key="data.dev")
     elif require_dev:
         raise DataError("a dev set is required: set data.dev or data.dev_num > 0")
@@ -310,7 +313,7 @@ def build_instruction_data(cfg, tokenizer, seed: int = 10, *, require_dev: bool 
     lengths = dict(template=cfg.template, max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
     train_examples = tokenize_records(records, tokenizer, train_stats, **lengths)
     if not train_examples:
-        raise DataError(f"no training example is left from `{cfg.train}`: {train_stats}")
+        raise DataError(f"no training example is left from `{train}`: {train_stats}")
     dev_set = dev_prompts = None
     if dev_stats is not None:
         dev_examples = tokenize_records(dev_records, tokenizer, dev_stats, **lengths)

@@ -20,8 +20,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
+from ..config_checks import train_sources
 from ..errors import UserError
 
 
@@ -46,6 +47,9 @@ class Record:
     line: int = 0
     # the record's other scalar fields (e.g. `source`, read by multi-teacher routing: minillm.routing)
     fields: dict = field(default_factory=dict)
+    # the data.train entry (file, named set or hub id, as spelled there) the record was read from; routing by
+    # file or by dataset reads it, since `source` is the resolved file and a named set has no name in it
+    origin: str = ""
 
     @property
     def response(self) -> str:
@@ -284,6 +288,18 @@ def _load_hub_dataset(hub_id: str, split: Optional[str], cache_dir: Optional[str
 def looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not source.endswith((".json", ".jsonl")) and not source.startswith(".")
+
+
+def load_train_records(spec: str | Sequence[str], **kw: Any) -> list[Record]:
+    """Every record of every source of ``spec`` (data.train: one source or a list), concatenated in order, each with
+    its ``origin`` set to the source it came from. ``kw``: as :func:`load_records`."""
+    out: list[Record] = []
+    for source in train_sources(spec):
+        records = load_records(source, **kw)
+        for record in records:
+            record.origin = source
+        out.extend(records)
+    return out
 
 
 def load_records(source: str, *, cache_dir: Optional[str] = None, split: Optional[str] = None,

@@ -44,7 +44,7 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
                      guarded_micro_step, load_checkpoint, mean_over_ranks, save_checkpoint,
                      stop_early, stop_gracefully, to_device, train_under_stop_control)
 from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
-from ..routing import build_router, pretrain_teacher
+from ..routing import DevPerTeacher, build_router, dev_routes, pretrain_teacher
 from .rollout_stats import disable_dropout, rollout_statistics, rollout_totals  # noqa: F401 (also imported from here)
 from .served import TeacherServerUnavailable, learn_or_stop
 
@@ -103,7 +103,7 @@ class MiniLLMTrainer:
             from ..data.teacher_cache import TeacherTopKCache
 
             self.pt_cache = TeacherTopKCache(m.pt_teacher_cache)
-            pt_model, pt_path = pretrain_teacher(config, teacher)
+            pt_model, pt_path, _ = pretrain_teacher(config, teacher)
             rows = alignment.vocab_size if alignment is not None else pt_model.get_output_embeddings().weight.shape[0]
             for warning in self.pt_cache.check(self.corpus, rows, teacher_path=pt_path):
                 log.warning(warning)
@@ -523,7 +523,7 @@ class MiniLLMTrainer:
         # the last rank's share is padded with repeats of the last prompt (equal collective calls): weight them 0
         real = torch.tensor([float(strategy.rank * per_rank + i < count) for i in range(per_rank)],
                             dtype=torch.float64, device=strategy.device)
-        offset = 0
+        offset, routed = 0, self._dev_per_teacher()
         for batch in loader:
             prompt_ids = batch["input_ids"].to(strategy.device)
             prompt_mask = batch["attention_mask"].to(strategy.device)
@@ -542,9 +542,16 @@ class MiniLLMTrainer:
                                                    sample.response_mask)
                 mask = sample.response_mask.float()
                 w = real[offset:offset + mask.shape[0]]
-                per_row = torch.stack([losses.k3_reverse_kl(s_lp, t_lp, mask), torch.ones_like(mask[:, 0]),
-                                       (t_lp * mask).sum(-1), mask.sum(-1)], dim=1)  # [B, 4]
-                sums += (per_row.to(sums) * w[:, None]).sum(0)
+                def score(teacher, t_lp=None):  # per-row [k3, 1, Σ teacher log-prob, tokens] of `teacher`
+                    if t_lp is None:
+                        with strategy.autocast():
+                            t_lp = teacher_forced_logprobs(teacher, prompt_ids, prompt_mask, sample.response_ids,
+                                                           sample.response_mask)
+                    return torch.stack([losses.k3_reverse_kl(s_lp, t_lp, mask), torch.ones_like(mask[:, 0]),
+                                        (t_lp * mask).sum(-1), mask.sum(-1)], dim=1)  # [B, 4]
+                sums += (score(self.pt_teacher, t_lp).to(sums) * w[:, None]).sum(0)
+                if routed is not None:
+                    routed.add(batch["index"], w, score)
             offset += prompt_ids.shape[0]
         references = [prompts[i]["references"] for i in mine]
         gathered = [p for part in strategy.all_gather_object(list(zip(mine, texts, references))) for p in part]
@@ -556,7 +563,15 @@ class MiniLLMTrainer:
             metrics["dev/reverse_kl_k3"] = float(sums[0] / sums[1].clamp(min=1))
             # Mean per-token teacher log-likelihood of the student's own samples: rises as KL(q‖p) falls.
             metrics["dev/teacher_logprob"] = float(sums[2] / sums[3].clamp(min=1))
+            metrics.update(routed.metrics(strategy) if routed is not None else {})
         return metrics
+
+    def _dev_per_teacher(self):
+        """With `teachers:` and dev reverse-KL on: the per-teacher dev sums (minillm.routing.DevPerTeacher)."""
+        if self.router is None or not self.cfg.minillm.dev_reverse_kl:
+            return None
+        routed = DevPerTeacher(self.router, dev_routes(self.cfg, self.data.dev_records), self.strategy.device)
+        return routed if routed.active else None  # no dev prompt has a route: no extra teacher forwards
 
     def _evaluate_and_select(self) -> None:
         evaluate_and_select(self)
