@@ -153,13 +153,21 @@ def check_teacher_server(self, fail) -> None:
     t = self.teacher
     if t.server is None:
         return
-    urls = [u.strip() for u in t.server.split(",") if u.strip()]
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            fail("teacher.server", f"`{url}` is not a server URL; write http://host:port (several: comma-separated)")
+    # ModelConfig keeps a list (it splits one comma-separated string); a string assigned later still counts as one URL
+    urls = [t.server] if isinstance(t.server, str) else list(t.server)
+    for i, url in enumerate(urls):
+        key = f"teacher.server[{i}]" if len(urls) > 1 else "teacher.server"
+        if not isinstance(url, str) or "," in url:
+            fail(key, f"{url!r} is not one server URL; list entries are single http://host:port URLs")
+        parts = urlsplit(url.strip())
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:  # a port that is not a number
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            fail(key, f"`{url}` is not a server URL; write http://host:port (several: a list, or comma-separated)")
     if not urls:
-        fail("teacher.server", "is empty; give http://host:port or remove it")
+        fail("teacher.server", "is empty; give http://host:port (or a list of them) or remove it")
     if not t.server_timeout > 0:
         fail("teacher.server_timeout", f"must be > 0 seconds, got {t.server_timeout}")
     if t.server_retries < 0:

@@ -266,6 +266,36 @@ def test_preflight_catches_a_server_with_another_tokenizer(servers, monkeypatch)
     assert [f.check for f in found] == ["teacher server"] and "(401)" in found[0].message
 
 
+def test_teacher_server_is_a_yaml_list_or_a_comma_separated_string(tmp_path):
+    """Both spellings load to the same list (and survive the run's config.yaml); a bad entry or a value of
+    another type fails naming the key (and the entry)."""
+    from minillm.config import ConfigError, to_yaml
+
+    urls = ["http://127.0.0.1:8001", "http://teacher-node:8002/prefix"]
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs/tiny/kd.yaml").read_text())
+    data["teacher"]["server"] = urls  # teacher: {server: [http://..., http://...]} in a YAML file
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(yaml.safe_dump(data))
+    spelled = [load_config(listed), load_config("configs/tiny/kd.yaml", [f"teacher.server={','.join(urls)}"]),
+               load_config("configs/tiny/kd.yaml", [f"teacher.server=[{', '.join(urls)}]"]),
+               load_config("configs/tiny/kd.yaml", [f"teacher.server={urls[0]}"])]
+    for cfg in spelled:
+        cfg.resolve()
+    assert [c.teacher.server for c in spelled] == [urls, urls, urls, urls[:1]]
+    saved = tmp_path / "config.yaml"  # what a run writes and --resume reads back
+    saved.write_text(to_yaml(spelled[0]))
+    assert load_config(saved).teacher.server == urls
+    assert ModelConfig(path=TEACHER, server=" http://a:1 , http://b:2 ").server == ["http://a:1", "http://b:2"]
+    with pytest.raises(ConfigError, match=r"`teacher.server\[1\]`: `teacher-node:8002` is not a server URL"):
+        load_config("configs/tiny/kd.yaml", [f"teacher.server=[{urls[0]}, teacher-node:8002]"]).resolve()
+    with pytest.raises(ConfigError, match=r"`teacher.server` must be list\[str\] or str, got 8001"):
+        load_config("configs/tiny/kd.yaml", ["teacher.server=8001"])
+    with pytest.raises(ConfigError, match="`teacher.server`: is empty"):
+        load_config("configs/tiny/kd.yaml", ["teacher.server=[]"]).resolve()
+
+
 def test_a_served_teacher_refuses_teacher_mixed_sampling_and_reports_a_dead_server():
     from minillm.config import ConfigError
 
