@@ -356,15 +356,18 @@ def test_loopback_hosts_are_recognised():
 
 
 MINILLM = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "logging.log_interval=1",
-           "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=8", "train.micro_batch_size=4",
+           "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=4", "train.micro_batch_size=4",
            "train.global_batch_size=8", "rollout.teacher_mix_alpha=0", "train.select_best_by=none",
            "eval.rouge=false", "minillm.ppo_epochs=1"]
 
 
 def test_minillm_with_a_served_teacher_logs_the_colocated_losses(servers, tmp_path, monkeypatch):
     """Rollout scoring, the chunked single-step and PT KD losses read the served hidden states through the local
-    head: the logged losses (rewards, KL, PT) equal the colocated run's."""
+    head: the logged losses (rewards, KL, PT) equal the colocated run's. Every teacher request was sent ahead
+    (each phase's 2 rollout chunks: chunk 1 while chunk 2 was generated; each step's 2 PT batches: while the policy
+    terms and the previous micro-batch learned), and each exactly once."""
     monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    before = servers["a"].info()["scored_batches"]
     outs = {}
     for name, extra in (("colocated", []), ("served", [f"teacher.server={servers['a'].url}"])):
         outs[name] = tmp_path / name
@@ -376,6 +379,16 @@ def test_minillm_with_a_served_teacher_logs_the_colocated_losses(servers, tmp_pa
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    # 2 phases x (2 rollout chunks + 2 PT batches) + the identity probe + the trainer's chunked-head probe (a plain
+    # forward when the trainer starts, so step 1 logs 4 of 5 forwards prefetched): no request twice, none wasted
+    assert servers["a"].info()["scored_batches"] - before == 10
+    rows = _rows(outs["served"])
+    assert [row["teacher/prefetched"] for row in rows] == [0.8, 1.0]
+    for row in rows:
+        assert row["time/teacher_request"] > 0
+        assert 0.0 <= row["teacher/hidden_fraction"] <= 1.0 and row["time/teacher_wait"] >= 0
+    assert max(row["teacher/hidden_fraction"] for row in rows) > 0.1  # the server worked while the student did
+    assert not any("teacher/" in key for row in _rows(outs["colocated"]) for key in row)
 
 
 def test_a_server_killed_mid_run_retries_then_checkpoints_and_stops(servers, colocated, tmp_path, monkeypatch):
