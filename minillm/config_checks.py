@@ -172,7 +172,12 @@ def check_teacher_server(self, fail) -> None:
         fail("teacher.server_timeout", f"must be > 0 seconds, got {t.server_timeout}")
     if t.server_retries < 0:
         fail("teacher.server_retries", f"must be >= 0, got {t.server_retries}")
-    if self.method == "minillm" and self.rollout.teacher_mix_alpha > 0:
-        fail("rollout.teacher_mix_alpha", "must be 0 with teacher.server: teacher-mixed sampling runs the teacher "
-             "token by token with a KV cache, which a served teacher does not keep; set rollout.teacher_mix_alpha=0 "
-             "or load the teacher locally")
+    r = self.rollout
+    if self.method == "minillm" and r.teacher_mix_alpha > 0 and r.engine != "speculative":
+        fail("rollout.teacher_mix_alpha", f"> 0 with teacher.server needs rollout.engine=speculative (the student "
+             f"drafts, the served teacher verifies each round in one request on the full prefix); the {r.engine} "
+             "engine runs the teacher token by token with a KV cache, which a served teacher does not keep. Set "
+             "rollout.engine=speculative, rollout.teacher_mix_alpha=0, or load the teacher locally")
+    if self.method == "minillm" and r.teacher_mix_alpha > 0 and not r.do_sample:
+        fail("rollout.do_sample", "must be true with teacher.server and rollout.teacher_mix_alpha > 0: greedy "
+             "teacher-mixed decoding needs the teacher's KV cache, which a served teacher does not keep")
