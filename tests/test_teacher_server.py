@@ -424,6 +424,17 @@ def test_served_speculative_rollouts_equal_the_colocated_ones(servers, monkeypat
     assert torch.equal(served.response_mask, local.response_mask)
     for name in ("student_logprobs", "teacher_logprobs", "mixed_logprobs"):
         torch.testing.assert_close(getattr(served, name), getattr(local, name), rtol=1e-5, atol=1e-5)
+    # α = 1 has no served shortcut (the colocated one decodes with the teacher's cache): the draft/verify loop runs,
+    # every token is the teacher's, and its log-probs are the colocated teacher's on those tokens
+    from minillm.generation.sampling import teacher_forced_logprobs
+
+    only = speculative_mixed_sample(student, remote, ids.masked_fill(mask == 0, 0), mask, max_new_tokens=8,
+                                    alpha=1.0, eos_token_id=7, pad_token_id=0, draft_tokens=3,
+                                    generator=torch.Generator().manual_seed(5))
+    assert only.rounds > 1 and torch.equal(only.mixed_logprobs, only.teacher_logprobs)
+    oracle = teacher_forced_logprobs(teacher, only.prompt_ids, only.prompt_mask, only.response_ids,
+                                     only.response_mask)
+    torch.testing.assert_close(only.teacher_logprobs, oracle, rtol=1e-5, atol=1e-5)
     remote.close()
 
 

@@ -160,9 +160,9 @@ def speculative_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module 
     their first EOS and are padded after it; log-probs under the processed distributions, 0 where masked; columns
     where every row is padding are dropped). The teacher's log-probs come free with the verification, so they
     are returned whatever ``score`` says (``score`` only matters on the α = 1 route). ``static_cache`` /
-    ``cuda_graphs`` must be None or False. A served teacher (``is_remote_teacher``, no KV cache) verifies each round
-    on the full prefix and takes the draft/verify loop at α = 1 too (exact for any α). Returns a :class:`SpeculativeSampleOutput` (a plain
-    :class:`SampleOutput` for ``do_sample=False``, from the naive loop).
+    ``cuda_graphs`` must be None or False. A served teacher (``is_remote_teacher``, no KV cache) verifies each
+    round on the full prefix and takes the draft/verify loop at α = 1 too (exact for any α). Returns a
+    :class:`SpeculativeSampleOutput` (a plain :class:`SampleOutput` for ``do_sample=False``, from the naive loop).
     """
     draft_tokens = _check_engine_args(draft_tokens, static_cache, cuda_graphs)
     pad_token_id = check_sampling_args(_WHERE, alpha=alpha, teacher=teacher, max_new_tokens=max_new_tokens,
@@ -211,7 +211,7 @@ def speculative_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module 
     rounds = 0
     accepted = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per round
     proposed = torch.zeros_like(accepted)
-    log_w_student = math.log1p(-alpha)
+    log_w_student = math.log1p(-alpha) if alpha < 1.0 else -math.inf  # α = 1 reaches here only with a served teacher
     log_w_teacher = math.log(alpha) if use_teacher else -math.inf
 
     with _eval_mode(student, teacher if use_teacher else None):

@@ -208,7 +208,8 @@ class RemoteTeacher(torch.nn.Module):
                 logits_to_keep: int = 0, use_cache=None, past_key_values=None, return_dict=None, **kwargs):
         if past_key_values is not None or use_cache:
             raise NotImplementedError("teacher.server: a served teacher scores whole sequences; it keeps no KV "
-                                      "cache (teacher-mixed sampling needs rollout.engine=speculative or rollout.teacher_mix_alpha=0)")
+                                      "cache (teacher-mixed sampling needs rollout.engine=speculative, or "
+                                      "rollout.teacher_mix_alpha=0)")
         if kwargs:
             raise TypeError(f"teacher.server: RemoteTeacher.forward got unsupported arguments {sorted(kwargs)}")
         hidden = self.hidden_states_for(input_ids, attention_mask, position_ids)
