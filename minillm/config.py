@@ -49,11 +49,16 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow code from the model repository to run. Off unless you trust it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={"doc": "LoRA adapter (student only): train it instead of the weights."})
-    server: Optional[str] = _f(None, "Teacher only: minillm-teacher-serve URL(s), comma-separated; the run then "
-                               "holds only the LM head read from `path` and gets the final hidden states over HTTP.")
+    server: Union[list[str], str, None] = _f(
+        None, "Teacher only: minillm-teacher-serve URL(s): a list, or one string (several comma-separated), kept as "
+        "a list; the run then holds only the LM head read from `path` and gets the final hidden states over HTTP.")
     server_timeout: float = _f(120.0, "Teacher only: seconds one request to teacher.server may take.")
     server_retries: int = _f(5, "Teacher only: retries of a failed teacher.server request (backoff from 0.5 s, "
                              "over the URLs in turn) before the run checkpoints and stops.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.server, str):  # `http://a:8001,http://b:8001` (CLI overrides) -> the list read by the code
+            self.server = [u.strip() for u in self.server.split(",") if u.strip()]
 
 
 @dataclass

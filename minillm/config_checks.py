@@ -192,18 +192,31 @@ def check_teacher_server(self, fail) -> None:
     t = self.teacher
     if t.server is None:
         return
-    urls = [u.strip() for u in t.server.split(",") if u.strip()]
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            fail("teacher.server", f"`{url}` is not a server URL; write http://host:port (several: comma-separated)")
+    # ModelConfig keeps a list (it splits one comma-separated string); a string assigned later still counts as one URL
+    urls = [t.server] if isinstance(t.server, str) else list(t.server)
+    for i, url in enumerate(urls):
+        key = f"teacher.server[{i}]" if len(urls) > 1 else "teacher.server"
+        if not isinstance(url, str) or "," in url:
+            fail(key, f"{url!r} is not one server URL; list entries are single http://host:port URLs")
+        parts = urlsplit(url.strip())
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:  # a port that is not a number
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            fail(key, f"`{url}` is not a server URL; write http://host:port (several: a list, or comma-separated)")
     if not urls:
-        fail("teacher.server", "is empty; give http://host:port or remove it")
+        fail("teacher.server", "is empty; give http://host:port (or a list of them) or remove it")
     if not t.server_timeout > 0:
         fail("teacher.server_timeout", f"must be > 0 seconds, got {t.server_timeout}")
     if t.server_retries < 0:
         fail("teacher.server_retries", f"must be >= 0, got {t.server_retries}")
-    if self.method == "minillm" and self.rollout.teacher_mix_alpha > 0:
-        fail("rollout.teacher_mix_alpha", "must be 0 with teacher.server: teacher-mixed sampling runs the teacher "
-             "token by token with a KV cache, which a served teacher does not keep; set rollout.teacher_mix_alpha=0 "
-             "or load the teacher locally")
+    r = self.rollout
+    if self.method == "minillm" and r.teacher_mix_alpha > 0 and r.engine != "speculative":
+        fail("rollout.teacher_mix_alpha", f"> 0 with teacher.server needs rollout.engine=speculative (the student "
+             f"drafts, the served teacher verifies each round in one request on the full prefix); the {r.engine} "
+             "engine runs the teacher token by token with a KV cache, which a served teacher does not keep. Set "
+             "rollout.engine=speculative, rollout.teacher_mix_alpha=0, or load the teacher locally")
+    if self.method == "minillm" and r.teacher_mix_alpha > 0 and not r.do_sample:
+        fail("rollout.do_sample", "must be true with teacher.server and rollout.teacher_mix_alpha > 0: greedy "
+             "teacher-mixed decoding needs the teacher's KV cache, which a served teacher does not keep")

@@ -41,14 +41,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        errors = []
-        for arm in inner:  # e.g. data.train: one source or a list of them
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+        for option in inner:  # e.g. teacher.server: a list of URLs or one string; the first that fits wins
             try:
-                return _coerce(value, arm, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if len(inner) == 1 else ConfigError(
-            f"{source}: `{key}` must be {' or '.join(map(_type_name, inner))}, got {value!r}")
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        names = " or ".join(str(a) if typing.get_origin(a) else _type_name(a) for a in inner)
+        raise ConfigError(f"{source}: `{key}` must be {names}, got {value!r} "
+                          f"({type(value).__name__})")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

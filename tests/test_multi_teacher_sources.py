@@ -129,7 +129,7 @@ def test_a_single_source_is_read_as_before():
      "`routing.routes.vicuna`: unknown teacher `math`"),
     (["data.train=[a.jsonl, ./a.jsonl]"], "`data.train[1]`"),
     (["data.train=[]"], "`data.train`: needs a source"),
-    (["data.train=5"], "`data.train` must be str or list, got 5"),
+    (["data.train=5"], "`data.train` must be str or list[str], got 5"),
     (["data.train=[a.jsonl, 3]"], "`data.train` must be str or list"),
 ])
 def test_source_routing_errors_name_the_key_and_the_source(overrides, message):

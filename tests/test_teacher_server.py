@@ -266,11 +266,45 @@ def test_preflight_catches_a_server_with_another_tokenizer(servers, monkeypatch)
     assert [f.check for f in found] == ["teacher server"] and "(401)" in found[0].message
 
 
-def test_a_served_teacher_refuses_teacher_mixed_sampling_and_reports_a_dead_server():
+def test_teacher_server_is_a_yaml_list_or_a_comma_separated_string(tmp_path):
+    """Both spellings load to the same list (and survive the run's config.yaml); a bad entry or a value of
+    another type fails naming the key (and the entry)."""
+    from minillm.config import ConfigError, to_yaml
+
+    urls = ["http://127.0.0.1:8001", "http://teacher-node:8002/prefix"]
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs/tiny/kd.yaml").read_text())
+    data["teacher"]["server"] = urls  # teacher: {server: [http://..., http://...]} in a YAML file
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(yaml.safe_dump(data))
+    spelled = [load_config(listed), load_config("configs/tiny/kd.yaml", [f"teacher.server={','.join(urls)}"]),
+               load_config("configs/tiny/kd.yaml", [f"teacher.server=[{', '.join(urls)}]"]),
+               load_config("configs/tiny/kd.yaml", [f"teacher.server={urls[0]}"])]
+    for cfg in spelled:
+        cfg.resolve()
+    assert [c.teacher.server for c in spelled] == [urls, urls, urls, urls[:1]]
+    saved = tmp_path / "config.yaml"  # what a run writes and --resume reads back
+    saved.write_text(to_yaml(spelled[0]))
+    assert load_config(saved).teacher.server == urls
+    assert ModelConfig(path=TEACHER, server=" http://a:1 , http://b:2 ").server == ["http://a:1", "http://b:2"]
+    with pytest.raises(ConfigError, match=r"`teacher.server\[1\]`: `teacher-node:8002` is not a server URL"):
+        load_config("configs/tiny/kd.yaml", [f"teacher.server=[{urls[0]}, teacher-node:8002]"]).resolve()
+    with pytest.raises(ConfigError, match=r"`teacher.server` must be list\[str\] or str, got 8001"):
+        load_config("configs/tiny/kd.yaml", ["teacher.server=8001"])
+    with pytest.raises(ConfigError, match="`teacher.server`: is empty"):
+        load_config("configs/tiny/kd.yaml", ["teacher.server=[]"]).resolve()
+
+
+def test_a_served_teacher_mixes_only_speculatively_and_reports_a_dead_server():
     from minillm.config import ConfigError
 
-    with pytest.raises(ConfigError, match="rollout.teacher_mix_alpha"):
+    with pytest.raises(ConfigError, match="rollout.teacher_mix_alpha.*needs rollout.engine=speculative"):
         load_config("configs/tiny/minillm.yaml", ["teacher.server=http://127.0.0.1:9"]).resolve()
+    speculative = ["teacher.server=http://127.0.0.1:9", "rollout.engine=speculative"]
+    assert load_config("configs/tiny/minillm.yaml", speculative).resolve().rollout.teacher_mix_alpha == 0.2
+    with pytest.raises(ConfigError, match="rollout.do_sample"):
+        load_config("configs/tiny/minillm.yaml", [*speculative, "rollout.do_sample=false"]).resolve()
     with pytest.raises(ConfigError, match="teacher.server"):
         load_config("configs/tiny/kd.yaml", ["teacher.server=127.0.0.1:9"]).resolve()
     client = TeacherClient(f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.01, timeout=2)
@@ -326,15 +360,18 @@ def test_loopback_hosts_are_recognised():
 
 
 MINILLM = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "logging.log_interval=1",
-           "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=8", "train.micro_batch_size=4",
+           "rollout.max_new_tokens=8", "rollout.num_rollouts=8", "rollout.chunk_size=4", "train.micro_batch_size=4",
            "train.global_batch_size=8", "rollout.teacher_mix_alpha=0", "train.select_best_by=none",
            "eval.rouge=false", "minillm.ppo_epochs=1"]
 
 
 def test_minillm_with_a_served_teacher_logs_the_colocated_losses(servers, tmp_path, monkeypatch):
     """Rollout scoring, the chunked single-step and PT KD losses read the served hidden states through the local
-    head: the logged losses (rewards, KL, PT) equal the colocated run's."""
+    head: the logged losses (rewards, KL, PT) equal the colocated run's. Every teacher request was sent ahead
+    (each phase's 2 rollout chunks: chunk 1 while chunk 2 was generated; each step's 2 PT batches: while the policy
+    terms and the previous micro-batch learned), and each exactly once."""
     monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    before = servers["a"].info()["scored_batches"]
     outs = {}
     for name, extra in (("colocated", []), ("served", [f"teacher.server={servers['a'].url}"])):
         outs[name] = tmp_path / name
@@ -346,6 +383,77 @@ def test_minillm_with_a_served_teacher_logs_the_colocated_losses(servers, tmp_pa
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    # 2 phases x (2 rollout chunks + 2 PT batches) + the identity probe + the trainer's chunked-head probe (a plain
+    # forward when the trainer starts, so step 1 logs 4 of 5 forwards prefetched): no request twice, none wasted
+    assert servers["a"].info()["scored_batches"] - before == 10
+    rows = _rows(outs["served"])
+    assert [row["teacher/prefetched"] for row in rows] == [0.8, 1.0]
+    for row in rows:
+        assert row["time/teacher_request"] > 0
+        assert 0.0 <= row["teacher/hidden_fraction"] <= 1.0 and row["time/teacher_wait"] >= 0
+    assert max(row["teacher/hidden_fraction"] for row in rows) > 0.1  # the server worked while the student did
+    assert not any("teacher/" in key for row in _rows(outs["colocated"]) for key in row)
+
+
+def test_served_speculative_rollouts_equal_the_colocated_ones(servers, monkeypatch):
+    """rollout.engine=speculative with α > 0 and a served teacher: each round's verification is one request on the
+    full prefix (no remote KV cache); same seeds, same tokens as with the colocated teacher's cached verification,
+    the same log-probs to rounding. Left-padded prompts, rejections (holes) and EOS stops included."""
+    from minillm.generation.speculative import speculative_mixed_sample
+    from minillm.models import load_model
+    from minillm.serve.remote import RemoteTeacher
+
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    teacher = load_model(ModelConfig(path=TEACHER), trainable=False)
+    student = load_model(ModelConfig(path="tests/assets/student"), trainable=False)
+    remote = RemoteTeacher.from_config(ModelConfig(path=TEACHER, server=servers["a"].url))
+    ids = torch.randint(2, 500, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :1] = 0  # left padding
+    outs = []
+    for model in (teacher, remote):
+        before = remote.client.requests_per_url[servers["a"].url]
+        out = speculative_mixed_sample(student, model, ids.masked_fill(mask == 0, 0), mask, max_new_tokens=12,
+                                       alpha=0.5, eos_token_id=7, pad_token_id=0, draft_tokens=3,
+                                       generator=torch.Generator().manual_seed(5))
+        outs.append((out, remote.client.requests_per_url[servers["a"].url] - before))
+    (local, _), (served, requests) = outs
+    assert served.teacher_forwards == served.rounds == local.rounds == requests > 1  # one request per round
+    assert 0 < served.accepted_drafts < served.proposed_drafts  # some drafts were rejected: holes in the slots
+    assert torch.equal(served.response_ids, local.response_ids)
+    assert torch.equal(served.response_mask, local.response_mask)
+    for name in ("student_logprobs", "teacher_logprobs", "mixed_logprobs"):
+        torch.testing.assert_close(getattr(served, name), getattr(local, name), rtol=1e-5, atol=1e-5)
+    # α = 1 has no served shortcut (the colocated one decodes with the teacher's cache): the draft/verify loop runs,
+    # every token is the teacher's, and its log-probs are the colocated teacher's on those tokens
+    from minillm.generation.sampling import teacher_forced_logprobs
+
+    only = speculative_mixed_sample(student, remote, ids.masked_fill(mask == 0, 0), mask, max_new_tokens=8,
+                                    alpha=1.0, eos_token_id=7, pad_token_id=0, draft_tokens=3,
+                                    generator=torch.Generator().manual_seed(5))
+    assert only.rounds > 1 and torch.equal(only.mixed_logprobs, only.teacher_logprobs)
+    oracle = teacher_forced_logprobs(teacher, only.prompt_ids, only.prompt_mask, only.response_ids,
+                                     only.response_mask)
+    torch.testing.assert_close(only.teacher_logprobs, oracle, rtol=1e-5, atol=1e-5)
+    remote.close()
+
+
+def test_minillm_with_a_served_teacher_mixes_speculatively_like_the_colocated_run(servers, tmp_path, monkeypatch):
+    """α = 0.3 with rollout.engine=speculative: the served run logs the colocated run's losses."""
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    mixed = [*MINILLM, "rollout.teacher_mix_alpha=0.3", "rollout.engine=speculative", "rollout.draft_tokens=3"]
+    outs = {}
+    for name, extra in (("colocated", []), ("served", [f"teacher.server={servers['a'].url}"])):
+        outs[name] = tmp_path / name
+        assert run(load_config("configs/tiny/minillm.yaml", [*mixed, f"output_dir={outs[name]}", *extra])) == 0
+    served, reference = _losses(_rows(outs["served"])), _losses(_rows(outs["colocated"]))
+    assert len(served) == len(reference) == 2
+    for mine, theirs in zip(served, reference):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    # each phase's verification rounds were requests of their own (not prefetched), besides the prefetched scoring
+    assert all(0.0 < row["teacher/prefetched"] < 1.0 for row in _rows(outs["served"]))
 
 
 def test_a_server_killed_mid_run_retries_then_checkpoints_and_stops(servers, colocated, tmp_path, monkeypatch):

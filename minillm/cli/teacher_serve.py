@@ -5,8 +5,9 @@
     minillm-train --config ... teacher.server=http://teacher-node:8001   # same MINILLM_TEACHER_TOKEN exported
 
 One process serves one model on one device, one batch at a time: run one per GPU (ports 8001, 8002, ...) and list
-them all, comma-separated, in teacher.server. The trainer sends token ids and receives the teacher's final hidden
-states; it applies the teacher's LM head itself (read from teacher.path), so its losses are exact.
+them all in teacher.server (a YAML list, or one comma-separated string). The trainer sends token ids and receives
+the teacher's final hidden states; it applies the teacher's LM head itself (read from teacher.path), so its losses
+are exact.
 
 Security: the server binds to 127.0.0.1 unless --host says otherwise. With MINILLM_TEACHER_TOKEN set every request
 must carry it (`Authorization: Bearer ...`); without it anyone who reaches the port can use the model, so listening

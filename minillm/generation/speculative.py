@@ -32,6 +32,11 @@ naive loop for the same generator). α = 1: every token comes from the teacher, 
 it is handed to :func:`minillm.generation.engine.fast_mixed_sample` (teacher-only decoding, then one student scoring
 forward; eager, dynamic cache); the counters then report no rounds and no drafts. ``do_sample=False`` (argmax of
 the mixture) is handed to the naive loop, as the coin engine does, and returns its plain :class:`SampleOutput`.
+
+**A served teacher** (``teacher.server``: :class:`minillm.serve.remote.RemoteTeacher`, which keeps no KV cache):
+each verification is one request over every slot so far (:class:`_PrefixLM`), the same tokens, 2-D mask and
+positions as the cached forward, so the rollout is the colocated one up to rounding, at O(rounds · length) teacher
+work. It has no α = 1 route (that route decodes with the teacher's cache) and refuses ``do_sample=False``.
 """
 
 from __future__ import annotations
@@ -104,6 +109,30 @@ class _SlotLM:
         return logits.to(device=self.work_device, dtype=torch.float32)
 
 
+class _PrefixLM(_SlotLM):
+    """A model that keeps no KV cache (a served teacher, ``teacher.server``: ``is_remote_teacher``) over the same
+    slot layout: it remembers every slot it was fed and each forward sends them all, with the whole slot mask (holes
+    included) and the explicit positions, so a verification is one request on the full prefix. The logits are those
+    of the cached forward up to rounding (the same tokens, mask and positions); the work is O(rounds · length)."""
+
+    def __init__(self, model: torch.nn.Module, work_device: torch.device, vocab_size: int | None):
+        self.model, self.work_device, self.vocab_size = model, work_device, vocab_size
+        self.device = _model_device(model)
+        self.ids = self.positions = None
+        self.forwards = 0
+
+    def forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor, keep: int) -> Tensor:
+        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], dim=1)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        out = self.model(input_ids=self.ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=self.positions.to(self.device), logits_to_keep=keep)
+        self.forwards += 1
+        logits = out.logits[:, -keep:]
+        if self.vocab_size is not None:
+            logits = logits[..., :self.vocab_size]
+        return logits.to(device=self.work_device, dtype=torch.float32)
+
+
 def _check_engine_args(draft_tokens: int, static_cache: bool | None, cuda_graphs: bool | None) -> int:
     if isinstance(draft_tokens, bool) or int(draft_tokens) != draft_tokens or draft_tokens < 1:
         raise ValueError(f"{_WHERE}: draft_tokens={draft_tokens!r} must be an integer ≥ 1 (the number of tokens the "
@@ -131,17 +160,22 @@ def speculative_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module 
     their first EOS and are padded after it; log-probs under the processed distributions, 0 where masked; columns
     where every row is padding are dropped). The teacher's log-probs come free with the verification, so they
     are returned whatever ``score`` says (``score`` only matters on the α = 1 route). ``static_cache`` /
-    ``cuda_graphs`` must be None or False. Returns a :class:`SpeculativeSampleOutput` (a plain
-    :class:`SampleOutput` for ``do_sample=False``, from the naive loop).
+    ``cuda_graphs`` must be None or False. A served teacher (``is_remote_teacher``, no KV cache) verifies each
+    round on the full prefix and takes the draft/verify loop at α = 1 too (exact for any α). Returns a
+    :class:`SpeculativeSampleOutput` (a plain :class:`SampleOutput` for ``do_sample=False``, from the naive loop).
     """
     draft_tokens = _check_engine_args(draft_tokens, static_cache, cuda_graphs)
     pad_token_id = check_sampling_args(_WHERE, alpha=alpha, teacher=teacher, max_new_tokens=max_new_tokens,
                                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     common = dict(max_new_tokens=max_new_tokens, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, vocab_size=vocab_size)
+    remote = getattr(teacher, "is_remote_teacher", False)  # a served teacher: no KV cache, full-prefix requests
+    if remote and not do_sample:
+        raise ValueError(f"{_WHERE}: do_sample=False with a served teacher (teacher.server) would decode with the "
+                         "teacher's KV cache, which the server does not keep; sample (do_sample=True)")
     if not do_sample:  # argmax of the mixture needs both models at every step
         return mixed_sample(student, teacher, input_ids, attention_mask, do_sample=False, **common)
-    if alpha == 1.0:  # every token is the teacher's: drafting would be wasted work
+    if alpha == 1.0 and not remote:  # every token is the teacher's: drafting would be wasted work
         out = fast_mixed_sample(student, teacher, input_ids, attention_mask, score=score, static_cache=False,
                                 cuda_graphs=False, **common)
         base = {f.name: getattr(out, f.name) for f in fields(SampleOutput)}
@@ -177,12 +211,12 @@ def speculative_mixed_sample(student: torch.nn.Module, teacher: torch.nn.Module 
     rounds = 0
     accepted = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per round
     proposed = torch.zeros_like(accepted)
-    log_w_student = math.log1p(-alpha)
+    log_w_student = math.log1p(-alpha) if alpha < 1.0 else -math.inf  # α = 1 reaches here only with a served teacher
     log_w_teacher = math.log(alpha) if use_teacher else -math.inf
 
     with _eval_mode(student, teacher if use_teacher else None):
         s_lm = _SlotLM(student, device, vocab_size)
-        t_lm = _SlotLM(teacher, device, vocab_size) if use_teacher else None
+        t_lm = (_PrefixLM if remote else _SlotLM)(teacher, device, vocab_size) if use_teacher else None
         while True:
             active = ~done
             kk = min(k, length - int(committed[active].min()))  # drafts this round (a host sync, like done.all())

@@ -13,7 +13,7 @@ tensor (and its bias) is read from the safetensors shard(s).
 
 :meth:`RemoteTeacher.prefetch` starts a request in a background thread; a later ``forward`` with the same inputs
 takes its result, so the server's time hides behind the student's work. :meth:`RemoteTeacher.pop_timings` reports
-how much of it was hidden.
+how much of it was hidden, and which share of the forwards had been prefetched.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class RemoteTeacher(torch.nn.Module):
         self._executor: ThreadPoolExecutor | None = None
         self._stats_lock = threading.Lock()
         self._request_s = self._wait_s = 0.0
+        self._forwards = self._prefetched = 0  # forwards, and those answered by a prefetched request
         self.eval()
 
     @classmethod
@@ -187,6 +188,9 @@ class RemoteTeacher(torch.nn.Module):
         """The server's final hidden states [B, S, H] on the head's device and in its dtype."""
         tensors = self._tensors(input_ids, attention_mask, position_ids)
         future = self._claim(tensors)
+        with self._stats_lock:
+            self._forwards += 1
+            self._prefetched += future is not None
         if future is not None:
             start = time.perf_counter()
             hidden = future.result()  # TeacherServerUnavailable raised in the thread surfaces here
@@ -204,7 +208,8 @@ class RemoteTeacher(torch.nn.Module):
                 logits_to_keep: int = 0, use_cache=None, past_key_values=None, return_dict=None, **kwargs):
         if past_key_values is not None or use_cache:
             raise NotImplementedError("teacher.server: a served teacher scores whole sequences; it keeps no KV "
-                                      "cache (teacher-mixed sampling needs rollout.teacher_mix_alpha=0)")
+                                      "cache (teacher-mixed sampling needs rollout.engine=speculative, or "
+                                      "rollout.teacher_mix_alpha=0)")
         if kwargs:
             raise TypeError(f"teacher.server: RemoteTeacher.forward got unsupported arguments {sorted(kwargs)}")
         hidden = self.hidden_states_for(input_ids, attention_mask, position_ids)
@@ -218,12 +223,16 @@ class RemoteTeacher(torch.nn.Module):
         """Seconds of server requests and of waiting for them since the last call, and the fraction hidden behind
         other work (1: the trainer never waited; 0: every request was waited for in full)."""
         with self._stats_lock:
-            request, wait = self._request_s, self._wait_s
+            request, wait, forwards, prefetched = self._request_s, self._wait_s, self._forwards, self._prefetched
             self._request_s = self._wait_s = 0.0
+            self._forwards = self._prefetched = 0
         if request <= 0:
             return {}
-        return {"time/teacher_request": request, "time/teacher_wait": wait,
-                "teacher/hidden_fraction": max(0.0, min(1.0, 1.0 - wait / request))}
+        out = {"time/teacher_request": request, "time/teacher_wait": wait,
+               "teacher/hidden_fraction": max(0.0, min(1.0, 1.0 - wait / request))}
+        if forwards:  # the share of teacher forwards whose request was sent ahead (prefetched)
+            out["teacher/prefetched"] = prefetched / forwards
+        return out
 
     # -- identity -------------------------------------------------------------------------------------------------
     def verify(self, url: str) -> None:

@@ -22,6 +22,7 @@ of (seed, rank, phase, epoch), so nothing else is needed.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ from .common import (BestTracker, MetricWindow, NanGuard, PhaseTimer, evaluate_a
 from .preemption import RolloutInterrupted, measure_save, phase_start_state, restore_phase_start
 from ..routing import DevPerTeacher, build_router, dev_routes, pretrain_teacher
 from .rollout_stats import disable_dropout, rollout_statistics, rollout_totals  # noqa: F401 (also imported from here)
-from .served import TeacherServerUnavailable, learn_or_stop
+from .served import (ScoringPipeline, TeacherServerUnavailable, learn_or_stop, prefetch_pt_batches,
+                     served_timings)
 
 log = get_logger()
 
@@ -210,7 +212,7 @@ class MiniLLMTrainer:
         """Sample this rank's share of the phase's rollouts from p̃ and score them."""
         cfg, strategy, r, m = self.cfg, self.strategy, self.cfg.rollout, self.cfg.minillm
         self._route_phase()
-        parts: list[Rollout] = []
+        pipeline = ScoringPipeline(self.teacher)  # a served teacher scores chunk k while chunk k+1 is generated
         stats = {"tokens": 0.0, "sample_time": 0.0, "score_time": 0.0}
         generator = torch.Generator(device=strategy.device)
         generator.manual_seed(cfg.seed * 1_000_003 + self.phase * 1009 + strategy.rank)
@@ -237,21 +239,26 @@ class MiniLLMTrainer:
                                                         r.max_new_tokens, self.tokenizer.pad_token_id)
             per_teacher = self.timer(f"score/{self.router.names[self._routed]}") if self.router is not None \
                 else contextlib.nullcontext()  # time/score/<name>: scoring time of each routed teacher
-            with self.timer("score"), per_teacher:
-                parts.append(score_samples(
-                    student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                    response_ids=response_ids, response_mask=response_mask, prompt_index=index,
-                    alpha=r.teacher_mix_alpha, temperature=r.temperature, **self._return_settings(),
-                    trim=self._trim, autocast=strategy.autocast,
-                    chunk_size=m.loss_chunk_size if m.chunked_losses else None,
-                    num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
-                    if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher,
-                    reward_teacher_temperature=1.0 if m.reward_teacher_temperature == "one" else None))
+            chunk = dict(
+                student=self.student, teacher=self.teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                response_ids=response_ids, response_mask=response_mask, prompt_index=index,
+                alpha=r.teacher_mix_alpha, temperature=r.temperature, **self._return_settings(),
+                trim=self._trim, autocast=strategy.autocast,
+                chunk_size=m.loss_chunk_size if m.chunked_losses else None,
+                num_chunks=global_chunk_count(response_mask, m.loss_chunk_size, strategy)
+                if m.chunked_losses else None, keep_teacher_hidden=self._reuse_teacher,
+                reward_teacher_temperature=1.0 if m.reward_teacher_temperature == "one" else None)
+            pipeline.push(functools.partial(self._score_chunk, per_teacher, **chunk), prompt_ids, prompt_mask,
+                          response_ids)
             stats["tokens"] += float(response_mask.sum() + prompt_mask.sum())
             collected += take
-        buffer = Rollout.cat(parts)
+        buffer = Rollout.cat(pipeline.drain())
         self._phase_stats = self._rollout_stats(buffer, stats["tokens"])
         return buffer
+
+    def _score_chunk(self, per_teacher, **kwargs) -> Rollout:  # timed as time/score (and time/score/<name>)
+        with self.timer("score"), per_teacher:
+            return score_samples(**kwargs)
 
     def _rollout_stats(self, buffer: Rollout, tokens: float) -> dict[str, float]:
         """Token means over the whole phase on all ranks (sums and counts all-reduced, not means of means)."""
@@ -280,6 +287,7 @@ class MiniLLMTrainer:
     def micro_batch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """L_pg + L_single + ptx_coef·L_PT for one micro-batch of the rollout buffer."""
         strategy, m = self.strategy, self.cfg.minillm
+        prefetch_pt_batches(self)  # a served teacher scores the PT batch(es) while the policy terms run
         if m.objective == "ranking":  # the paper's ranking alternative (minillm.trainers.ranking)
             return ranking_micro_batch_loss(self, mb)
         mask = mb.response_mask
@@ -487,13 +495,14 @@ class MiniLLMTrainer:
                 self.learn_micro_step(perm)
             self._end_ppo_epoch()
         self.window.pop()
-        return {**self._phase_stats, **self.timer.pop()}
+        return {**self._phase_stats, **self.timer.pop(), **served_timings(self.pt_teacher)}
 
     def _log(self, grad_norm: float | None) -> None:
         values = mean_over_ranks(self.strategy, self.window.pop(), self.strategy.device)
         values.update(self._phase_stats)  # already global
         timing = self.timer.pop()
         values.update(timing)
+        values.update(served_timings(self.pt_teacher))  # time/teacher_wait, teacher/hidden_fraction (served)
         values.update(self.compile_log.pop())
         tokens = self._phase_stats.get("rollout/tokens", 0.0)
         if timing.get("time/rollout"):

@@ -76,3 +76,65 @@ def learn_or_stop(trainer, perm):
         return stop_for_teacher_server(trainer, error, done)
     trainer._micro_done = 0 if result.stepped else done + 1
     return result
+
+
+# ------------------------------------------------------------------------------ overlap (issue 22 item 3)
+def served(teacher) -> bool:
+    return getattr(teacher, "is_remote_teacher", False)
+
+
+class ScoringPipeline:
+    """MiniLLM's rollout scoring one generation chunk behind, with a served teacher: chunk k's teacher request is
+    sent (prefetched) as soon as chunk k is generated and chunk k is scored after chunk k+1 is generated, so the
+    server works while the student samples. Rollouts with a served teacher are pure student samples (α = 0) or
+    speculative ones (the teacher's verifications are their own requests), and scoring draws no randomness, so the
+    order changes no number. A colocated teacher scores each chunk at once, as before."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher, self.parts, self._deferred = teacher, [], None
+
+    def push(self, score, prompt_ids, prompt_mask, response_ids) -> None:
+        """``score()``: the chunk's scoring (a Rollout); the rest: the chunk, as scoring sends it to the teacher."""
+        if not served(self.teacher):
+            self.parts.append(score())
+            return
+        from ..losses.heads import sequence_inputs
+
+        self.teacher.prefetch(**sequence_inputs(prompt_ids, prompt_mask, response_ids))
+        self._run_deferred()
+        self._deferred = score
+
+    def _run_deferred(self) -> None:
+        if self._deferred is not None:
+            score, self._deferred = self._deferred, None
+            self.parts.append(score())
+
+    def drain(self) -> list:
+        self._run_deferred()
+        return self.parts
+
+
+def prefetch_pt_batches(trainer) -> None:
+    """MiniLLM with a served teacher: send the PT batch this micro-step is about to draw (read from the sampler
+    without moving its cursor) while the student's policy terms run, and the step's next micro-step's PT batch
+    while this one learns. Never across an optimizer-step boundary: a server failure then surfaces at a step's first
+    micro-batch, where :func:`stop_for_teacher_server` writes an exact checkpoint. A batch peeked wrongly (an epoch
+    boundary) is just not claimed: the forward then asks the server itself."""
+    from torch.utils.data import default_collate
+
+    m, t = trainer.cfg.minillm, trainer.cfg.train
+    teacher = trainer.pt_teacher
+    if not (trainer.use_pt and trainer.pt_cache is None and m.pt_kd_ratio > 0 and served(teacher)):
+        return
+    size = m.pt_micro_batch_size if m.pt_micro_batch_size > 0 else t.micro_batch_size
+    ahead = 2 if getattr(trainer, "_micro_done", 0) + 1 < t.gradient_accumulation_steps else 1
+    sampler = trainer.pt_sampler
+    indices = sampler.epoch_indices()[sampler.position: sampler.position + ahead * size]
+    for start in range(0, len(indices) - size + 1, size):
+        batch = default_collate([trainer.corpus[i] for i in indices[start: start + size]])
+        teacher.prefetch(input_ids=batch["input_ids"])
+
+
+def served_timings(teacher) -> dict[str, float]:
+    """time/teacher_request, time/teacher_wait, teacher/hidden_fraction since the last call ({} when colocated)."""
+    return teacher.pop_timings() if served(teacher) else {}
