@@ -21,7 +21,7 @@ import yaml
 from .profiles import Profile
 from .stages import ProgressFilter, Stages, file_digest, python_module, run_command
 
-STAGE_COUNT = 8
+STAGE_COUNT = 9
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 
 
@@ -44,6 +44,7 @@ class DemoPaths:
         self.sft = out / "sft"
         self.minillm = out / "minillm"
         self.eval = out / "eval"
+        self.greedy = out / "greedy" / "answers.json"  # outside eval/, which a rerun of eval wipes
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -80,6 +81,7 @@ class Demo:
         self.stage_sft()
         self.stage_minillm()
         self.stage_eval()
+        self.stage_greedy()
         from .report import write_report
 
         report_start = time.perf_counter()
@@ -275,6 +277,24 @@ class Demo:
         self.stages.run("eval", "minillm-eval of teacher, SFT and MiniLLM students on the held-out prompts "
                         "(Rouge-L vs the teacher's answers, teacher log-likelihood, Dist-4)", settings,
                         [paths.eval / "results.json"], build)
+
+    def stage_greedy(self) -> None:
+        """Greedy answers of all three models to the held-out prompts (read by people; the scores stay T = 1).
+
+        Its own stage, so that changing a greedy setting reruns only this one, never training or evaluation."""
+        from .greedy import write_greedy
+
+        p, paths = self.profile, self.paths
+        models = self.eval_models()
+        tokens = p.greedy_max_new_tokens if p.greedy_max_new_tokens > 0 else p.max_new_tokens
+        settings = {"teacher": self.stages.fp("teacher"), "sft": self.stages.fp("sft"),
+                    "minillm": self.stages.fp("minillm"), "data": self.stages.fp("teacher-data"),
+                    "max_new_tokens": tokens, "max_prompt_length": p.max_prompt_length, "dtype": self.dtype}
+        self.stages.run("greedy", f"greedy answers of teacher, SFT and MiniLLM students to the held-out prompts "
+                        f"(up to {tokens} tokens)", settings, [paths.greedy],
+                        lambda: write_greedy(models, paths.teacher_heldout, paths.greedy, max_new_tokens=tokens,
+                                             max_prompt_length=p.max_prompt_length, batch_size=p.batch_size,
+                                             device=self.device, dtype=self.dtype))
 
 
 def _train_line(line: str) -> bool:
