@@ -359,3 +359,75 @@ def test_judge_greedy_and_verdict_from_numbers():
     text = verdict_text(worse, none, None, 6, 30)
     assert "(worse)" in text and "k3 is 3.00 against 2.50 (worse)" in text
     assert "none of its greedy answers meets the criterion" in text and "What it can do: answer" not in text
+
+
+def test_frontier_proxies_on_the_tiny_teacher(tmp_path):
+    """The student-choice proxies: exact cross-entropy, k3 = 0 for the teacher against itself, an untied head that
+    is a separate copy, and SFT that lowers the training loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.demo.frontier import _pairs, build_student, cross_entropy, sample_scores, sft
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "teacher")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32).eval()
+    rows = [{"prompt": "Add 1 and 2.\n", "output": "3"}, {"prompt": "Repeat the word: moon\n", "output": "moon moon"},
+            {"prompt": "What colour is the sky?\n", "output": "blue"}]
+    pairs = _pairs(tok, rows, 96)
+    expected = []
+    with torch.no_grad():
+        for prompt, response in pairs:
+            logp = torch.log_softmax(teacher(torch.tensor([prompt + response])).logits[0], -1)
+            expected += [-float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response)]
+    assert cross_entropy(teacher, pairs, tok.pad_token_id, batch_size=2) == pytest.approx(
+        sum(expected) / len(expected), rel=1e-5)
+    scores = sample_scores(teacher, teacher, tok, [r["prompt"] for r in rows], max_new_tokens=8,
+                           max_prompt_length=96, seed=3)
+    assert scores["reverse_kl_k3"] == pytest.approx(0.0, abs=1e-6) and scores["teacher_logprob"] < 0
+    assert 3 <= scores["tokens"] <= 3 * 8
+    # the tiny teacher has its own head; SmolLM2 ties it to the input embeddings: make a tied copy
+    tied_teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32)
+    tied_teacher.config.tie_word_embeddings = True
+    tied_teacher.lm_head.weight = tied_teacher.get_input_embeddings().weight
+    tied_teacher.save_pretrained(tmp_path / "tied-teacher")
+    tok.save_pretrained(tmp_path / "tied-teacher")
+    tied = build_student(tmp_path / "tied-teacher", tmp_path, 1, "outer", tied=True)
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    untied = build_student(tmp_path / "tied-teacher", tmp_path, 1, "outer", tied=False)
+    vocab, hidden = tied.get_input_embeddings().weight.shape
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + vocab * hidden
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    before = cross_entropy(tied, pairs, tok.pad_token_id)
+    sft(tied, pairs, tok.pad_token_id, steps=4, lr=3e-3, batch_size=3, seed=0)
+    assert cross_entropy(tied, pairs, tok.pad_token_id) < before
+
+
+def test_sft_answers_at_a_lower_temperature_keep_the_heldout_references_at_one(tiny_demo, tmp_path, monkeypatch):
+    """profile.sft_temperature: the training/dev answers come from a generate call at that temperature, the
+    held-out references (scored) from one at T = 1; at the default the stage keeps its old settings (caches)."""
+    from minillm.demo.pipeline import Demo
+    from minillm.demo.profiles import get_profile
+
+    monkeypatch.chdir(ROOT)
+    demo = Demo(get_profile("tiny", sft_temperature=0.5), tmp_path / "run", tmp_path / "cache", device="cpu")
+    demo.stage_teacher()
+    demo.stage_prompts()
+    demo.stage_teacher_data()
+    data = tmp_path / "run" / "data"
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data / name).read_text().splitlines()]
+
+    train_side = sorted(read("teacher_train_side.jsonl"), key=lambda r: r["index"])
+    assert read("teacher_train.jsonl") + read("teacher_dev.jsonl") == train_side
+    assert read("teacher_heldout.jsonl") == sorted(read("teacher_heldout_t1.jsonl"), key=lambda r: r["index"])
+    assert [r["prompt"] for r in read("teacher_heldout.jsonl")] != [r["prompt"] for r in train_side[:16]]
+    for name, temperature in (("teacher_train_side", 0.5), ("teacher_heldout_t1", 1.0)):
+        meta = json.loads((data / f"{name}.jsonl.meta.json").read_text())
+        assert meta["sampling"]["temperature"] == temperature and meta["sampling"]["do_sample"] is True
+    record = json.loads((tmp_path / "run" / "stages" / "teacher-data.json").read_text())
+    assert record["settings"]["sft_temperature"] == 0.5
+    default_record = json.loads((tiny_demo[0] / "stages" / "teacher-data.json").read_text())
+    assert "sft_temperature" not in default_record["settings"]  # default runs keep their cached answers
+    assert not (tiny_demo[0] / "data" / "teacher_train_side.jsonl").exists()

@@ -124,7 +124,8 @@ def build_student(teacher_dir: Path, work: Path, keep: int, choice: str, tied: b
     if not (folder / "config.json").exists():
         prune_layers(teacher_dir, folder, keep, choice)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if not tied:  # its own copy of the output layer: +vocab × hidden parameters, trained apart from the input
+    if not tied and model.config.tie_word_embeddings:
+        # its own copy of the output layer: +vocab × hidden parameters, trained apart from the input embeddings
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     return model.eval()

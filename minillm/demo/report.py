@@ -211,7 +211,8 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str, greedy: dict
         f"# MiniLLM demo ({p.name} profile)", "",
         f"Teacher: `{demo.teacher_dir}`. Student: the teacher with {p.keep_layers} of its decoder layers kept "
         f"({_LAYER_TEXT.get(p.layer_choice, p.layer_choice)}; `{paths.student_init}`), warm-started by SFT on "
-        f"the teacher's answers to {p.num_train} prompts "
+        f"the teacher's answers to {p.num_train} prompts"
+        f"{'' if p.sft_temperature == 1.0 else f' (sampled at T = {p.sft_temperature:g})'} "
         f"(`{paths.sft}/final`), then trained with MiniLLM (reverse KL by policy gradient, teacher-mixed "
         f"sampling α = 0.2, no pre-training loss) from that SFT checkpoint (`{paths.minillm}/final`).", "",
         f"Evaluation: {len(references)} held-out prompts ({_PROMPT_TEXT.get(p.prompts, p.prompts)}), one sample "
