@@ -431,3 +431,14 @@ def test_sft_answers_at_a_lower_temperature_keep_the_heldout_references_at_one(t
     default_record = json.loads((tiny_demo[0] / "stages" / "teacher-data.json").read_text())
     assert "sft_temperature" not in default_record["settings"]  # default runs keep their cached answers
     assert not (tiny_demo[0] / "data" / "teacher_train_side.jsonl").exists()
+
+
+def test_cli_sft_temperature_reaches_the_profile():
+    from minillm.demo.cli import make_parser, profile_from_args
+
+    parse = make_parser().parse_args
+    assert profile_from_args(parse([])).sft_temperature == 1.0
+    assert profile_from_args(parse(["--quick", "--sft-temperature", "0.7"])).sft_temperature == 0.7
+    assert profile_from_args(parse(["--quick", "--sft-temperature", "0.7"])).name == "quick"
+    with pytest.raises(SystemExit, match="--sft-temperature 0.0 must be in"):
+        profile_from_args(parse(["--sft-temperature", "0"]))
