@@ -341,8 +341,8 @@ def test_judge_greedy_and_verdict_from_numbers():
                "sft": ["Paris is the capital.", "the the the the the the", ""],
                "minillm": ["Paris is the capital of France.", "Red and green and blue and red and green.", "4"]}
     judged = judge_greedy(answers)
-    assert judged["counts"]["minillm"] == {"non_repetitive": 3, "on_topic": 2, "readable": 2, "num": 3}
-    assert judged["counts"]["sft"] == {"non_repetitive": 1, "on_topic": 1, "readable": 1, "num": 3}
+    assert judged["counts"]["minillm"] == {"non_repetitive": 3, "on_topic": 2, "readable": 2, "empty": 0, "num": 3}
+    assert judged["counts"]["sft"] == {"non_repetitive": 1, "on_topic": 1, "readable": 1, "empty": 1, "num": 3}
     assert judged["per_prompt"]["minillm"][0]["rougeL_vs_teacher"] == pytest.approx(100.0)
     models = {"teacher": {"parameters": 100, "teacher_logprob": -1.5, "reverse_kl_k3": 0.0, "rougeL": 30.0},
               "sft": {"parameters": 40, "teacher_logprob": -6.5, "reverse_kl_k3": 2.5, "rougeL": 10.0},
@@ -353,12 +353,14 @@ def test_judge_greedy_and_verdict_from_numbers():
     assert "(3.75 nats/token short of it)" in text and "k3 is 1.75 against 2.50 (better)" in text
     assert "2 of 3 MiniLLM answers meet it (3 non-repetitive, 2 on topic), against 1 of 3 for the SFT" in text
     assert "best “What is the capital of France?”" in text
-    assert "the other 1 prompt(s) get answers that repeat themselves (0) or drift from the teacher's answer (1)" in text
+    assert "the other 1 prompt(s) get answers that are empty (0), repeat themselves (0) or drift from the teacher's " \
+        "answer (1)" in text
     worse = {**models, "minillm": {**models["minillm"], "teacher_logprob": -7.0, "reverse_kl_k3": 3.0}}
     none = judge_greedy({**answers, "minillm": ["x y z x y z x y z", "", "no"]})
     text = verdict_text(worse, none, None, 6, 30)
     assert "(worse)" in text and "k3 is 3.00 against 2.50 (worse)" in text
     assert "none of its greedy answers meets the criterion" in text and "What it can do: answer" not in text
+    assert "are empty (1), repeat themselves (1) or drift from the teacher's answer (3)" in text
 
 
 def test_frontier_proxies_on_the_tiny_teacher(tmp_path):

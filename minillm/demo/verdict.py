@@ -39,7 +39,7 @@ def judge_greedy(answers: dict[str, Sequence[str]]) -> dict[str, Any]:
     """Per-prompt scores and counts of the greedy answers of ``teacher``, ``sft`` and ``minillm``.
 
     Returns ``{"per_prompt": {model: [{"rougeL_vs_teacher", "repeated", "non_repetitive", "on_topic",
-    "readable"}, ...]}, "counts": {model: {"non_repetitive", "on_topic", "readable", "num"}}}``; the teacher's
+    "readable"}, ...]}, "counts": {model: {"non_repetitive", "on_topic", "readable", "empty", "num"}}}``; the teacher's
     own answers are only checked for repetition (their overlap with themselves is 100 by construction).
     """
     from ..evaluation.metrics import per_example_rouge_l
@@ -61,6 +61,7 @@ def judge_greedy(answers: dict[str, Sequence[str]]) -> dict[str, Any]:
                          "on_topic": on_topic, "readable": non_rep and on_topic})
         per_prompt[name] = rows
         counts[name] = {k: sum(r[k] for r in rows) for k in ("non_repetitive", "on_topic", "readable")}
+        counts[name]["empty"] = sum(not text.strip() for text in texts)
         counts[name]["num"] = len(rows)
     return {"per_prompt": per_prompt, "counts": counts, "repeat_limit": REPEAT_LIMIT, "overlap_min": OVERLAP_MIN}
 
@@ -117,9 +118,10 @@ def verdict_text(models: dict[str, dict[str, Any]], judged: dict[str, Any], best
                      "distillation shows in the measured numbers only, not in readable text.")
     missing = n - readable
     if missing:
-        parts.append(f"What it cannot do: the other {missing} prompt(s) get answers that repeat themselves "
-                     f"({n - c['minillm']['non_repetitive']}) or drift from the teacher's answer "
-                     f"({n - c['minillm']['on_topic']}).")
+        empty = c["minillm"]["empty"]
+        parts.append(f"What it cannot do: the other {missing} prompt(s) get answers that are empty ({empty}), "
+                     f"repeat themselves ({n - c['minillm']['non_repetitive'] - empty}) or drift from the "
+                     f"teacher's answer ({n - c['minillm']['on_topic']}).")
     return " ".join(parts)
 
 
