@@ -4,7 +4,8 @@
 #   bash scripts/demo.sh               # full demo, ~15 min on 2 CPU cores        -> runs/demo/report.md
 #   bash scripts/demo.sh --quick       # ~3 min                                   -> runs/demo-quick/report.md
 #   bash scripts/demo.sh --assets tiny # the committed tiny test models (no GGUF)  -> runs/demo-tiny/report.md
-# Other arguments go to `python -m minillm.demo` (--out DIR, --device cpu|cuda, --force; see --help).
+# Other arguments go to `python -m minillm.demo` (--out DIR, --device cpu|cuda, --force, --sft-temperature T;
+# see --help).
 # Creates .venv like scripts/test.sh when missing; a second run reuses every finished, unchanged stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,10 +21,11 @@ import pytest
 from minillm.demo.models import evenly_spaced_layers, outer_layers, prune_layers
 from minillm.demo.prompts import Prompt, load_own_prompts, split_prompts
 from minillm.demo.stages import fingerprint
+from minillm.demo.verdict import judge_greedy, repeated_trigram_fraction, verdict_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
-STAGES = ["teacher", "student-init", "prompts", "teacher-data", "sft", "minillm", "eval"]
+STAGES = ["teacher", "student-init", "prompts", "teacher-data", "sft", "minillm", "eval", "greedy"]
 MODELS = ["teacher", "sft", "minillm"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +120,7 @@ def test_report_has_table_samples_and_valid_pngs(tiny_demo):
         assert f"{summary['models'][name]['teacher_logprob']:.3f}" in row
         assert f"{summary['models'][name]['rougeL']:.2f}" in row
     assert summary["verdict"]["text"] in report
-    assert "| teacher (reference) | SFT student | MiniLLM student |" in report
+    assert "| model | greedy answer | T = 1 sample (scored) |" in report
     first_heldout = json.loads((out / "data" / "heldout_prompts.jsonl").read_text().splitlines()[0])
     assert first_heldout["id"] in report
     assert set(summary["plots"]) >= {"minillm_reward.png", "minillm_reverse_kl.png", "minillm_losses.png",
@@ -142,6 +143,130 @@ def test_second_run_reuses_every_stage(tiny_demo):
         assert second["stages"][name]["cached"] is True
         assert second["stages"][name]["seconds"] == first["stages"][name]["seconds"]
     assert second["models"] == first["models"]
+
+
+def _independent_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, max_prompt_length: int) -> list[str]:
+    """One prompt at a time, no padding, no KV cache, no generate(): argmax of the full forward until EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny forwards: on a loaded machine 2 threads are ~20x slower than 1
+    try:
+        texts = [_greedy_one(model, tokenizer, prompt, max_new_tokens, max_prompt_length) for prompt in prompts]
+    finally:
+        torch.set_num_threads(threads)
+    return texts
+
+
+def _greedy_one(model, tokenizer, prompt: str, max_new_tokens: int, max_prompt_length: int) -> str:
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_prompt_length]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_greedy_answers_equal_an_independent_greedy_decode(tiny_demo):
+    out, _, summary = tiny_demo
+    greedy = json.loads((out / "greedy" / "answers.json").read_text())
+    heldout = [json.loads(line) for line in (out / "data" / "teacher_heldout.jsonl").read_text().splitlines()]
+    assert greedy["prompts"] == [r["prompt"] for r in heldout]
+    s = summary["settings"]
+    dirs = {"teacher": ASSETS / "teacher", "sft": out / "sft" / "final", "minillm": out / "minillm" / "final"}
+    for name, model_dir in dirs.items():
+        expected = _independent_greedy(model_dir, greedy["prompts"], s["max_new_tokens"], s["max_prompt_length"])
+        assert greedy["answers"][name] == expected, name
+
+
+def test_report_lists_prompts_best_answered_first_with_greedy_and_sampled_answers(tiny_demo):
+    """The order, the per-prompt scores, the counts and the verdict, recomputed here from the answers."""
+    from minillm.evaluation import rouge_l
+
+    out, _, summary = tiny_demo
+    greedy = json.loads((out / "greedy" / "answers.json").read_text())
+    answers, n = greedy["answers"], len(greedy["prompts"])
+    heldout = [json.loads(line) for line in (out / "data" / "heldout_prompts.jsonl").read_text().splitlines()]
+
+    def judge(text: str, teacher: str) -> tuple[bool, float, float]:
+        words = text.lower().split()
+        grams = list(zip(words, words[1:], words[2:]))
+        repeated = 1 - len(set(grams)) / len(grams) if grams else 0.0
+        rouge = rouge_l([text], [teacher])
+        return bool(text.strip()) and repeated <= 0.2 and rouge >= 20.0, rouge, repeated
+
+    scores = {name: [judge(answers[name][i], answers["teacher"][i]) for i in range(n)] for name in ("sft", "minillm")}
+    order = sorted(range(n), key=lambda i: (not scores["minillm"][i][0], -scores["minillm"][i][1],
+                                            scores["minillm"][i][2], i))
+    assert summary["greedy"]["order"] == order
+    for name in ("sft", "minillm"):
+        assert summary["greedy"]["counts"][name]["readable"] == sum(r[0] for r in scores[name])
+    rouges = [scores["minillm"][i][1] for i in order]
+    readable = [scores["minillm"][i][0] for i in order]
+    assert readable == sorted(readable, reverse=True)  # readable answers first
+    assert all(a >= b for a, b, ra, rb in zip(rouges, rouges[1:], readable, readable[1:]) if ra == rb)
+
+    report = (out / "report.md").read_text()
+    assert "## Held-out prompts, best-answered first" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "(`" in line and "|---" not in line]
+    assert len(rows) == n
+    for rank, (row, i) in enumerate(zip(rows, order), start=1):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(rank) and f"(`{heldout[i]['id']}`)" in cells[1]
+        assert cells[2] == f"{scores['minillm'][i][1]:.1f}" and cells[3] == ("yes" if scores["minillm"][i][0] else "no")
+        assert cells[4] == f"{scores['sft'][i][1]:.1f}" and cells[5] == ("yes" if scores["sft"][i][0] else "no")
+    # each prompt's block, in the same order, holds every model's greedy answer beside its scored T = 1 sample
+    (set_dir,) = [d for d in (out / "eval" / "teacher").iterdir() if d.is_dir()]
+    blocks = [report.index(f"**{rank}. ") for rank in range(1, n + 1)]
+    assert blocks == sorted(blocks)
+    for rank, i in enumerate(order, start=1):
+        block = report[blocks[rank - 1]:blocks[rank] if rank < n else len(report)]
+        assert f"(`{heldout[i]['id']}`)" in block
+        for name, label in (("teacher", "Teacher"), ("sft", "SFT student"), ("minillm", "MiniLLM student")):
+            sampled = {s["prompt"]: s["output"] for s in json.loads(
+                (out / "eval" / name / set_dir.name / "seed20.json").read_text())["samples"]}
+            row = next(line for line in block.splitlines() if line.startswith(f"| {label} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[1] == (" ".join(answers[name][i].split()) or "*(empty)*")
+            assert cells[2] == (" ".join(sampled[greedy["prompts"][i]].split()) or "*(empty)*")
+    text = summary["verdict"]["text"]
+    assert text in report
+    mini_readable = summary["greedy"]["counts"]["minillm"]["readable"]
+    assert f"{mini_readable} of {n} MiniLLM answers meet it" in text
+    assert f"{summary['models']['minillm']['teacher_logprob']:.2f} nats/token under the teacher" in text
+
+
+
+def test_changed_greedy_setting_reruns_only_the_greedy_stage(tiny_demo, monkeypatch, capsys):
+    """Runs after the tests above that read the first run's answers: this one replaces them."""
+    from minillm.demo.pipeline import Demo
+    from minillm.demo.profiles import get_profile
+
+    out, _, first = tiny_demo
+    before = json.loads((out / "greedy" / "answers.json").read_text())["answers"]
+    monkeypatch.chdir(ROOT)  # the tiny profile names its assets relative to the repository
+    summary = Demo(get_profile("tiny", greedy_max_new_tokens=3), out, ROOT / ".cache" / "minillm" / "demo",
+                   device="cpu").run()
+    printed = capsys.readouterr().out
+    assert printed.count("... cached") == len(STAGES) - 1
+    assert [n for n in STAGES if summary["stages"][n]["cached"]] == STAGES[:-1]
+    assert summary["models"] == first["models"]  # training and evaluation untouched
+    after = json.loads((out / "greedy" / "answers.json").read_text())["answers"]
+    prompts = json.loads((out / "greedy" / "answers.json").read_text())["prompts"]
+    s = summary["settings"]
+    dirs = {"teacher": ASSETS / "teacher", "sft": out / "sft" / "final", "minillm": out / "minillm" / "final"}
+    for name in MODELS:  # greedy answers of at most 3 tokens: the start of the 16-token ones
+        assert after[name] == _independent_greedy(dirs[name], prompts, 3, s["max_prompt_length"]), name
+        assert all(b.startswith(a) for a, b in zip(after[name], before[name])), name
+    assert after != before
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -202,3 +327,120 @@ def test_own_prompts_are_short_unique_instructions():
 def test_fingerprint_ignores_key_order():
     assert fingerprint({"a": 1, "b": {"c": [1, 2]}}) == fingerprint({"b": {"c": [1, 2]}, "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_repeated_trigram_fraction():
+    assert repeated_trigram_fraction("") == 0.0 and repeated_trigram_fraction("two words") == 0.0
+    assert repeated_trigram_fraction("a b c d e") == 0.0
+    assert repeated_trigram_fraction("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: 1 repeat of 4
+    assert repeated_trigram_fraction("The the THE the the") == pytest.approx(2 / 3)
+
+
+def test_judge_greedy_and_verdict_from_numbers():
+    answers = {"teacher": ["Paris is the capital of France.", "Blue, because of Rayleigh scattering.", "4"],
+               "sft": ["Paris is the capital.", "the the the the the the", ""],
+               "minillm": ["Paris is the capital of France.", "Red and green and blue and red and green.", "4"]}
+    judged = judge_greedy(answers)
+    assert judged["counts"]["minillm"] == {"non_repetitive": 3, "on_topic": 2, "readable": 2, "empty": 0, "num": 3}
+    assert judged["counts"]["sft"] == {"non_repetitive": 1, "on_topic": 1, "readable": 1, "empty": 1, "num": 3}
+    assert judged["per_prompt"]["minillm"][0]["rougeL_vs_teacher"] == pytest.approx(100.0)
+    models = {"teacher": {"parameters": 100, "teacher_logprob": -1.5, "reverse_kl_k3": 0.0, "rougeL": 30.0},
+              "sft": {"parameters": 40, "teacher_logprob": -6.5, "reverse_kl_k3": 2.5, "rougeL": 10.0},
+              "minillm": {"parameters": 40, "teacher_logprob": -5.25, "reverse_kl_k3": 1.75, "rougeL": 12.0}}
+    text = verdict_text(models, judged, "What is the capital of France?", 6, 30)
+    assert text.startswith("The students keep 6 of the teacher's 30 layers: 0.0 M parameters, 40 % of the")
+    assert "-5.25 nats/token under the teacher against -6.50 for the SFT student (better)" in text
+    assert "(3.75 nats/token short of it)" in text and "k3 is 1.75 against 2.50 (better)" in text
+    assert "2 of 3 MiniLLM answers meet it (3 non-repetitive, 2 on topic), against 1 of 3 for the SFT" in text
+    assert "best “What is the capital of France?”" in text
+    assert "the other 1 prompt(s) get answers that are empty (0), repeat themselves (0) or drift from the teacher's " \
+        "answer (1)" in text
+    worse = {**models, "minillm": {**models["minillm"], "teacher_logprob": -7.0, "reverse_kl_k3": 3.0}}
+    none = judge_greedy({**answers, "minillm": ["x y z x y z x y z", "", "no"]})
+    text = verdict_text(worse, none, None, 6, 30)
+    assert "(worse)" in text and "k3 is 3.00 against 2.50 (worse)" in text
+    assert "none of its greedy answers meets the criterion" in text and "What it can do: answer" not in text
+    assert "are empty (1), repeat themselves (1) or drift from the teacher's answer (3)" in text
+
+
+def test_frontier_proxies_on_the_tiny_teacher(tmp_path):
+    """The student-choice proxies: exact cross-entropy, k3 = 0 for the teacher against itself, an untied head that
+    is a separate copy, and SFT that lowers the training loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.demo.frontier import _pairs, build_student, cross_entropy, sample_scores, sft
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "teacher")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32).eval()
+    rows = [{"prompt": "Add 1 and 2.\n", "output": "3"}, {"prompt": "Repeat the word: moon\n", "output": "moon moon"},
+            {"prompt": "What colour is the sky?\n", "output": "blue"}]
+    pairs = _pairs(tok, rows, 96)
+    expected = []
+    with torch.no_grad():
+        for prompt, response in pairs:
+            logp = torch.log_softmax(teacher(torch.tensor([prompt + response])).logits[0], -1)
+            expected += [-float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response)]
+    assert cross_entropy(teacher, pairs, tok.pad_token_id, batch_size=2) == pytest.approx(
+        sum(expected) / len(expected), rel=1e-5)
+    scores = sample_scores(teacher, teacher, tok, [r["prompt"] for r in rows], max_new_tokens=8,
+                           max_prompt_length=96, seed=3)
+    assert scores["reverse_kl_k3"] == pytest.approx(0.0, abs=1e-6) and scores["teacher_logprob"] < 0
+    assert 3 <= scores["tokens"] <= 3 * 8
+    # the tiny teacher has its own head; SmolLM2 ties it to the input embeddings: make a tied copy
+    tied_teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32)
+    tied_teacher.config.tie_word_embeddings = True
+    tied_teacher.lm_head.weight = tied_teacher.get_input_embeddings().weight
+    tied_teacher.save_pretrained(tmp_path / "tied-teacher")
+    tok.save_pretrained(tmp_path / "tied-teacher")
+    tied = build_student(tmp_path / "tied-teacher", tmp_path, 1, "outer", tied=True)
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    untied = build_student(tmp_path / "tied-teacher", tmp_path, 1, "outer", tied=False)
+    vocab, hidden = tied.get_input_embeddings().weight.shape
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + vocab * hidden
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    before = cross_entropy(tied, pairs, tok.pad_token_id)
+    sft(tied, pairs, tok.pad_token_id, steps=4, lr=3e-3, batch_size=3, seed=0)
+    assert cross_entropy(tied, pairs, tok.pad_token_id) < before
+
+
+def test_sft_answers_at_a_lower_temperature_keep_the_heldout_references_at_one(tiny_demo, tmp_path, monkeypatch):
+    """profile.sft_temperature: the training/dev answers come from a generate call at that temperature, the
+    held-out references (scored) from one at T = 1; at the default the stage keeps its old settings (caches)."""
+    from minillm.demo.pipeline import Demo
+    from minillm.demo.profiles import get_profile
+
+    monkeypatch.chdir(ROOT)
+    demo = Demo(get_profile("tiny", sft_temperature=0.5), tmp_path / "run", tmp_path / "cache", device="cpu")
+    demo.stage_teacher()
+    demo.stage_prompts()
+    demo.stage_teacher_data()
+    data = tmp_path / "run" / "data"
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data / name).read_text().splitlines()]
+
+    train_side = sorted(read("teacher_train_side.jsonl"), key=lambda r: r["index"])
+    assert read("teacher_train.jsonl") + read("teacher_dev.jsonl") == train_side
+    assert read("teacher_heldout.jsonl") == sorted(read("teacher_heldout_t1.jsonl"), key=lambda r: r["index"])
+    assert [r["prompt"] for r in read("teacher_heldout.jsonl")] != [r["prompt"] for r in train_side[:16]]
+    for name, temperature in (("teacher_train_side", 0.5), ("teacher_heldout_t1", 1.0)):
+        meta = json.loads((data / f"{name}.jsonl.meta.json").read_text())
+        assert meta["sampling"]["temperature"] == temperature and meta["sampling"]["do_sample"] is True
+    record = json.loads((tmp_path / "run" / "stages" / "teacher-data.json").read_text())
+    assert record["settings"]["sft_temperature"] == 0.5
+    default_record = json.loads((tiny_demo[0] / "stages" / "teacher-data.json").read_text())
+    assert "sft_temperature" not in default_record["settings"]  # default runs keep their cached answers
+    assert not (tiny_demo[0] / "data" / "teacher_train_side.jsonl").exists()
+
+
+def test_cli_sft_temperature_reaches_the_profile():
+    from minillm.demo.cli import make_parser, profile_from_args
+
+    parse = make_parser().parse_args
+    assert profile_from_args(parse([])).sft_temperature == 1.0
+    assert profile_from_args(parse(["--quick", "--sft-temperature", "0.7"])).sft_temperature == 0.7
+    assert profile_from_args(parse(["--quick", "--sft-temperature", "0.7"])).name == "quick"
+    with pytest.raises(SystemExit, match="--sft-temperature 0.0 must be in"):
+        profile_from_args(parse(["--sft-temperature", "0"]))

@@ -32,7 +32,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA (bf16) when available, else CPU (fp32)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if its outputs are up to date")
+    p.add_argument("--sft-temperature", type=float, default=None,
+                   help="sample the teacher's training answers (the SFT data) at this temperature instead of the "
+                        "profile's; the held-out references stay at T = 1")
     return p
+
+
+def profile_from_args(args: argparse.Namespace):
+    from .profiles import get_profile
+
+    if args.sft_temperature is not None and not 0.0 < args.sft_temperature <= 2.0:
+        raise SystemExit(f"python -m minillm.demo: --sft-temperature {args.sft_temperature} must be in (0, 2]")
+    return get_profile(choose_profile(args), sft_temperature=args.sft_temperature)
 
 
 def choose_profile(args: argparse.Namespace) -> str:
@@ -46,17 +57,15 @@ def choose_profile(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    name = choose_profile(args)
+    profile = profile_from_args(args)
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")  # the demo never needs the hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-file weight loading/saving bars say nothing useful here; the stages print their own progress
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .pipeline import Demo
-    from .profiles import get_profile
     from .stages import StageFailed
 
-    profile = get_profile(name)
     out = Path(args.out or profile.out_dir)
     start = time.perf_counter()
     try:

@@ -21,7 +21,7 @@ import yaml
 from .profiles import Profile
 from .stages import ProgressFilter, Stages, file_digest, python_module, run_command
 
-STAGE_COUNT = 8
+STAGE_COUNT = 9
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 
 
@@ -44,6 +44,7 @@ class DemoPaths:
         self.sft = out / "sft"
         self.minillm = out / "minillm"
         self.eval = out / "eval"
+        self.greedy = out / "greedy" / "answers.json"  # outside eval/, which a rerun of eval wipes
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -80,6 +81,7 @@ class Demo:
         self.stage_sft()
         self.stage_minillm()
         self.stage_eval()
+        self.stage_greedy()
         from .report import write_report
 
         report_start = time.perf_counter()
@@ -168,34 +170,53 @@ class Demo:
         p, paths = self.profile, self.paths
         settings = {"teacher": self.stages.fp("teacher"), "prompts": self.stages.fp("prompts"),
                     "max_new_tokens": p.max_new_tokens, "dtype": self.dtype, "seed": p.data_seed}
+        if p.sft_temperature != 1.0:  # only then, so that runs at the default keep their cached answers
+            settings["sft_temperature"] = p.sft_temperature
 
         def build() -> None:
-            # Same settings as an interrupted earlier attempt: minillm-generate resumes it; else (or --force)
-            # it starts over.
-            marker = paths.data / "teacher_all.settings.json"
-            same = not self.stages.force and marker.exists() and json.loads(marker.read_text()) == settings
-            marker.write_text(json.dumps(settings) + "\n")
-            run_command(python_module(
-                "minillm.cli.generate", "--model", self.teacher_dir, "--data", paths.all_prompts,
-                "--out", paths.teacher_all, "--template", p.template, "--max-prompt-length", p.max_prompt_length,
-                "--max-new-tokens", p.max_new_tokens, "--batch-size", p.batch_size, "--seed", p.data_seed,
-                "--device", self.device, "--dtype", self.dtype, *([] if same else ["--overwrite"])),
-                paths.logs / "generate.log",
-                echo=ProgressFilter())
-            rows = [json.loads(line) for line in paths.teacher_all.read_text().splitlines() if line.strip()]
-            num_train_side = sum(1 for line in paths.train_prompts.read_text().splitlines() if line.strip())
-            if len(rows) != num_train_side + p.num_heldout:
-                raise RuntimeError(f"{paths.teacher_all}: expected {num_train_side + p.num_heldout} responses, got "
-                                   f"{len(rows)} (were prompts dropped as too long?)")
-            rows.sort(key=lambda r: r["index"])
-            train_side, heldout = rows[:num_train_side], rows[num_train_side:]
+            if p.sft_temperature == 1.0:  # one call: train, dev and held-out answers all at T = 1
+                rows = self._generate(paths.all_prompts, paths.teacher_all, 1.0, settings, "generate.log")
+                num_train_side = sum(1 for line in paths.train_prompts.read_text().splitlines() if line.strip())
+                train_side, heldout = rows[:num_train_side], rows[num_train_side:]
+            else:  # training answers at the lower temperature; the held-out references stay T = 1 (scored)
+                train_side = self._generate(paths.train_prompts, paths.data / "teacher_train_side.jsonl",
+                                            p.sft_temperature, settings, "generate-train.log")
+                heldout = self._generate(paths.heldout_prompts, paths.data / "teacher_heldout_t1.jsonl", 1.0,
+                                         settings, "generate.log")
+            if len(heldout) != p.num_heldout:
+                raise RuntimeError(f"{paths.data}: expected {p.num_heldout} held-out answers, got {len(heldout)} "
+                                   "(were prompts dropped as too long?)")
             _write_jsonl(paths.teacher_train, train_side[:len(train_side) - p.num_dev])
             _write_jsonl(paths.teacher_dev, train_side[len(train_side) - p.num_dev:])
             _write_jsonl(paths.teacher_heldout, heldout)
 
+        t = "" if p.sft_temperature == 1.0 else f" (training answers at T = {p.sft_temperature:g})"
         self.stages.run("teacher-data", "the teacher answers every prompt (minillm-generate): training data and "
-                        "held-out references", settings,
+                        f"held-out references{t}", settings,
                         [paths.teacher_train, paths.teacher_dev, paths.teacher_heldout], build)
+
+    def _generate(self, prompts: Path, out: Path, temperature: float, settings: dict[str, Any],
+                  log_name: str) -> list[dict[str, Any]]:
+        """The teacher's answers to every prompt of ``prompts`` (minillm-generate), in prompt order."""
+        p = self.profile
+        # Same settings as an interrupted earlier attempt: minillm-generate resumes it; else (or --force) it
+        # starts over.
+        marker = out.with_name(out.stem + ".settings.json")
+        call = {**settings, "temperature": temperature} if temperature != 1.0 else settings
+        same = not self.stages.force and marker.exists() and json.loads(marker.read_text()) == call
+        marker.write_text(json.dumps(call) + "\n")
+        run_command(python_module(
+            "minillm.cli.generate", "--model", self.teacher_dir, "--data", prompts, "--out", out,
+            "--template", p.template, "--max-prompt-length", p.max_prompt_length,
+            "--max-new-tokens", p.max_new_tokens, "--temperature", temperature, "--batch-size", p.batch_size,
+            "--seed", p.data_seed, "--device", self.device, "--dtype", self.dtype,
+            *([] if same else ["--overwrite"])), self.paths.logs / log_name, echo=ProgressFilter())
+        rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        expected = sum(1 for line in prompts.read_text().splitlines() if line.strip())
+        if len(rows) != expected:
+            raise RuntimeError(f"{out}: expected {expected} responses, got {len(rows)} (were prompts dropped as "
+                               "too long?)")
+        return sorted(rows, key=lambda r: r["index"])
 
     def _train_config(self, method: str, student: Path, output_dir: Path, overrides: dict[str, Any]) -> dict:
         p = self.profile
@@ -275,6 +296,24 @@ class Demo:
         self.stages.run("eval", "minillm-eval of teacher, SFT and MiniLLM students on the held-out prompts "
                         "(Rouge-L vs the teacher's answers, teacher log-likelihood, Dist-4)", settings,
                         [paths.eval / "results.json"], build)
+
+    def stage_greedy(self) -> None:
+        """Greedy answers of all three models to the held-out prompts (read by people; the scores stay T = 1).
+
+        Its own stage, so that changing a greedy setting reruns only this one, never training or evaluation."""
+        from .greedy import write_greedy
+
+        p, paths = self.profile, self.paths
+        models = self.eval_models()
+        tokens = p.greedy_max_new_tokens if p.greedy_max_new_tokens > 0 else p.max_new_tokens
+        settings = {"teacher": self.stages.fp("teacher"), "sft": self.stages.fp("sft"),
+                    "minillm": self.stages.fp("minillm"), "data": self.stages.fp("teacher-data"),
+                    "max_new_tokens": tokens, "max_prompt_length": p.max_prompt_length, "dtype": self.dtype}
+        self.stages.run("greedy", f"greedy answers of teacher, SFT and MiniLLM students to the held-out prompts "
+                        f"(up to {tokens} tokens)", settings, [paths.greedy],
+                        lambda: write_greedy(models, paths.teacher_heldout, paths.greedy, max_new_tokens=tokens,
+                                             max_prompt_length=p.max_prompt_length, batch_size=p.batch_size,
+                                             device=self.device, dtype=self.dtype))
 
 
 def _train_line(line: str) -> bool:

@@ -30,6 +30,8 @@ class Profile:
     sft: dict[str, Any] = field(default_factory=dict)       # training config overrides for the SFT warm start
     minillm: dict[str, Any] = field(default_factory=dict)   # ... and for MiniLLM
     layer_choice: str = "outer"      # which layers: outer (first and last ones) or even (evenly spaced)
+    sft_temperature: float = 1.0     # the teacher's training answers (SFT data) are sampled at this temperature
+    greedy_max_new_tokens: int = -1  # greedy answers shown in the report (-1: max_new_tokens)
     eval_seeds: tuple[int, ...] = (20,)
     data_seed: int = 10
 

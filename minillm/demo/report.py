@@ -138,19 +138,20 @@ def verdict(models: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Is the MiniLLM student closer to the teacher than the SFT student (higher teacher log-likelihood)?"""
     sft, mini = models["sft"].get("teacher_logprob"), models["minillm"].get("teacher_logprob")
     if sft is None or mini is None:
-        return {"minillm_closer_to_teacher": None, "teacher_logprob_gain": None, "text": "no teacher log-likelihood"}
-    gain = mini - sft
-    closer = gain > 0
-    kl_sft, kl_mini = models["sft"].get("reverse_kl_k3"), models["minillm"].get("reverse_kl_k3")
-    text = (f"The MiniLLM student's own samples get a {'higher' if closer else 'lower'} mean teacher "
-            f"log-likelihood than the SFT student's ({mini:.3f} vs {sft:.3f} nats/token, "
-            f"{gain:+.3f})")
-    if kl_sft is not None and kl_mini is not None:
-        text += f"; the reverse-KL estimate goes from {kl_sft:.3f} (SFT) to {kl_mini:.3f} (MiniLLM)"
-    text += (". MiniLLM is " + ("closer to the teacher in the sense it optimises." if closer else
-             "NOT closer to the teacher in this run: with this few steps and prompts the measurement is "
-             "within run-to-run noise, or the training did not help."))
-    return {"minillm_closer_to_teacher": closer, "teacher_logprob_gain": gain, "text": text}
+        return {"minillm_closer_to_teacher": None, "teacher_logprob_gain": None}
+    return {"minillm_closer_to_teacher": mini > sft, "teacher_logprob_gain": mini - sft}
+
+
+def greedy_summary(greedy_file: Path, heldout: list[dict[str, Any]]) -> dict[str, Any]:
+    """The greedy answers with their judgement (:func:`minillm.demo.verdict.judge_greedy`) and the prompt order,
+    best-answered by the MiniLLM student first."""
+    from .verdict import best_first, judge_greedy
+
+    data = json.loads(greedy_file.read_text(encoding="utf-8"))
+    if len(data["prompts"]) != len(heldout):
+        raise ValueError(f"{greedy_file}: {len(data['prompts'])} prompts, but {len(heldout)} held-out ones")
+    judged = judge_greedy(data["answers"])
+    return {"prompts": data["prompts"], "answers": data["answers"], **judged, "order": best_first(judged)}
 
 
 def write_report(demo: "Demo", total_seconds: float) -> dict[str, Any]:
@@ -169,11 +170,19 @@ def write_report(demo: "Demo", total_seconds: float) -> dict[str, Any]:
         "total_seconds": round(total_seconds, 2),
         "verdict": verdict(models),
     }
+    heldout = read_jsonl(paths.heldout_prompts)
+    greedy = greedy_summary(paths.greedy, heldout)
+    summary["greedy"] = {k: greedy[k] for k in ("counts", "repeat_limit", "overlap_min", "order")}
+    from .verdict import verdict_text
+
+    best = heldout[greedy["order"][0]]["instruction"] if greedy["counts"]["minillm"]["readable"] else None
+    teacher_layers = json.loads((Path(model_dirs["teacher"]) / "config.json").read_text())["num_hidden_layers"]
+    summary["verdict"]["text"] = verdict_text(summary["models"], greedy, best, p.keep_layers, teacher_layers)
     plots = plot_curves(read_jsonl(paths.minillm / "metrics.jsonl"), MINILLM_PLOTS, paths.out)
     plots += plot_curves(read_jsonl(paths.sft / "metrics.jsonl"), SFT_PLOTS, paths.out)
     summary["plots"] = [pl.name for pl in plots]
     (paths.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (paths.out / "report.md").write_text(_markdown(demo, summary, set_name))
+    (paths.out / "report.md").write_text(_markdown(demo, summary, set_name, greedy))
     print(f"[demo] summary: {paths.out / 'summary.json'}, report: {paths.out / 'report.md'}")
     print(_table(summary))
     print(summary["verdict"]["text"])
@@ -189,18 +198,21 @@ def _table(summary: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
+def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str, greedy: dict[str, Any]) -> str:
     p, paths = demo.profile, demo.paths
     heldout = read_jsonl(paths.heldout_prompts)
     references = read_jsonl(paths.teacher_heldout)
     seed = p.eval_seeds[0]
+    if [r["prompt"] for r in references] != greedy["prompts"]:
+        raise ValueError(f"{paths.greedy} answers other prompts than {paths.teacher_heldout}: rerun with --force")
     samples = {name: eval_samples(paths.eval, name, set_name, seed) for name in summary["models"]}
     by_prompt = {name: {s["prompt"]: s["output"] for s in rows} for name, rows in samples.items()}
     lines = [
         f"# MiniLLM demo ({p.name} profile)", "",
         f"Teacher: `{demo.teacher_dir}`. Student: the teacher with {p.keep_layers} of its decoder layers kept "
         f"({_LAYER_TEXT.get(p.layer_choice, p.layer_choice)}; `{paths.student_init}`), warm-started by SFT on "
-        f"the teacher's answers to {p.num_train} prompts "
+        f"the teacher's answers to {p.num_train} prompts"
+        f"{'' if p.sft_temperature == 1.0 else f' (sampled at T = {p.sft_temperature:g})'} "
         f"(`{paths.sft}/final`), then trained with MiniLLM (reverse KL by policy gradient, teacher-mixed "
         f"sampling α = 0.2, no pre-training loss) from that SFT checkpoint (`{paths.minillm}/final`).", "",
         f"Evaluation: {len(references)} held-out prompts ({_PROMPT_TEXT.get(p.prompts, p.prompts)}), one sample "
@@ -220,13 +232,7 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
     ran = sum(st["seconds"] for st in summary["stages"].values())
     lines += [f"| **sum of the stages (when they ran)** | {ran:.1f} | |",
               f"| **this invocation (cached stages skipped)** | {summary['total_seconds']:.1f} | |", ""]
-    lines += ["## Sample answers (held-out prompts)", ""]
-    for i, (meta, ref) in enumerate(zip(heldout[:4], references[:4])):
-        instruction = meta["instruction"] + (f"\n\n{meta['input']}" if meta.get("input") else "")
-        lines += [f"**{i + 1}. {_cell(instruction, 400)}** (`{meta['id']}`)", "",
-                  "| teacher (reference) | SFT student | MiniLLM student |", "|---|---|---|",
-                  f"| {_cell(ref['output'])} | {_cell(by_prompt['sft'].get(ref['prompt'], ''))} | "
-                  f"{_cell(by_prompt['minillm'].get(ref['prompt'], ''))} |", ""]
+    lines += _answers_markdown(heldout, by_prompt, greedy)
     lines += ["## Training curves", "",
               "Rollout metrics are averaged over each rollout phase (constant within a phase). The rollout k3 "
               "estimate is taken on teacher-mixed samples: a token the teacher proposed that the student finds "
@@ -238,3 +244,32 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str) -> str:
               "`sft/`, `minillm/` (training runs: `metrics.jsonl`, `final/`), `data/` (prompts and teacher "
               "answers), `logs/`.", ""]
     return "\n".join(lines)
+
+
+def _answers_markdown(heldout: list[dict[str, Any]], sampled: dict[str, dict[str, str]],
+                      greedy: dict[str, Any]) -> list[str]:
+    """The held-out prompts best-answered first: an overview table, then each prompt's greedy answers next to
+    the T = 1 samples of the same models."""
+    judged, answers, prompts = greedy["per_prompt"], greedy["answers"], greedy["prompts"]
+    lines = ["## Held-out prompts, best-answered first", "",
+             "Sorted by how well the MiniLLM student's **greedy** answer does: readable ones first (at most "
+             f"{greedy['repeat_limit']:.0%} repeated word trigrams and Rouge-L ≥ {greedy['overlap_min']:.0f} "
+             "against the teacher's greedy answer), then by that Rouge-L. Greedy answers are shown for reading; "
+             "the scores above use the T = 1 samples (the paper's protocol), shown beside them.", "",
+             "| rank | prompt | MiniLLM greedy: Rouge-L vs teacher | readable | SFT greedy: Rouge-L vs teacher "
+             "| readable |", "|---:|---|---:|:-:|---:|:-:|"]
+    for rank, i in enumerate(greedy["order"], start=1):
+        m, s = judged["minillm"][i], judged["sft"][i]
+        lines.append(f"| {rank} | {_cell(heldout[i]['instruction'], 80)} (`{heldout[i]['id']}`) | "
+                     f"{m['rougeL_vs_teacher']:.1f} | {'yes' if m['readable'] else 'no'} | "
+                     f"{s['rougeL_vs_teacher']:.1f} | {'yes' if s['readable'] else 'no'} |")
+    lines.append("")
+    for rank, i in enumerate(greedy["order"], start=1):
+        meta = heldout[i]
+        instruction = meta["instruction"] + (f"\n\n{meta['input']}" if meta.get("input") else "")
+        lines += [f"**{rank}. {_cell(instruction, 400)}** (`{meta['id']}`)", "",
+                  "| model | greedy answer | T = 1 sample (scored) |", "|---|---|---|"]
+        for name, label in MODEL_LABELS.items():
+            lines.append(f"| {label} | {_cell(answers[name][i])} | {_cell(sampled[name].get(prompts[i], ''))} |")
+        lines.append("")
+    return lines
