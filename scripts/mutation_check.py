@@ -93,7 +93,7 @@ MUTATIONS = (
              "losses.k3_reverse_kl(s_lp, t_lp, mask)", "losses.k3_reverse_kl(t_lp, s_lp, mask)",
              ("tests/test_trainer_oracle.py",), "dev/reverse_kl_k3 estimates KL(p‖q)'s k3 instead of KL(q‖p)'s"),
     Mutation("dev-teacher-scores-student", "minillm/trainers/minillm.py",
-             "t_lp = teacher_forced_logprobs(self.teacher, prompt_ids", "t_lp = teacher_forced_logprobs(self.student, prompt_ids",
+             "t_lp = teacher_forced_logprobs(self.pt_teacher, prompt_ids", "t_lp = teacher_forced_logprobs(self.student, prompt_ids",
              ("tests/test_trainer_oracle.py",), "dev metrics score the student's samples with the student, not the teacher"),
     # ---- minillm-generate (minillm/evaluation/teacher_samples.py)
     Mutation("generate-top-k", "minillm/evaluation/teacher_samples.py",
