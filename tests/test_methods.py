@@ -236,7 +236,8 @@ def test_student_max_new_tokens_is_derived():
 
 # ------------------------------------------------------------------------------------------ end to end
 def run_cli(module, *args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    # one intra-op thread: the tiny models only lose time to more
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, env=env, capture_output=True, text=True,
@@ -260,9 +261,19 @@ def test_on_policy_kd_stop_and_resume_equals_uninterrupted(tmp_path):
               "kd.student_max_new_tokens=8", "data.max_dev_records=4", "eval.num_prompts=2", "eval.max_new_tokens=8",
               "logging.log_interval=1"]
     full, parted = tmp_path / "full", tmp_path / "parted"
-    run_cli("minillm.cli.train", *common, f"output_dir={full}")
-    run_cli("minillm.cli.train", *common, f"output_dir={parted}", "train.stop_at_step=2")
+    # the uninterrupted and the stopped run in this process (a console-script process costs ~5-10 s of imports),
+    # with one intra-op thread like the CLI's OMP_NUM_THREADS=1, so that both layouts compute bitwise alike
+    from minillm.cli.train import run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run(load_config(common[1], [*common[2:], f"output_dir={full}"])) == 0
+        assert run(load_config(common[1], [*common[2:], f"output_dir={parted}", "train.stop_at_step=2"])) == 0
+    finally:
+        torch.set_num_threads(before)
     assert (parted / "checkpoints/step-2/student-data-rank0.pt").is_file() and not (parted / "final").exists()
+    # the resume in a new process: only the checkpoint (replay buffer, sampler counter, RNG states) carries state
     run_cli("minillm.cli.train", *common, f"output_dir={parted}", "--resume")
     a, b = load_file(str(full / "final/model.safetensors")), load_file(str(parted / "final/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -17,7 +17,10 @@ pytest.importorskip("peft")
 
 from test_deepspeed import COMMON as DS_COMMON  # noqa: E402
 from test_deepspeed import launch, losses  # noqa: E402
-from test_train_e2e import metrics, run_cli, weights  # noqa: E402
+from test_train_e2e import metrics, run_cli, run_in_process, weights  # noqa: E402
+
+# one intra-op thread in-process, as run_cli gives its processes: in-process and CLI runs then agree bitwise
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LORA = ["student.peft.method=lora", "student.peft.r=4"]
 KD = ["--config", "configs/tiny/kd.yaml", *LORA, "train.max_steps=4", "train.save_interval=2",
@@ -64,15 +67,15 @@ def eval_rouge(model: Path, out: Path) -> list:
 
 def test_kd_lora_writes_merged_final_and_adapter_that_eval_loads_and_resumes_bit_for_bit(tmp_path):
     full, parted = tmp_path / "full", tmp_path / "parted"
-    run_cli(*KD, f"output_dir={full}")
+    run_in_process(*KD, f"output_dir={full}")
     check_lora_outputs(full, 4)
     optimizer = torch.load(full / "checkpoints" / "step-4" / "optimizer.pt", weights_only=True)["optimizer"]
     adapter_numel = sum(v.numel() for v in adapter_weights(full / "final" / "adapter").values())
     assert sum(s["exp_avg"].numel() for s in optimizer["state"].values()) == adapter_numel  # Adam state: adapter only
 
-    run_cli(*KD, f"output_dir={parted}", "train.stop_at_step=2")
+    run_in_process(*KD, f"output_dir={parted}", "train.stop_at_step=2")
     assert not (parted / "final").exists()
-    run_cli(*KD, f"output_dir={parted}", "--resume")
+    run_cli(*KD, f"output_dir={parted}", "--resume")  # a new process: the adapter state comes from the checkpoint
     assert_equal_tensors(weights(full / "final"), weights(parted / "final"), "merged final/")
     assert_equal_tensors(adapter_weights(full / "final" / "adapter"), adapter_weights(parted / "final" / "adapter"),
                          "final/adapter/")
@@ -116,7 +119,7 @@ def test_kd_lora_zero3_on_two_ranks_equals_the_local_run(tmp_path):
     uninterrupted one does; a second 2-rank launch for it would double this test's time.)"""
     args = [*DS_COMMON["kd"], *LORA, "train.max_steps=3", "train.eval_interval=0", "train.save_interval=3"]
     local, zero3 = tmp_path / "local", tmp_path / "zero3"
-    launch([*args, f"output_dir={local}"], nproc=1)
+    run_in_process(*args, f"output_dir={local}")  # the reference needs no process of its own
     launch([*args, f"output_dir={zero3}", "strategy.backend=deepspeed", "strategy.zero_stage=3"], nproc=2,
            timeout=240)
     ref, got = losses(local), losses(zero3)
