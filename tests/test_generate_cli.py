@@ -9,6 +9,7 @@ import torch
 from minillm.cli.generate import main as generate_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def _args(assets, out, *extra):

@@ -1,8 +1,9 @@
-"""``student.peft.method=lora`` through the real CLI: kd and minillm write a merged ``final/`` plus
-``final/adapter/``, minillm-eval and minillm-generate take either, a stopped and resumed LoRA run equals the
-uninterrupted one bit for bit, and ZeRO-3 on 2 ranks equals the local run.
+"""``student.peft.method=lora`` end to end (the resume through the real CLI): kd and minillm write a merged
+``final/`` plus ``final/adapter/``, minillm-eval and minillm-generate take either, a stopped and resumed LoRA run
+equals the uninterrupted one bit for bit, and ZeRO-3 on 2 ranks equals the local run.
 
-Timings on 2 shared CPU cores: each kd run ~10 s, the minillm run ~20 s, the 2-rank ZeRO-3 test ~45 s.
+Timings on 2 shared CPU cores: each kd run ~10 s, the minillm run ~20 s, the 2-rank ZeRO-3 test ~45 s. Runs whose
+process is not the point are in-process (a console-script process costs ~5-10 s of imports).
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def test_kd_lora_writes_merged_final_and_adapter_that_eval_loads_and_resumes_bit
 
 def test_minillm_lora_writes_merged_final_and_adapter(tmp_path):
     out = tmp_path / "ml"
-    run_cli("--config", "configs/tiny/minillm.yaml", *LORA, f"output_dir={out}", "train.max_steps=2",
-            "train.save_interval=2", "train.eval_interval=2", "eval.num_prompts=4", "rollout.num_rollouts=16",
-            "train.global_batch_size=8")
+    run_in_process("--config", "configs/tiny/minillm.yaml", *LORA, f"output_dir={out}", "train.max_steps=2",
+                   "train.save_interval=2", "train.eval_interval=2", "eval.num_prompts=4", "rollout.num_rollouts=16",
+                   "train.global_batch_size=8")
     check_lora_outputs(out, 2)
     base, merged = weights("tests/assets/student"), weights(out / "final")
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
