@@ -17,6 +17,8 @@ from minillm.evaluation.analysis import (
     response_forward_kl,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")

@@ -63,11 +63,25 @@ COMMON = {
 
 @pytest.fixture(scope="module")
 def local_runs(tmp_path_factory):
+    """The local-strategy references, run in this process (minillm.cli.train.run): the 2-rank runs are compared
+    with their numbers, so a console-script process (~5-10 s of imports each) would add nothing. One intra-op
+    thread, like the ranks (OMP_NUM_THREADS=1)."""
+    import torch
+
+    from minillm.cli.train import run
+    from minillm.config import load_config
+
     root = tmp_path_factory.mktemp("local")
     runs = {}
-    for name, args in COMMON.items():
-        launch([*args, f"output_dir={root / name}"], nproc=1)
-        runs[name] = root / name
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, args in COMMON.items():
+            assert args[0] == "--config"
+            assert run(load_config(args[1], [*args[2:], f"output_dir={root / name}"])) == 0
+            runs[name] = root / name
+    finally:
+        torch.set_num_threads(before)
     return runs
 
 

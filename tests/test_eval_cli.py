@@ -10,6 +10,7 @@ import pytest
 from minillm.cli.eval import main as eval_main
 
 COMMON = ["--max-new-tokens", "12", "--batch-size", "4", "--no-progress"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model generations: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from minillm.config import ConfigError, load_config
 from minillm.data.kd_cache import ResponseTopKCache, build_response_topk_cache
 from minillm.data.records import DataError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 RUN = ["train.max_steps=6", "train.eval_interval=0", "train.save_interval=0", "logging.log_interval=1"]
 
 

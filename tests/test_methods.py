@@ -26,6 +26,9 @@ from minillm.trainers.student_data import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# tiny models: more intra-op threads only add overhead (several times the time when the cores are shared), for the
+# in-process runs here and the CLI processes (OMP_NUM_THREADS=1) alike
+pytestmark = pytest.mark.usefixtures("one_thread")
 PAD, EOS = 0, 2
 
 
@@ -236,7 +239,8 @@ def test_student_max_new_tokens_is_derived():
 
 # ------------------------------------------------------------------------------------------ end to end
 def run_cli(module, *args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    # one intra-op thread: the tiny models only lose time to more
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, env=env, capture_output=True, text=True,
@@ -260,9 +264,14 @@ def test_on_policy_kd_stop_and_resume_equals_uninterrupted(tmp_path):
               "kd.student_max_new_tokens=8", "data.max_dev_records=4", "eval.num_prompts=2", "eval.max_new_tokens=8",
               "logging.log_interval=1"]
     full, parted = tmp_path / "full", tmp_path / "parted"
-    run_cli("minillm.cli.train", *common, f"output_dir={full}")
-    run_cli("minillm.cli.train", *common, f"output_dir={parted}", "train.stop_at_step=2")
+    # the uninterrupted and the stopped run in this process (a console-script process costs ~5-10 s of imports),
+    # with one intra-op thread (one_thread) like the CLI's OMP_NUM_THREADS=1, so both compute bitwise alike
+    from minillm.cli.train import run
+
+    assert run(load_config(common[1], [*common[2:], f"output_dir={full}"])) == 0
+    assert run(load_config(common[1], [*common[2:], f"output_dir={parted}", "train.stop_at_step=2"])) == 0
     assert (parted / "checkpoints/step-2/student-data-rank0.pt").is_file() and not (parted / "final").exists()
+    # the resume in a new process: only the checkpoint (replay buffer, sampler counter, RNG states) carries state
     run_cli("minillm.cli.train", *common, f"output_dir={parted}", "--resume")
     a, b = load_file(str(full / "final/model.safetensors")), load_file(str(parted / "final/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -285,10 +294,14 @@ METHODS = ["sft", "kd", "kd-rkl", "seqkd", "gkd", "distillm", "minillm", "minill
 
 
 def test_compare_trains_and_evaluates_every_method_on_the_tiny_assets(tmp_path):
+    # minillm-compare's main in this process (it trains in-process too): a console-script process would only add
+    # ~5-10 s of imports
+    from minillm.cli.compare import main as compare_main
+
     out = tmp_path / "compare"
-    run_cli("minillm.cli.compare", "--pair", "tiny", "--methods", *METHODS, "--data", "tests/assets/data/dev.jsonl",
-            "--num", "4", "--max-new-tokens", "8", "--out", str(out), "--no-progress", "--train-override",
-            *TINY_OVERRIDES, "seed=10")
+    assert compare_main(["--pair", "tiny", "--methods", *METHODS, "--data", "tests/assets/data/dev.jsonl",
+                         "--num", "4", "--max-new-tokens", "8", "--out", str(out), "--no-progress", "--train-override",
+                         *TINY_OVERRIDES, "seed=10"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in result["methods"]] == METHODS and result["sets"] == ["dev"]
     for row in result["methods"]:

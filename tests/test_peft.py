@@ -25,6 +25,8 @@ from minillm.adapters import add_adapter, adapter_state_dict, merged_state_dict,
 from minillm.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from minillm.models import load_model, load_model_shape, load_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 LORA = ["student.peft.method=lora", "student.peft.r=4", f"student.peft.target_modules={ALL_PROJECTIONS}"]
 

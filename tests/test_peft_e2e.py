@@ -1,8 +1,9 @@
-"""``student.peft.method=lora`` through the real CLI: kd and minillm write a merged ``final/`` plus
-``final/adapter/``, minillm-eval and minillm-generate take either, a stopped and resumed LoRA run equals the
-uninterrupted one bit for bit, and ZeRO-3 on 2 ranks equals the local run.
+"""``student.peft.method=lora`` end to end (the resume through the real CLI): kd and minillm write a merged
+``final/`` plus ``final/adapter/``, minillm-eval and minillm-generate take either, a stopped and resumed LoRA run
+equals the uninterrupted one bit for bit, and ZeRO-3 on 2 ranks equals the local run.
 
-Timings on 2 shared CPU cores: each kd run ~10 s, the minillm run ~20 s, the 2-rank ZeRO-3 test ~45 s.
+Timings on 2 shared CPU cores: each kd run ~10 s, the minillm run ~20 s, the 2-rank ZeRO-3 test ~45 s. Runs whose
+process is not the point are in-process (a console-script process costs ~5-10 s of imports).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ pytest.importorskip("peft")
 
 from test_deepspeed import COMMON as DS_COMMON  # noqa: E402
 from test_deepspeed import launch, losses  # noqa: E402
-from test_train_e2e import metrics, run_cli, weights  # noqa: E402
+from test_train_e2e import metrics, run_cli, run_in_process, weights  # noqa: E402
+
+# one intra-op thread in-process, as run_cli gives its processes: in-process and CLI runs then agree bitwise
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LORA = ["student.peft.method=lora", "student.peft.r=4"]
 KD = ["--config", "configs/tiny/kd.yaml", *LORA, "train.max_steps=4", "train.save_interval=2",
@@ -64,15 +68,15 @@ def eval_rouge(model: Path, out: Path) -> list:
 
 def test_kd_lora_writes_merged_final_and_adapter_that_eval_loads_and_resumes_bit_for_bit(tmp_path):
     full, parted = tmp_path / "full", tmp_path / "parted"
-    run_cli(*KD, f"output_dir={full}")
+    run_in_process(*KD, f"output_dir={full}")
     check_lora_outputs(full, 4)
     optimizer = torch.load(full / "checkpoints" / "step-4" / "optimizer.pt", weights_only=True)["optimizer"]
     adapter_numel = sum(v.numel() for v in adapter_weights(full / "final" / "adapter").values())
     assert sum(s["exp_avg"].numel() for s in optimizer["state"].values()) == adapter_numel  # Adam state: adapter only
 
-    run_cli(*KD, f"output_dir={parted}", "train.stop_at_step=2")
+    run_in_process(*KD, f"output_dir={parted}", "train.stop_at_step=2")
     assert not (parted / "final").exists()
-    run_cli(*KD, f"output_dir={parted}", "--resume")
+    run_cli(*KD, f"output_dir={parted}", "--resume")  # a new process: the adapter state comes from the checkpoint
     assert_equal_tensors(weights(full / "final"), weights(parted / "final"), "merged final/")
     assert_equal_tensors(adapter_weights(full / "final" / "adapter"), adapter_weights(parted / "final" / "adapter"),
                          "final/adapter/")
@@ -97,9 +101,9 @@ def test_kd_lora_writes_merged_final_and_adapter_that_eval_loads_and_resumes_bit
 
 def test_minillm_lora_writes_merged_final_and_adapter(tmp_path):
     out = tmp_path / "ml"
-    run_cli("--config", "configs/tiny/minillm.yaml", *LORA, f"output_dir={out}", "train.max_steps=2",
-            "train.save_interval=2", "train.eval_interval=2", "eval.num_prompts=4", "rollout.num_rollouts=16",
-            "train.global_batch_size=8")
+    run_in_process("--config", "configs/tiny/minillm.yaml", *LORA, f"output_dir={out}", "train.max_steps=2",
+                   "train.save_interval=2", "train.eval_interval=2", "eval.num_prompts=4", "rollout.num_rollouts=16",
+                   "train.global_batch_size=8")
     check_lora_outputs(out, 2)
     base, merged = weights("tests/assets/student"), weights(out / "final")
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
@@ -116,7 +120,7 @@ def test_kd_lora_zero3_on_two_ranks_equals_the_local_run(tmp_path):
     uninterrupted one does; a second 2-rank launch for it would double this test's time.)"""
     args = [*DS_COMMON["kd"], *LORA, "train.max_steps=3", "train.eval_interval=0", "train.save_interval=3"]
     local, zero3 = tmp_path / "local", tmp_path / "zero3"
-    launch([*args, f"output_dir={local}"], nproc=1)
+    run_in_process(*args, f"output_dir={local}")  # the reference needs no process of its own
     launch([*args, f"output_dir={zero3}", "strategy.backend=deepspeed", "strategy.zero_stage=3"], nproc=2,
            timeout=240)
     ref, got = losses(local), losses(zero3)

@@ -15,6 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from minillm.generation.sampling import SampleOutput, mixed_sample, process_logits, teacher_forced_logprobs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 PAD, EOS = 0, 1
 
 

@@ -19,6 +19,8 @@ from test_sampling import tiny_gpt2, tiny_llama
 from minillm.config import ConfigError, load_config
 from minillm.strategy import HalfPrecisionCopy, build_strategy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 BF16 = torch.bfloat16
 
 

@@ -13,6 +13,8 @@ from minillm.data.records import DataError
 
 from conftest import ASSETS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny-model calls: see conftest.py
+
 
 def test_expand_topk_keeps_the_top_entries_and_spreads_the_tail():
     logp = torch.log_softmax(torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]]), -1)  # V = 5

@@ -1,4 +1,10 @@
-"""Each method end to end through the real CLI on the tiny assets; stop/resume equals an uninterrupted run."""
+"""Each method end to end through the real CLI on the tiny assets; stop/resume equals an uninterrupted run.
+
+A console-script process costs ~5-10 s of imports on 2 shared cores, so the CLI runs where the process is the point
+(the output tree of a fresh run; a resume in a new process); the other runs call minillm.cli.train.run in-process.
+Every run uses one intra-op thread (the tiny models only lose time to more), in-process and in the CLI alike, so
+an in-process run and a CLI run of the same config give bitwise the same weights.
+"""
 
 import json
 import os
@@ -10,16 +16,26 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args, timeout=400):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-m", "minillm.cli.train", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}"
     return out
+
+
+def run_in_process(*args):
+    """``run_cli``'s run without a new interpreter: ``--config PATH`` then overrides (no pre-flight check)."""
+    from minillm.cli.train import run
+    from minillm.config import load_config
+
+    assert args[0] == "--config", args
+    assert run(load_config(args[1], list(args[2:]))) == 0
 
 
 def metrics(run_dir):
@@ -56,8 +72,11 @@ def train_losses(rows):
 @pytest.mark.parametrize("method", ["sft", "kd"])
 def test_method_end_to_end(method, tmp_path):
     out = tmp_path / method
-    run_cli("--config", f"configs/tiny/{method}.yaml", f"output_dir={out}", "train.max_steps=20",
-            "train.eval_interval=10", "train.save_interval=10")
+    # sft through the console script, kd in-process: the process (arguments, pre-flight, exit status) is the same
+    # for every method, and one costs ~5-10 s of imports on 2 cores
+    launch = run_cli if method == "sft" else run_in_process
+    launch("--config", f"configs/tiny/{method}.yaml", f"output_dir={out}", "train.max_steps=20",
+           "train.eval_interval=10", "train.save_interval=10")
     rows = check_output_tree(out, 20)
     losses = train_losses(rows)
     assert len(losses) == 4
@@ -101,24 +120,26 @@ def test_seqkd_reads_teacher_generated_jsonl(tmp_path):
     path = tmp_path / "seqkd.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "output": t}) + "\n" for p, t in zip(prompts, texts)))
     out = tmp_path / "seqkd"
-    run_cli("--config", "configs/tiny/seqkd.yaml", f"output_dir={out}", f"data.train={path}", "train.max_steps=8",
-            "train.eval_interval=8", "train.save_interval=8", "eval.rouge=false",
-            "train.select_best_by=loss")
+    run_in_process("--config", "configs/tiny/seqkd.yaml", f"output_dir={out}", f"data.train={path}",
+                   "train.max_steps=8", "train.eval_interval=8", "train.save_interval=8", "eval.rouge=false",
+                   "train.select_best_by=loss")
     rows = check_output_tree(out, 8)
     assert train_losses(rows)[-1] < train_losses(rows)[0]
 
 
 @pytest.mark.parametrize("config", ["kd", "minillm"])
 def test_stop_and_resume_equals_uninterrupted(config, tmp_path):
-    steps = {"kd": ["train.max_steps=12", "train.save_interval=6", "train.eval_interval=6"],
-             "minillm": ["train.max_steps=8", "train.save_interval=3", "train.eval_interval=4"]}[config]
-    stop = {"kd": 6, "minillm": 3}[config]  # minillm: stops mid-phase, inside a PPO epoch
+    # kd: stops where it saves and evaluates; minillm (phases of 4 steps): stops mid-phase, inside a PPO epoch, and
+    # the resumed run samples the next phase's rollouts
+    steps = {"kd": ["train.max_steps=6", "train.save_interval=3", "train.eval_interval=3"],
+             "minillm": ["train.max_steps=6", "train.save_interval=3", "train.eval_interval=4"]}[config]
+    stop = 3
     common = ["--config", f"configs/tiny/{config}.yaml", *steps, "eval.num_prompts=8"]
     full, parted = tmp_path / "full", tmp_path / "parted"
-    run_cli(*common, f"output_dir={full}")
-    run_cli(*common, f"output_dir={parted}", f"train.stop_at_step={stop}")
+    run_in_process(*common, f"output_dir={full}")
+    run_in_process(*common, f"output_dir={parted}", f"train.stop_at_step={stop}")
     assert not (parted / "final").exists()
-    run_cli(*common, f"output_dir={parted}", "--resume")
+    run_cli(*common, f"output_dir={parted}", "--resume")  # a new process: only the checkpoint carries the state
     a, b = weights(full / "final"), weights(parted / "final")
     assert a.keys() == b.keys()
     for k in a:
@@ -132,8 +153,8 @@ def test_minillm_brings_the_student_closer_to_the_teacher(tmp_path):
     """Over training, the teacher's per-token log-likelihood of the student's own (pure, unmixed) samples
     rises and the k3 estimate of KL(q‖p) falls, on the same dev prompts and sampling seed."""
     out = tmp_path / "minillm"
-    run_cli("--config", "configs/tiny/minillm.yaml", f"output_dir={out}", "train.eval_at_start=true",
-            "train.eval_interval=16", "train.save_interval=16", "train.max_steps=32", "eval.num_prompts=32")
+    run_in_process("--config", "configs/tiny/minillm.yaml", f"output_dir={out}", "train.eval_at_start=true",
+                   "train.eval_interval=16", "train.save_interval=16", "train.max_steps=32", "eval.num_prompts=32")
     rows = check_output_tree(out, 32)
     dev = [r for r in rows if "dev/teacher_logprob" in r]
     assert [r["step"] for r in dev] == [0, 16, 32]
