@@ -136,12 +136,10 @@ def run(cfg, resume: str | None = None) -> int:
 def build_trainer(cfg, strategy):
     """Load tokenizer, models and data for ``cfg.method`` and construct its trainer."""
     from ..data import build_instruction_data
-    from ..models import load_model, load_model_shape, teacher_precision_advice
+    from ..models import load_model, load_model_shape, load_tokenizer
     from ..tracking import get_logger
 
     log = get_logger()
-    from ..models import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.student)
     data = build_instruction_data(cfg.data, tokenizer, seed=cfg.seed)
     log.info("data: %s", data.stats)
@@ -151,11 +149,7 @@ def build_trainer(cfg, strategy):
     if cfg.teachers:  # multi-teacher routing (minillm.routing): every teacher loaded once and checked like `teacher:`
         teacher = {}
         for spec in cfg.teachers:
-            advice = teacher_precision_advice(cfg.student.dtype, spec.dtype, strategy.device.type, cfg.strategy.backend)
-            if advice:
-                log.warning("teacher %s: %s", spec.name, advice)
-            teacher[spec.name] = load_model(spec, trainable=False,
-                                            zero3_config=strategy.zero3_init_config(teacher=True))
+            teacher[spec.name] = load_teacher(cfg, spec, strategy, spec.name)
             # logits are cut to the student tokenizer's vocabulary, the same for every teacher
             alignment = teacher_alignment(cfg, spec, student, tokenizer, teacher[spec.name], spec.name)
     elif cfg.method != "sft":
@@ -167,11 +161,7 @@ def build_trainer(cfg, strategy):
 
             teacher = RemoteTeacher.from_config(cfg.teacher)
         else:
-            advice = teacher_precision_advice(cfg.student.dtype, cfg.teacher.dtype, strategy.device.type,
-                                              cfg.strategy.backend)
-            if advice:
-                log.warning(advice)
-            teacher = load_model(cfg.teacher, trainable=False, zero3_config=strategy.zero3_init_config(teacher=True))
+            teacher = load_teacher(cfg, cfg.teacher, strategy)
         alignment = teacher_alignment(cfg, cfg.teacher, student, tokenizer, teacher)
     if cfg.method == "minillm":
         from ..trainers.minillm import MiniLLMTrainer
@@ -180,6 +170,18 @@ def build_trainer(cfg, strategy):
     from ..trainers.sft import SFTTrainer
 
     return SFTTrainer(cfg, student, tokenizer, data, strategy, teacher=teacher, alignment=alignment)
+
+
+def load_teacher(cfg, teacher_cfg, strategy, name: str | None = None):
+    """One frozen teacher (of `teacher:` or `teachers:`), under ZeRO-3 straight into shards, after a warning when its
+    precision is a poor choice for this student and device."""
+    from ..models import load_model, teacher_precision_advice
+    from ..tracking import get_logger
+
+    advice = teacher_precision_advice(cfg.student.dtype, teacher_cfg.dtype, strategy.device.type, cfg.strategy.backend)
+    if advice:
+        get_logger().warning("%s%s", f"teacher {name}: " if name else "", advice)
+    return load_model(teacher_cfg, trainable=False, zero3_config=strategy.zero3_init_config(teacher=True))
 
 
 def teacher_alignment(cfg, teacher_cfg, student, tokenizer, teacher, name: str | None = None):
