@@ -47,3 +47,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def counting_compile(monkeypatch):
+    """torch.compile with dynamo for real but a pass-through backend instead of inductor (fast on CPU); returns the
+    list that gets one entry per graph dynamo hands the backend (each compile or recompile)."""
+    import torch
+
+    graphs: list[int] = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(1)
+        return graph.forward
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **config: original(function, backend=counting_backend))
+    return graphs

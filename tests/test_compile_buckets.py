@@ -67,7 +67,7 @@ def test_bucketed_batches_give_the_unbucketed_results_bit_for_bit(monkeypatch):
         assert_logprobs_close(bucketed.mixed_logprobs, off.mixed_logprobs)
 
 
-def test_a_training_run_compiles_and_captures_in_its_first_phase_only(tmp_path, monkeypatch):
+def test_a_training_run_compiles_and_captures_in_its_first_phase_only(tmp_path, monkeypatch, counting_compile):
     """Three MiniLLM phases on the CUDA path forced on CPU: each phase a batch of 16 prompts then a last batch of 8,
     prompt widths varying per batch, a dev evaluation (12 prompts, 20 new tokens instead of 24) after each phase.
     Every one of those decodes at the 16-row shape, so the student's and teacher's steps compile once (2 step
@@ -80,14 +80,7 @@ def test_a_training_run_compiles_and_captures_in_its_first_phase_only(tmp_path, 
     from minillm.config import load_config
     from minillm.strategy import build_strategy
 
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(1)
-        return graph.forward
-
-    original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda function, **config: original(function, backend=counting_backend))
+    graphs = counting_compile
     monkeypatch.setattr("minillm.generation.dispatch.fast_mixed_sample", forced)
     monkeypatch.setattr(engine, "fast_mixed_sample", forced)  # dev evaluation imports it from the engine module
     torch._dynamo.reset()

@@ -209,20 +209,13 @@ def test_a_failing_static_cache_falls_back_to_the_dynamic_cache_with_one_warning
     assert len(warnings_about(caplog, "rollout.static_cache")) == 2  # one per model type, not one per batch
 
 
-def test_past_the_recompile_limit_new_shapes_decode_eagerly_with_one_warning(monkeypatch, caplog):
+def test_past_the_recompile_limit_new_shapes_decode_eagerly_with_one_warning(monkeypatch, caplog, counting_compile):
     """Dynamo past its recompile limit would run the step eagerly without a word; the engine makes it raise, switches
     that shape to eager explicitly (same results), logs it once, and keeps the compiled step for the shapes it holds.
     Real dynamo, with a counting pass-through backend instead of inductor (fast on CPU)."""
     import torch._dynamo
 
-    compiles = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(1)
-        return graph.forward
-
-    original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda function, **config: original(function, backend=counting_backend))
+    compiles = counting_compile
     student = tiny_llama(VOCAB, seed=7)
     # config.patch, not monkeypatch: the config module's attributes do not survive monkeypatch's undo
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="minillm.generation.engine"):
