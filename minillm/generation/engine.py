@@ -152,7 +152,6 @@ class _DecodeStep:
         config = default().to_dict() if default is not None else {"mode": "reduce-overhead"}
         self.call = torch.compile(function, **config)
         self.owner = weakref.ref(model)  # a deep copy of the model copies the attribute: the owner check catches it
-        compile_stats.install()
         self.shapes: set[tuple[int, ...]] = set()  # (batch, cache length) shapes decoded through this step
         self.eager_shapes: set[tuple[int, ...]] = set()  # shapes past the recompile limit: decoded eagerly
         self.broken = False  # compiling or running it failed once: the model decodes eagerly from then on
