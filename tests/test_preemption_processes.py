@@ -90,11 +90,22 @@ def test_kill_9_at_random_moments_including_mid_checkpoint_then_resume_equals_un
     p = start(args)
     wait_until(lambda: row_count(out) >= first, p)
     kill9(p)
-    # 2. in the middle of a checkpoint (weights written, trainer state not yet): a .tmp-step-N folder exists
+    # 2. in the middle of a checkpoint (weights written, trainer state not yet): a .tmp-step-N folder exists.
+    # Kill 1 may itself have hit a save and left a stale .tmp-step-N (complete but for the rename); only folders
+    # this run writes count, i.e. ones modified after it started (a rewrite of the same name is recreated).
+    started = time.time_ns()
     p = start([*args, "--resume", "auto"], SLOW_SAVE="1.5")
 
     def tmp_dirs():
-        return list((out / "checkpoints").glob(".tmp-step-*")) if (out / "checkpoints").is_dir() else []
+        root = out / "checkpoints"
+        found = []
+        for d in root.glob(".tmp-step-*") if root.is_dir() else ():
+            try:
+                if d.stat().st_mtime_ns >= started:
+                    found.append(d)
+            except FileNotFoundError:  # being replaced right now
+                pass
+        return found
 
     wait_until(lambda: bool(tmp_dirs()), p)
     time.sleep(rng.uniform(0.1, 1.0))
