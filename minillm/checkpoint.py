@@ -149,18 +149,22 @@ def prune_checkpoints(output_dir: str | Path, keep: int, is_main: bool) -> None:
 
     Each folder is first renamed out of the ``step-N`` namespace, then deleted: ``rmtree`` removes files in no
     particular order, and a kill during it could otherwise leave a ``step-N`` that still has its
-    trainer_state.pt but lost weights, which resume would pick as complete. Leftovers of such a kill (and of
-    interrupted saves) are removed on the next prune."""
-    if keep < 0 or not is_main:
+    trainer_state.pt but lost weights, which resume would pick as complete.
+
+    Leftovers of killed runs go too, whatever ``keep`` says: ``.delete-*`` (a kill during this deletion),
+    ``.old-*`` (during a rename over an existing step) and ``.tmp-step-*`` (during a save; resume ignores them,
+    but one may hold a full copy of weights and optimizer state). No save is in progress when this runs."""
+    if not is_main:
         return
     root = checkpoint_root(output_dir)
-    for _, path in list_checkpoints(output_dir)[:-max(keep, 1)]:
+    for _, path in list_checkpoints(output_dir)[:-max(keep, 1)] if keep >= 0 else ():
         trash = path.parent / f".delete-{path.name}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    for leftover in root.glob(".delete-*") if root.is_dir() else ():
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (".delete-*", ".old-step-*", ".tmp-step-*"):
+        for leftover in root.glob(pattern) if root.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any], is_main: bool) -> None:

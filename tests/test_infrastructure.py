@@ -83,6 +83,12 @@ def test_atomic_dir_and_checkpoint_listing(tmp_path):
     assert resolve_resume_dir(str(root / "step-2"), tmp_path) == root / "step-2"
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_resume_dir(None, tmp_path / "elsewhere")
+    (root / ".old-step-2").mkdir()  # a kill between the two renames of a rewrite
+    prune_checkpoints(tmp_path, keep=-1, is_main=False)  # only rank 0 deletes
+    assert (root / ".tmp-step-6").exists() and (root / ".old-step-2").exists()
+    prune_checkpoints(tmp_path, keep=-1, is_main=True)  # keep all complete ones, but sweep the leftovers
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"]
     prune_checkpoints(tmp_path, keep=1, is_main=True)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
 
