@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,14 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from minillm.demo.models import evenly_spaced_layers, outer_layers, prune_layers
+from minillm.demo.models import (block_influence, evenly_spaced_layers, influence_layers, outer_layers,
+                                 prune_layers)
 from minillm.demo.prompts import Prompt, load_own_prompts, split_prompts
 from minillm.demo.stages import fingerprint
 from minillm.demo.verdict import judge_greedy, repeated_trigram_fraction, verdict_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
-STAGES = ["teacher", "student-init", "prompts", "teacher-data", "sft", "minillm", "eval", "greedy"]
+STAGES = ["teacher", "prompts", "teacher-data", "student-init", "sft", "minillm", "eval", "greedy"]
 MODELS = ["teacher", "sft", "minillm"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -282,6 +284,54 @@ def test_layer_choices():
         evenly_spaced_layers(6, 7)
 
 
+def test_influence_layers_keep_the_highest_scores_in_order():
+    assert influence_layers([0.9, 0.1, 0.3, 0.05, 0.8], 3) == [0, 2, 4]
+    assert influence_layers([0.2, 0.2, 0.2], 2) == [0, 1]  # ties: the earlier layer
+    assert influence_layers([0.5, 0.1], 2) == [0, 1]
+    with pytest.raises(ValueError, match="cannot keep 3 of 2"):
+        influence_layers([0.5, 0.1], 3)
+
+
+def test_block_influence_equals_one_minus_cosine_of_each_layers_input_and_output():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float64).eval()
+    gen = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(2, 500, (n,), generator=gen).tolist() for n in (7, 12, 4)]
+    # oracle: each sequence alone (no padding), the layers' outputs from hidden_states, the last one with the final
+    # norm switched off (HF returns it normed); mean over all tokens of all sequences
+    n = model.config.num_hidden_layers
+    norm, model.model.norm = model.model.norm, torch.nn.Identity()
+    total, tokens = [0.0] * n, 0
+    with torch.no_grad():
+        for seq in sequences:
+            hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            for i in range(n):
+                x, y = hs[i][0], hs[i + 1][0]
+                total[i] += float(((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))).sum())
+            tokens += len(seq)
+    model.model.norm = norm
+    expected = [1 - c / tokens for c in total]
+    got = block_influence(model, sequences, pad_id=0, batch_size=2)  # padded batches of 2 and 1
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert all(0 < b < 2 for b in got)
+
+
+def test_influence_choice_prunes_the_layers_of_highest_block_influence(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    calibration = [[5, 9, 33, 17, 2, 8], [40, 41, 42]]
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32).eval()
+    scores = block_influence(teacher, calibration, pad_id=0)
+    kept = prune_layers(ASSETS / "teacher", tmp_path / "s", 1, "influence", calibration)
+    assert kept == [max(range(len(scores)), key=scores.__getitem__)]
+    assert json.loads((tmp_path / "s" / "pruned_from.json").read_text())["kept_layers"] == kept
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune_layers(ASSETS / "teacher", tmp_path / "t", 1, "influence")
+
+
 def test_pruned_student_keeps_teacher_weights(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -444,3 +494,48 @@ def test_cli_sft_temperature_reaches_the_profile():
     assert profile_from_args(parse(["--quick", "--sft-temperature", "0.7"])).name == "quick"
     with pytest.raises(SystemExit, match="--sft-temperature 0.0 must be in"):
         profile_from_args(parse(["--sft-temperature", "0"]))
+
+
+def test_cli_student_layers_and_choice_reach_the_profile():
+    from minillm.demo.cli import make_parser, profile_from_args
+
+    parse = make_parser().parse_args
+    default = profile_from_args(parse([]))
+    assert (default.keep_layers, default.layer_choice) == (6, "outer")
+    chosen = profile_from_args(parse(["--quick", "--student-layers", "15", "--layer-choice", "influence"]))
+    assert (chosen.name, chosen.keep_layers, chosen.layer_choice) == ("quick", 15, "influence")
+    with pytest.raises(SystemExit, match="--student-layers 0 must be at least 1"):
+        profile_from_args(parse(["--student-layers", "0"]))
+
+
+def test_influence_student_init_measures_on_the_teachers_training_answers(tiny_demo, tmp_path, monkeypatch):
+    """layer_choice=influence: the student-init stage runs after the teacher data and keeps the layers that
+    block_influence ranks highest on the first training answers (prompt + answer + EOS); its cache key includes
+    the data, and the outer choice's does not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.demo.pipeline import CALIBRATION_ANSWERS, Demo
+    from minillm.demo.profiles import get_profile
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    for part in ("data", "stages"):  # the tiny run's prompts and teacher answers, cached
+        shutil.copytree(tiny_demo[0] / part, out / part)
+    demo = Demo(get_profile("tiny", layer_choice="influence"), out, tmp_path / "cache", device="cpu")
+    demo.stage_teacher()
+    demo.stage_prompts()
+    demo.stage_teacher_data()
+    demo.stage_student_init()
+    tok = AutoTokenizer.from_pretrained(ASSETS / "teacher")
+    rows = [json.loads(line) for line in (out / "data" / "teacher_train.jsonl").read_text().splitlines()]
+    calibration = [tok(r["prompt"] + r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                   for r in rows[:CALIBRATION_ANSWERS]]
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32).eval()
+    scores = block_influence(teacher, calibration, pad_id=tok.pad_token_id or 0)
+    kept = json.loads((out / "student-init" / "pruned_from.json").read_text())["kept_layers"]
+    assert kept == [max(range(len(scores)), key=scores.__getitem__)]
+    record = json.loads((out / "stages" / "student-init.json").read_text())["settings"]
+    assert record["choice"] == "influence" and record["calibration"] == CALIBRATION_ANSWERS and "data" in record
+    default = json.loads((tiny_demo[0] / "stages" / "student-init.json").read_text())["settings"]
+    assert "data" not in default

@@ -35,6 +35,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-temperature", type=float, default=None,
                    help="sample the teacher's training answers (the SFT data) at this temperature instead of the "
                         "profile's; the held-out references stay at T = 1")
+    p.add_argument("--student-layers", type=int, default=None,
+                   help="how many of the teacher's decoder layers the student keeps (default: the profile's)")
+    p.add_argument("--layer-choice", choices=["outer", "even", "influence"], default=None,
+                   help="which layers: outer (first and last), even (evenly spaced), influence (highest block "
+                        "influence on the teacher's answers, ShortGPT); default: the profile's")
     return p
 
 
@@ -43,7 +48,10 @@ def profile_from_args(args: argparse.Namespace):
 
     if args.sft_temperature is not None and not 0.0 < args.sft_temperature <= 2.0:
         raise SystemExit(f"python -m minillm.demo: --sft-temperature {args.sft_temperature} must be in (0, 2]")
-    return get_profile(choose_profile(args), sft_temperature=args.sft_temperature)
+    if args.student_layers is not None and args.student_layers < 1:
+        raise SystemExit(f"python -m minillm.demo: --student-layers {args.student_layers} must be at least 1")
+    return get_profile(choose_profile(args), sft_temperature=args.sft_temperature, keep_layers=args.student_layers,
+                       layer_choice=args.layer_choice)
 
 
 def choose_profile(args: argparse.Namespace) -> str:

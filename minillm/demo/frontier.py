@@ -115,14 +115,15 @@ def sample_scores(student, teacher, tokenizer, prompts: list[str], *, max_new_to
             "tokens": int(valid.sum())}
 
 
-def build_student(teacher_dir: Path, work: Path, keep: int, choice: str, tied: bool):
+def build_student(teacher_dir: Path, work: Path, keep: int, choice: str, tied: bool,
+                  calibration: list[list[int]] | None = None):
     from transformers import AutoModelForCausalLM
 
     from .models import prune_layers
 
     folder = work / f"{choice}-{keep}"
     if not (folder / "config.json").exists():
-        prune_layers(teacher_dir, folder, keep, choice)
+        prune_layers(teacher_dir, folder, keep, choice, calibration)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if not tied and model.config.tie_word_embeddings:
         # its own copy of the output layer: +vocab × hidden parameters, trained apart from the input embeddings
@@ -136,9 +137,12 @@ def run_variant(v: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     tok, teacher = ctx["tokenizer"], ctx["teacher"]
-    student = build_student(ctx["teacher_dir"], ctx["work"], v["keep"], v["choice"], v.get("tied", True))
-    params = sum(p.numel() for p in student.parameters())  # shared (tied) tensors are counted once
     train_pairs = ctx["train_pairs_" + v.get("data", "t1")]
+    from .pipeline import CALIBRATION_ANSWERS  # the demo's own calibration: its first training answers
+
+    student = build_student(ctx["teacher_dir"], ctx["work"], v["keep"], v["choice"], v.get("tied", True),
+                            [p + r for p, r in ctx["train_pairs_t1"][:CALIBRATION_ANSWERS]])
+    params = sum(p.numel() for p in student.parameters())  # shared (tied) tensors are counted once
     init_ce = cross_entropy(student, ctx["heldout_pairs"], tok.pad_token_id)
     if v.get("init_only"):  # the initialisation alone: no training, no sampling
         return {**v, "parameters": params, "init_ce": init_ce, "seconds": time.perf_counter() - start}

@@ -88,16 +88,85 @@ def outer_layers(num_layers: int, keep: int) -> list[int]:
     return list(range(first)) + list(range(num_layers - (keep - first), num_layers))
 
 
-LAYER_CHOICES = {"outer": outer_layers, "even": evenly_spaced_layers}
+def block_influence(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Block influence of every decoder layer (ShortGPT, Men et al. 2024, arXiv:2403.03853, eq. 1):
+    BI_i = 1 − mean over tokens of cos(x_i, y_i), where x_i is what layer i receives and y_i what it returns, on
+    the calibration ``sequences`` (token ids, right-padded here; padding is left out of the mean).
+
+    A layer that barely turns its input (BI near 0) can be dropped at little cost. Measured with forward hooks on
+    the layers themselves (``output_hidden_states`` would give the last layer's output after the final norm). On
+    SmolLM2-135M-Instruct the first and last layers score about 0.99 and 0.87, most middle ones 0.03-0.06.
+    """
+    import torch
+
+    if not sequences:
+        raise ValueError("block influence needs at least one calibration sequence")
+    layers = _decoder_layers(model)
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    valid: torch.Tensor | None = None
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(x[valid].double(), y[valid].double(), dim=-1)
+            sums[index] += cos.sum()
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start:start + batch_size]
+                width = max(len(x) for x in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+                for i, x in enumerate(chunk):
+                    ids[i, :len(x)] = torch.tensor(x, dtype=torch.long, device=device)
+                    mask[i, :len(x)] = 1
+                valid = mask.bool()
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                count += int(valid.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [1.0 - float(c) / count for c in sums]
+
+
+def _decoder_layers(model):
+    """The decoder's layer list (``*.layers``, the naming :func:`prune_layers` relies on)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no `layers` list of {n} decoder layers to measure")
+
+
+def influence_layers(scores: list[float], keep: int) -> list[int]:
+    """The ``keep`` layers of highest block influence, in their original order."""
+    if not 1 <= keep <= len(scores):
+        raise ValueError(f"cannot keep {keep} of {len(scores)} layers (choose 1..{len(scores)})")
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:keep])
+
+
+LAYER_CHOICES = {"outer": outer_layers, "even": evenly_spaced_layers, "influence": None}
 
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
-def prune_layers(teacher_dir: str | Path, out_dir: str | Path, keep: int, choice: str = "outer") -> list[int]:
+def prune_layers(teacher_dir: str | Path, out_dir: str | Path, keep: int, choice: str = "outer",
+                 calibration: list[list[int]] | None = None) -> list[int]:
     """Save a student made of the teacher with only ``keep`` decoder layers; returns their indices.
 
-    ``choice``: ``outer`` (the first and last layers, :func:`outer_layers`) or ``even`` (evenly spaced).
+    ``choice``: ``outer`` (the first and last layers, :func:`outer_layers`), ``even`` (evenly spaced) or
+    ``influence`` (the layers of highest :func:`block_influence` on ``calibration``, token-id sequences of the
+    teacher's own text, e.g. its prompts with its answers).
 
     The config is the teacher's with ``num_hidden_layers = keep`` (and per-layer lists such as ``layer_types``
     cut to the kept layers); every weight outside the decoder layers (embeddings, final norm, head) is copied
@@ -111,13 +180,19 @@ def prune_layers(teacher_dir: str | Path, out_dir: str | Path, keep: int, choice
     config = AutoConfig.from_pretrained(teacher_dir)
     if choice not in LAYER_CHOICES:
         raise ValueError(f"unknown layer choice `{choice}` (choose from {', '.join(LAYER_CHOICES)})")
-    kept = LAYER_CHOICES[choice](config.num_hidden_layers, keep)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    if choice == "influence":
+        if not calibration:
+            raise ValueError("layer choice `influence` needs calibration sequences (the teacher's own text)")
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        kept = influence_layers(block_influence(teacher, calibration, pad), keep)
+    else:
+        kept = LAYER_CHOICES[choice](config.num_hidden_layers, keep)
     for name in ("layer_types",):  # per-layer settings must follow the kept layers
         values = getattr(config, name, None)
         if isinstance(values, list) and len(values) == config.num_hidden_layers:
             setattr(config, name, [values[j] for j in kept])
     config.num_hidden_layers = keep
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     new_index = {src: i for i, src in enumerate(kept)}
     state = {}
     for key, tensor in teacher.state_dict().items():

@@ -22,6 +22,7 @@ from .profiles import Profile
 from .stages import ProgressFilter, Stages, file_digest, python_module, run_command
 
 STAGE_COUNT = 9
+CALIBRATION_ANSWERS = 32  # teacher answers the `influence` layer choice measures block influence on
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 
 
@@ -75,9 +76,9 @@ class Demo:
               f"prompts, {p.max_new_tokens} new tokens, device {self.device} ({self.dtype}); output in {paths.out}")
         start = time.perf_counter()
         self.stage_teacher()
-        self.stage_student_init()
         self.stage_prompts()
         self.stage_teacher_data()
+        self.stage_student_init()  # after the teacher's answers: the `influence` layer choice measures on them
         self.stage_sft()
         self.stage_minillm()
         self.stage_eval()
@@ -113,14 +114,27 @@ class Demo:
 
         p = self.profile
         settings = {"teacher": self.stages.fp("teacher"), "keep_layers": p.keep_layers, "choice": p.layer_choice}
+        if p.layer_choice == "influence":
+            settings.update(data=self.stages.fp("teacher-data"), calibration=CALIBRATION_ANSWERS)
 
         def build() -> None:
-            kept = prune_layers(self.teacher_dir, self.paths.student_init, p.keep_layers, p.layer_choice)
+            calibration = self._calibration() if p.layer_choice == "influence" else None
+            kept = prune_layers(self.teacher_dir, self.paths.student_init, p.keep_layers, p.layer_choice,
+                                calibration)
             print(f"    | kept teacher layers {kept}")
 
         self.stages.run("student-init", f"student = the teacher with {p.keep_layers} of its layers kept "
                         f"({p.layer_choice})",
                         settings, [self.paths.student_init / "config.json"], build)
+
+    def _calibration(self) -> list[list[int]]:
+        """Token ids of the first CALIBRATION_ANSWERS training prompts with the teacher's answers and EOS."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+        rows = [json.loads(line) for line in self.paths.teacher_train.read_text().splitlines() if line.strip()]
+        return [tokenizer(r["prompt"] + r["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for r in rows[:CALIBRATION_ANSWERS]]
 
     def stage_prompts(self) -> None:
         from . import prompts as P

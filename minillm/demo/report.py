@@ -45,7 +45,8 @@ SFT_PLOTS = [
 
 
 _PROMPT_TEXT = {"smollm2": "IFBench + the library's own", "tiny": "tests/assets/data"}
-_LAYER_TEXT = {"outer": "the first and last ones", "even": "evenly spaced"}
+_LAYER_TEXT = {"outer": "the first and last ones", "even": "evenly spaced",
+               "influence": "those of highest block influence on the teacher's own answers"}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
