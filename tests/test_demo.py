@@ -147,8 +147,10 @@ def test_second_run_reuses_every_stage(tiny_demo):
     assert second["models"] == first["models"]
 
 
-def _independent_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, max_prompt_length: int) -> list[str]:
-    """One prompt at a time, no padding, no KV cache, no generate(): argmax of the full forward until EOS."""
+def _independent_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, max_prompt_length: int,
+                        penalty: float = 1.0) -> list[str]:
+    """One prompt at a time, no padding, no KV cache, no generate(): argmax of the full forward until EOS, after
+    CTRL's penalty θ on the logits of tokens already in the prompt or the answer (positive / θ, negative × θ)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,20 +159,23 @@ def _independent_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of tiny forwards: on a loaded machine 2 threads are ~20x slower than 1
     try:
-        texts = [_greedy_one(model, tokenizer, prompt, max_new_tokens, max_prompt_length) for prompt in prompts]
+        texts = [_greedy_one(model, tokenizer, prompt, max_new_tokens, max_prompt_length, penalty) for prompt in prompts]
     finally:
         torch.set_num_threads(threads)
     return texts
 
 
-def _greedy_one(model, tokenizer, prompt: str, max_new_tokens: int, max_prompt_length: int) -> str:
+def _greedy_one(model, tokenizer, prompt: str, max_new_tokens: int, max_prompt_length: int, penalty: float) -> str:
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_prompt_length]
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            logits = model(torch.tensor([ids + new])).logits[0, -1].tolist()
+            for seen in set(ids + new):
+                logits[seen] = logits[seen] / penalty if logits[seen] > 0 else logits[seen] * penalty
+            token = max(range(len(logits)), key=logits.__getitem__)
             if token == tokenizer.eos_token_id:
                 break
             new.append(token)
@@ -185,8 +190,10 @@ def test_greedy_answers_equal_an_independent_greedy_decode(tiny_demo):
     s = summary["settings"]
     dirs = {"teacher": ASSETS / "teacher", "sft": out / "sft" / "final", "minillm": out / "minillm" / "final"}
     for name, model_dir in dirs.items():
-        expected = _independent_greedy(model_dir, greedy["prompts"], s["max_new_tokens"], s["max_prompt_length"])
+        expected = _independent_greedy(model_dir, greedy["prompts"], s["max_new_tokens"], s["max_prompt_length"],
+                                       s["greedy_repetition_penalty"])
         assert greedy["answers"][name] == expected, name
+    assert s["greedy_repetition_penalty"] == 1.3  # the default: the penalised path is the one checked here
 
 
 def test_report_lists_prompts_best_answered_first_with_greedy_and_sampled_answers(tiny_demo):
@@ -266,7 +273,8 @@ def test_changed_greedy_setting_reruns_only_the_greedy_stage(tiny_demo, monkeypa
     s = summary["settings"]
     dirs = {"teacher": ASSETS / "teacher", "sft": out / "sft" / "final", "minillm": out / "minillm" / "final"}
     for name in MODELS:  # greedy answers of at most 3 tokens: the start of the 16-token ones
-        assert after[name] == _independent_greedy(dirs[name], prompts, 3, s["max_prompt_length"]), name
+        assert after[name] == _independent_greedy(dirs[name], prompts, 3, s["max_prompt_length"],
+                                                  s["greedy_repetition_penalty"]), name
         assert all(b.startswith(a) for a, b in zip(after[name], before[name])), name
     assert after != before
 
@@ -501,7 +509,7 @@ def test_cli_student_layers_and_choice_reach_the_profile():
 
     parse = make_parser().parse_args
     default = profile_from_args(parse([]))
-    assert (default.keep_layers, default.layer_choice) == (6, "outer")
+    assert (default.keep_layers, default.layer_choice) == (15, "influence")
     chosen = profile_from_args(parse(["--quick", "--student-layers", "15", "--layer-choice", "influence"]))
     assert (chosen.name, chosen.keep_layers, chosen.layer_choice) == ("quick", 15, "influence")
     with pytest.raises(SystemExit, match="--student-layers 0 must be at least 1"):
@@ -539,3 +547,26 @@ def test_influence_student_init_measures_on_the_teachers_training_answers(tiny_d
     assert record["choice"] == "influence" and record["calibration"] == CALIBRATION_ANSWERS and "data" in record
     default = json.loads((tiny_demo[0] / "stages" / "student-init.json").read_text())["settings"]
     assert "data" not in default
+
+
+def test_plain_greedy_and_the_penalty_ignore_padding(tmp_path):
+    """greedy_answers in batches (left padding) equals the unpadded reference, with θ = 1 and θ = 1.3, even when
+    the pad token is EOS (HF's built-in penalty would then penalise EOS in padded rows only)."""
+    from transformers import AutoTokenizer
+
+    from minillm.demo.greedy import greedy_answers
+
+    model_dir = tmp_path / "teacher"
+    shutil.copytree(ASSETS / "teacher", model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(model_dir)
+    rows = [json.loads(line) for line in (ROOT / "tests/assets/data/dev.jsonl").read_text().splitlines()][:6]
+    prompts = [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") for r in rows]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1  # batches are padded
+    answers = {}
+    for penalty in (1.0, 1.3, 3.0):  # 3.0: a pad (= EOS) wrongly counted as seen would end padded rows later
+        answers[penalty] = greedy_answers(model_dir, prompts, max_new_tokens=8, max_prompt_length=48, batch_size=3,
+                                          repetition_penalty=penalty)
+        assert answers[penalty] == _independent_greedy(model_dir, prompts, 8, 48, penalty), penalty
+    assert answers[1.0] != answers[3.0]

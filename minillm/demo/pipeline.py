@@ -322,12 +322,15 @@ class Demo:
         tokens = p.greedy_max_new_tokens if p.greedy_max_new_tokens > 0 else p.max_new_tokens
         settings = {"teacher": self.stages.fp("teacher"), "sft": self.stages.fp("sft"),
                     "minillm": self.stages.fp("minillm"), "data": self.stages.fp("teacher-data"),
-                    "max_new_tokens": tokens, "max_prompt_length": p.max_prompt_length, "dtype": self.dtype}
+                    "max_new_tokens": tokens, "max_prompt_length": p.max_prompt_length, "dtype": self.dtype,
+                    "repetition_penalty": p.greedy_repetition_penalty}
+        penalty = "" if p.greedy_repetition_penalty == 1.0 else f", repetition penalty {p.greedy_repetition_penalty:g}"
         self.stages.run("greedy", f"greedy answers of teacher, SFT and MiniLLM students to the held-out prompts "
-                        f"(up to {tokens} tokens)", settings, [paths.greedy],
+                        f"(up to {tokens} tokens{penalty})", settings, [paths.greedy],
                         lambda: write_greedy(models, paths.teacher_heldout, paths.greedy, max_new_tokens=tokens,
                                              max_prompt_length=p.max_prompt_length, batch_size=p.batch_size,
-                                             device=self.device, dtype=self.dtype))
+                                             device=self.device, dtype=self.dtype,
+                                             repetition_penalty=p.greedy_repetition_penalty))
 
 
 def _train_line(line: str) -> bool:

@@ -32,6 +32,7 @@ class Profile:
     layer_choice: str = "outer"      # which layers: outer (first and last ones) or even (evenly spaced)
     sft_temperature: float = 1.0     # the teacher's training answers (SFT data) are sampled at this temperature
     greedy_max_new_tokens: int = -1  # greedy answers shown in the report (-1: max_new_tokens)
+    greedy_repetition_penalty: float = 1.3  # CTRL's penalty on tokens already seen, for those answers (1: none)
     eval_seeds: tuple[int, ...] = (20,)
     data_seed: int = 10
 
@@ -57,16 +58,16 @@ PROFILES: dict[str, Profile] = {
     # Measured on an idle 2-core CPU: the first version (80 prompts, 20 SFT + 16 MiniLLM steps) took 4.3 min, so
     # this one is about three times larger, for about 15 min.
     "full": Profile(
-        name="full", out_dir="runs/demo", teacher="smollm2", keep_layers=6, prompts="smollm2",
+        name="full", out_dir="runs/demo", teacher="smollm2", keep_layers=15, prompts="smollm2",
         template="chat", max_prompt_length=112, num_train=160, num_dev=8, num_heldout=40, max_new_tokens=64,
-        batch_size=16,
-        sft={"train": {"max_steps": 60, "micro_batch_size": 4, "global_batch_size": 8},
+        batch_size=16, layer_choice="influence",
+        sft={"train": {"max_steps": 30, "micro_batch_size": 4, "global_batch_size": 8},
              "optim": {"lr": 3.0e-4, "warmup_steps": 4}},
-        # six rollout phases of 32 samples, 2 PPO epochs of 4 steps each; dev evaluation at 0, 16, 32 and 48
-        minillm={"train": {"max_steps": 48, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": 16},
+        # three rollout phases of 32 samples, 2 PPO epochs of 4 steps each; dev evaluation at 0, 8, 16 and 24
+        minillm={"train": {"max_steps": 24, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": 8},
                  "rollout": {"num_rollouts": 32, "chunk_size": 16},
                  "minillm": {"ppo_epochs": 2},
-                 "optim": {"lr": 5.0e-5}},
+                 "optim": {"lr": 2.0e-5}},
     ),
     "tiny": Profile(
         name="tiny", out_dir="runs/demo-tiny", teacher="tests/assets/teacher", keep_layers=1, prompts="tiny",

@@ -178,7 +178,8 @@ def write_report(demo: "Demo", total_seconds: float) -> dict[str, Any]:
 
     best = heldout[greedy["order"][0]]["instruction"] if greedy["counts"]["minillm"]["readable"] else None
     teacher_layers = json.loads((Path(model_dirs["teacher"]) / "config.json").read_text())["num_hidden_layers"]
-    summary["verdict"]["text"] = verdict_text(summary["models"], greedy, best, p.keep_layers, teacher_layers)
+    summary["verdict"]["text"] = verdict_text(summary["models"], greedy, best, p.keep_layers, teacher_layers,
+                                              p.greedy_repetition_penalty)
     plots = plot_curves(read_jsonl(paths.minillm / "metrics.jsonl"), MINILLM_PLOTS, paths.out)
     plots += plot_curves(read_jsonl(paths.sft / "metrics.jsonl"), SFT_PLOTS, paths.out)
     summary["plots"] = [pl.name for pl in plots]
@@ -233,7 +234,7 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str, greedy: dict
     ran = sum(st["seconds"] for st in summary["stages"].values())
     lines += [f"| **sum of the stages (when they ran)** | {ran:.1f} | |",
               f"| **this invocation (cached stages skipped)** | {summary['total_seconds']:.1f} | |", ""]
-    lines += _answers_markdown(heldout, by_prompt, greedy)
+    lines += _answers_markdown(heldout, by_prompt, greedy, p.greedy_repetition_penalty)
     lines += ["## Training curves", "",
               "Rollout metrics are averaged over each rollout phase (constant within a phase). The rollout k3 "
               "estimate is taken on teacher-mixed samples: a token the teacher proposed that the student finds "
@@ -248,15 +249,18 @@ def _markdown(demo: "Demo", summary: dict[str, Any], set_name: str, greedy: dict
 
 
 def _answers_markdown(heldout: list[dict[str, Any]], sampled: dict[str, dict[str, str]],
-                      greedy: dict[str, Any]) -> list[str]:
+                      greedy: dict[str, Any], repetition_penalty: float) -> list[str]:
     """The held-out prompts best-answered first: an overview table, then each prompt's greedy answers next to
     the T = 1 samples of the same models."""
     judged, answers, prompts = greedy["per_prompt"], greedy["answers"], greedy["prompts"]
     lines = ["## Held-out prompts, best-answered first", "",
              "Sorted by how well the MiniLLM student's **greedy** answer does: readable ones first (at most "
              f"{greedy['repeat_limit']:.0%} repeated word trigrams and Rouge-L ≥ {greedy['overlap_min']:.0f} "
-             "against the teacher's greedy answer), then by that Rouge-L. Greedy answers are shown for reading; "
-             "the scores above use the T = 1 samples (the paper's protocol), shown beside them.", "",
+             "against the teacher's greedy answer), then by that Rouge-L. Greedy answers are shown for reading"
+             + ("" if repetition_penalty == 1.0 else
+                f" (every model's, with CTRL's repetition penalty {repetition_penalty:g} on the logits of tokens "
+                "already in the prompt or answer: plain greedy decoding of models this small loops)")
+             + "; the scores above use the T = 1 samples (the paper's protocol), shown beside them.", "",
              "| rank | prompt | MiniLLM greedy: Rouge-L vs teacher | readable | SFT greedy: Rouge-L vs teacher "
              "| readable |", "|---:|---|---:|:-:|---:|:-:|"]
     for rank, i in enumerate(greedy["order"], start=1):

@@ -81,7 +81,7 @@ def _closer(mini: float | None, sft: float | None, higher_is_better: bool) -> bo
 
 
 def verdict_text(models: dict[str, dict[str, Any]], judged: dict[str, Any], best_instruction: str | None,
-                 keep_layers: int, teacher_layers: int) -> str:
+                 keep_layers: int, teacher_layers: int, repetition_penalty: float = 1.0) -> str:
     """One paragraph from the numbers: size, the scored T = 1 comparison, the greedy criterion, can / cannot."""
     t, s, m = models["teacher"], models["sft"], models["minillm"]
     c = judged["counts"]
@@ -102,8 +102,10 @@ def verdict_text(models: dict[str, dict[str, Any]], judged: dict[str, Any], best
                f"({'better' if kl else 'worse'})" if kl is not None else "")
             + f"; Rouge-L against the teacher's answers {m['rougeL']:.1f} vs {s['rougeL']:.1f} "
             f"(teacher vs itself: {t['rougeL']:.1f}).")
+    decoding = "" if repetition_penalty == 1.0 else \
+        f"with repetition penalty {repetition_penalty:g} on tokens already seen, for all three models; "
     parts.append(
-        f"Greedy answers (criterion: at most {REPEAT_LIMIT:.0%} repeated word trigrams and Rouge-L ≥ "
+        f"Greedy answers ({decoding}criterion: at most {REPEAT_LIMIT:.0%} repeated word trigrams and Rouge-L ≥ "
         f"{OVERLAP_MIN:.0f} against the teacher's greedy answer; it checks form and overlap, not correctness): "
         f"{c['minillm']['readable']} of {n} MiniLLM "
         f"answers meet it ({c['minillm']['non_repetitive']} non-repetitive, {c['minillm']['on_topic']} on "
