@@ -1,9 +1,10 @@
 """Demo profiles: how many prompts, tokens and steps each run uses.
 
 Sizes are chosen for a 2-core CPU (SmolLM2-135M generates about 20 tokens/s unbatched there, and its 49k-entry
-output layer dominates every forward): ``quick`` in about 1.5 minutes, ``full`` in about 11 (both measured on an
-idle machine), ``tiny`` (the committed test assets, no GGUF) in well under a minute. On a GPU the same settings
-just run faster.
+output layer dominates every forward): ``quick`` in about 1.5 minutes (idle machine), ``full`` in about 15 (measured
+2026-12-05 on an occasion when the previous full profile, 11 minutes on an earlier idle one, took 16.5),
+``tiny`` (the committed test assets, no GGUF) in well under a minute. On a GPU the same settings just run faster.
+``benchmarks/results/demo-frontier.json`` holds the variants the full profile was chosen from.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ PROFILES: dict[str, Profile] = {
                  "minillm": {"ppo_epochs": 2},
                  "optim": {"lr": 5.0e-5}},
     ),
-    # Measured on an idle 2-core CPU: the first version (80 prompts, 20 SFT + 16 MiniLLM steps) took 4.3 min, so
-    # this one is about three times larger, for about 15 min.
+    # 15 of 30 layers chosen by block influence start far closer to the teacher than the 6 outer ones did (held-out
+    # cross-entropy 6.2 vs 11.8 nats/token), so SFT is best after 30 steps (60 overfit) and MiniLLM needs a smaller
+    # step: at 5e-5 for 48 steps its greedy answers looped and it did not beat SFT; 2e-5 for 24 steps does.
     "full": Profile(
         name="full", out_dir="runs/demo", teacher="smollm2", keep_layers=15, prompts="smollm2",
         template="chat", max_prompt_length=112, num_train=160, num_dev=8, num_heldout=40, max_new_tokens=64,
