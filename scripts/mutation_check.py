@@ -114,6 +114,16 @@ MUTATIONS = (
     Mutation("label-masking", "minillm/data/instruction.py",
              "labels[: max(prompt_length - 1, 0)] = IGNORE_INDEX", "labels[:0] = IGNORE_INDEX",
              ("tests/test_data.py",), "the prompt's tokens left in the SFT/KD loss"),
+    # ---- the demo's student initialisation and greedy answers (minillm/demo)
+    Mutation("influence-padding", "minillm/demo/models.py",
+             "                count += int(valid.sum())\n", "                count += valid.numel()\n",
+             ("tests/test_demo.py::test_block_influence_equals_one_minus_cosine_of_each_layers_input_and_output",),
+             "block influence averaged over padding positions too"),
+    Mutation("greedy-penalty-padding", "minillm/demo/greedy.py",
+             "counts.scatter_add_(1, input_ids, valid.long())",
+             "counts.scatter_add_(1, input_ids, torch.ones_like(input_ids))",
+             ("tests/test_demo.py::test_plain_greedy_and_the_penalty_ignore_padding",),
+             "the greedy repetition penalty counts left padding (pad = EOS) as tokens already seen"),
 )
 
 
