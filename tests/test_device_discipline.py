@@ -46,7 +46,7 @@ HOST_SIDE = {
     "generation/sampling.py::teacher_forced_logprobs": "validates warper settings on a 1x1 CPU dummy",
     # analyses run after generation on CPU copies of the outputs
     "evaluation/analysis.py::_as_1d": "post-hoc analysis on CPU lists",
-    "evaluation/analysis.py::_right_pad": "post-hoc analysis on CPU lists",
+    "evaluation/analysis.py::right_pad": "post-hoc analysis on CPU lists",
     "evaluation/analysis.py::choice_confidences": "post-hoc analysis, CPU result table",
     "evaluation/analysis.py::_label_indices": "post-hoc analysis on CPU lists",
     "evaluation/analysis.py::_position_means": "post-hoc analysis, CPU result table",

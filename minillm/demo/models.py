@@ -99,6 +99,8 @@ def block_influence(model, sequences: list[list[int]], pad_id: int, batch_size: 
     """
     import torch
 
+    from ..evaluation.analysis import right_pad
+
     if not sequences:
         raise ValueError("block influence needs at least one calibration sequence")
     layers = _decoder_layers(model)
@@ -119,15 +121,9 @@ def block_influence(model, sequences: list[list[int]], pad_id: int, batch_size: 
     try:
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
-                chunk = sequences[start:start + batch_size]
-                width = max(len(x) for x in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-                for i, x in enumerate(chunk):
-                    ids[i, :len(x)] = torch.tensor(x, dtype=torch.long, device=device)
-                    mask[i, :len(x)] = 1
-                valid = mask.bool()
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                batch = right_pad(sequences[start:start + batch_size], pad_id, device)
+                valid = batch["attention_mask"].bool()
+                model(**batch, use_cache=False)
                 count += int(valid.sum())
     finally:
         for handle in handles:

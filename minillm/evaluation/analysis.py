@@ -68,7 +68,7 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
     """Right-padded ``input_ids``/``attention_mask`` [B, T] and position ids (0.. on every row)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -184,7 +184,7 @@ def choice_confidences(model, tokenizer, prompts: Sequence[str], options: Sequen
     with _EvalMode(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start: start + batch_size]
-            batch = _right_pad([prompt_ids[i] + option_ids[k] for i, k in chunk], pad, device)
+            batch = right_pad([prompt_ids[i] + option_ids[k] for i, k in chunk], pad, device)
             logprobs = _token_logprobs(model, batch).cpu()
             for row, (i, k) in enumerate(chunk):
                 # Column t of `logprobs` scores token t+1, so option token j (at len(x)+j) is column len(x)+j−1.
@@ -401,7 +401,7 @@ def reference_lm_loss(model, tokenizer, prompts: Sequence[str], references: Sequ
     with _EvalMode(model):
         for start in range(0, len(items), batch_size):
             chunk = items[start: start + batch_size]
-            logprobs = _token_logprobs(model, _right_pad([s for s, _ in chunk], pad, device)).double().cpu()
+            logprobs = _token_logprobs(model, right_pad([s for s, _ in chunk], pad, device)).double().cpu()
             for row, (sequence, prompt_len) in enumerate(chunk):
                 # Columns prompt_len−1 .. len−2 predict the response tokens and EOS.
                 total -= float(logprobs[row, prompt_len - 1: len(sequence) - 1].sum())
