@@ -288,6 +288,23 @@ class LocalStrategy:
         self._micro = int(opt["micro"])
 
 
+def single_process_rendezvous(env) -> dict[str, str]:
+    """Rendezvous variables missing from ``env`` for a DeepSpeed run started without a launcher (one rank). The
+    port is a free one: with a fixed one, two such runs on a machine (notebooks, a sweep, test workers) collide and
+    the second fails at start. WORLD_SIZE > 1 set by hand keeps a fixed port, which its ranks must agree on."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in env:
+        if env.get("WORLD_SIZE", "1") == "1":
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                defaults["MASTER_PORT"] = str(s.getsockname()[1])
+        else:
+            defaults["MASTER_PORT"] = "29517"
+    return {k: v for k, v in defaults.items() if k not in env}
+
+
 class DeepSpeedStrategy(LocalStrategy):
     """DeepSpeed engines: the student trains under ZeRO 0-3; the teacher is an inference engine.
 
@@ -304,8 +321,7 @@ class DeepSpeedStrategy(LocalStrategy):
         self._window_has_gradient = False  # some micro-step of the current accumulation window ran a real backward
 
     def setup(self) -> "DeepSpeedStrategy":
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}.items():
+        for key, value in single_process_rendezvous(os.environ).items():
             os.environ.setdefault(key, value)  # without them init_distributed falls back to MPI discovery
         # The device comes first: the backend and DeepSpeed's accelerator follow it, not the node's hardware.
         self.local_rank = int(os.environ["LOCAL_RANK"])

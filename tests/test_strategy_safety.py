@@ -6,7 +6,8 @@
 * fp16 loss-scale overflows are not NaN skips, unless the scale is at its minimum (a stand-in of DeepSpeed's fp16
   optimizer: DeepSpeed refuses fp16 on this CPU);
 * a NaN micro-step under ZeRO-1/2 with accumulation 1 skips cleanly (real DeepSpeed engines, gloo, 1 rank);
-* ZeRO-3 models load straight into shards and compute what the replicated ones compute.
+* ZeRO-3 models load straight into shards and compute what the replicated ones compute;
+* a DeepSpeed run without a launcher takes a free rendezvous port, so two of them on one machine do not collide.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +26,7 @@ from conftest import REPO
 from minillm.config import load_config
 from minillm.models import load_model, tiny_llama
 from minillm.strategy import (CollectiveDeviceError, DeepSpeedStrategy, HalfPrecisionCopy, LocalStrategy,
-                              _pick_device, comm_backend, device_ordinal)
+                              _pick_device, comm_backend, device_ordinal, single_process_rendezvous)
 from minillm.trainers.common import MetricWindow, NanGuard, NonFiniteLossError, PhaseTimer, guarded_micro_step
 
 
@@ -297,3 +300,50 @@ def test_zero3_models_load_straight_into_shards_and_compute_the_same(process_gro
     ref = kd_loss(load_model(cfg.student, trainable=True).eval(), load_model(cfg.teacher, trainable=False))
     s_engine.eval()
     assert kd_loss(s_engine, t_engine) == pytest.approx(ref, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ launcher-less rendezvous
+def test_launcher_less_rendezvous_takes_a_free_port_and_keeps_what_the_user_set():
+    with socket.socket() as busy:  # the old fixed default, taken by someone else
+        busy.bind(("127.0.0.1", 29517))
+        busy.listen()
+        got = single_process_rendezvous({})
+        assert {k: got[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        port = int(got["MASTER_PORT"])
+        assert port != 29517
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # it was free
+    assert single_process_rendezvous({"MASTER_PORT": "1234"}) == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    # Ranks started by hand must agree on the port, so a hand-set world keeps the fixed default.
+    assert single_process_rendezvous({"WORLD_SIZE": "2", "RANK": "1"}) == {
+        "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+
+
+SETUP_AND_HOLD = """
+import sys, time
+from minillm.config import load_config
+from minillm.strategy import DeepSpeedStrategy
+strategy = DeepSpeedStrategy(load_config(None, ["student.path=x", "strategy.backend=deepspeed",
+                                                "strategy.device=cpu"], world_size=1)).setup()
+print("ready", flush=True)
+sys.stdin.read()  # hold the rendezvous port until the test has started the other one
+strategy.cleanup()
+"""
+
+
+def test_two_launcher_less_deepspeed_runs_on_one_machine_both_start():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    procs = [subprocess.Popen([sys.executable, "-c", SETUP_AND_HOLD], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        lines = [p.stdout.readline() for p in procs]  # both hold their process group at the same time
+        outputs = [p.communicate(input="", timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert lines == ["ready\n", "ready\n"], [o[1][-2000:] for o in outputs]
+    assert [p.returncode for p in procs] == [0, 0]
