@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite on CPU, offline. Creates .venv if missing and installs everything itself.
-#   bash scripts/test.sh                 # the whole suite, on two pytest-xdist workers (one file per worker at a time)
+#   bash scripts/test.sh                 # the whole suite, on two pytest-xdist workers
 #   bash scripts/test.sh -m "not distributed" -x    # extra pytest arguments are passed through (-n 0: one process)
 # It also installs the demo's SmolLM2 teacher, so tests/test_demo_quick.py runs the quick demo as users run it.
 set -euo pipefail
@@ -12,5 +12,6 @@ ensure_demo_teacher test.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 export MINILLM_REQUIRE_DEMO_ASSETS=1  # the quick-demo test fails, rather than skips, without the teacher
-# loadfile: a module's tests share one worker, so module fixtures (the demo runs) are built once.
-python -m pytest -q -n 2 --dist loadfile "$@"
+# loadgroup: tests are spread one by one, except modules marked xdist_group (their expensive module fixtures, such
+# as the demo runs, are built once, on one worker).
+python -m pytest -q -n 2 --dist loadgroup "$@"

