@@ -17,6 +17,37 @@ REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
 
 
+# Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadscope --no-loadscope-reorder`) a module is one unit of work,
+# so its module fixtures (a demo run, server processes, reference runs) are built once. The longest modules go
+# first, so that no worker starts a long one while the other is about to finish (longest-first scheduling; serial
+# seconds on 2 cores in the comments). Everything else keeps pytest's order.
+LONGEST_MODULES_FIRST = (
+    "test_demo_quick.py",             # 150: the quick demo on the real SmolLM2 teacher
+    "test_deepspeed.py",              # 75: 2-rank ZeRO runs
+    "test_demo.py",                   # 55: the tiny demo, rerun and variants
+    "test_pipeline.py",               # 50: the tiny Table-1 chain
+    "test_preemption_processes.py",   # 42: kill -9 and SIGTERM of real runs
+    "test_distributed_safety.py",     # 35
+    "test_train_e2e.py",              # 35
+    "test_multi_teacher_deepspeed.py",  # 25
+    "test_bench_phase.py",            # 25
+    "test_peft_e2e.py",               # 25
+    "test_eval_distributed.py",       # 20
+    "test_assets.py",                 # 20
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps pytest's order
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES_FIRST.index(name) if name in LONGEST_MODULES_FIRST else len(LONGEST_MODULES_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a module, and among the rest, is unchanged
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ASSETS

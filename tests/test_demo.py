@@ -30,8 +30,6 @@ ASSETS = ROOT / "tests" / "assets"
 STAGES = ["teacher", "prompts", "teacher-data", "student-init", "sft", "minillm", "eval", "greedy"]
 MODELS = ["teacher", "sft", "minillm"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# One xdist worker runs the whole module: the tiny demo run (a module fixture) is built once.
-pytestmark = pytest.mark.xdist_group("demo-tiny")
 
 
 def _run_demo(out: Path) -> subprocess.CompletedProcess:

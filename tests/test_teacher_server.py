@@ -26,8 +26,7 @@ from minillm.serve import protocol
 from minillm.serve.client import TeacherClient, TeacherServerError, TeacherServerUnavailable
 from minillm.trainers.preemption import EXIT_PREEMPTED
 
-# One xdist worker runs the whole module: its server processes (a module fixture) start once.
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("teacher-server")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "tests/assets/teacher"
