@@ -17,10 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
 
 
-# Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadscope --no-loadscope-reorder`) a module is one unit of work,
-# so its module fixtures (a demo run, server processes, reference runs) are built once. The longest modules go
-# first, so that no worker starts a long one while the other is about to finish (longest-first scheduling; serial
-# seconds on 2 cores in the comments). Everything else keeps pytest's order.
+# Under pytest-xdist (scripts/test.sh: `-n 2`), tests are dealt to the two workers one by one in collection order.
+# The longest modules go first, so that no worker starts a long test while the other is about to finish
+# (longest-first scheduling; serial seconds on 2 cores in the comments). Everything else keeps pytest's order.
 LONGEST_MODULES_FIRST = (
     "test_demo_quick.py",             # 150: the quick demo on the real SmolLM2 teacher
     "test_deepspeed.py",              # 75: 2-rank ZeRO runs

@@ -50,15 +50,22 @@ def _run_quick(out: Path, cache: Path) -> subprocess.CompletedProcess:
     return run
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("demo-quick")
-    out, cache = base / "run", base / "cache"
+def test_the_quick_demo_end_to_end(tmp_path, subtests):
+    """One test, so that pytest-xdist (which spreads tests one by one) runs the demo once; each check below is a
+    subtest that reports on its own."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
     run = _run_quick(out, cache)
-    return out, cache, run, json.loads((out / "summary.json").read_text())
+    demo = (out, cache, run, json.loads((out / "summary.json").read_text()))
+    for check in (check_every_stage_ran_and_the_models_have_the_expected_sizes,
+                  check_the_student_starts_as_the_teachers_outer_layers,
+                  check_minillm_moves_the_student_towards_the_teacher,
+                  check_report_shows_readable_teacher_answers_beside_both_students,
+                  check_a_second_run_reuses_every_stage_including_the_converted_teacher):  # last: it reruns
+        with subtests.test(msg=check.__name__):
+            check(demo)
 
 
-def test_every_stage_ran_and_the_models_have_the_expected_sizes(quick_demo):
+def check_every_stage_ran_and_the_models_have_the_expected_sizes(quick_demo: tuple) -> None:
     out, cache, run, summary = quick_demo
     assert summary["profile"] == "quick" and summary["device"] == "cpu" and summary["dtype"] == "fp32"
     assert list(summary["stages"]) == STAGES
@@ -76,7 +83,7 @@ def test_every_stage_ran_and_the_models_have_the_expected_sizes(quick_demo):
     assert all(p["prompt"].rstrip().endswith("<|im_start|>assistant") for p in prompts)
 
 
-def test_the_student_starts_as_the_teachers_outer_layers(quick_demo):
+def check_the_student_starts_as_the_teachers_outer_layers(quick_demo: tuple) -> None:
     from safetensors import safe_open
 
     out, cache, _, _ = quick_demo
@@ -91,7 +98,7 @@ def test_the_student_starts_as_the_teachers_outer_layers(quick_demo):
     assert student.get_tensor("model.norm.weight").equal(teacher.get_tensor("model.norm.weight"))
 
 
-def test_minillm_moves_the_student_towards_the_teacher(quick_demo):
+def check_minillm_moves_the_student_towards_the_teacher(quick_demo: tuple) -> None:
     """The README's quick-profile claim: on the scored T = 1 samples the MiniLLM student beats the SFT student on
     the teacher's log-likelihood of its own samples and on the reverse-KL estimate, and the teacher is best."""
     out, _, _, summary = quick_demo
@@ -108,7 +115,7 @@ def test_minillm_moves_the_student_towards_the_teacher(quick_demo):
     assert {"rollout/reward", "train/pg_loss", "dev/reverse_kl_k3"} <= set().union(*rows)
 
 
-def test_report_shows_readable_teacher_answers_beside_both_students(quick_demo):
+def check_report_shows_readable_teacher_answers_beside_both_students(quick_demo: tuple) -> None:
     out, _, _, summary = quick_demo
     counts = summary["greedy"]["counts"]
     assert all(counts[name]["num"] == 8 for name in MODELS)
@@ -123,7 +130,7 @@ def test_report_shows_readable_teacher_answers_beside_both_students(quick_demo):
             assert " ".join(answer.split())[:40].replace("|", "\\|") in report, (name, answer)
 
 
-def test_a_second_run_reuses_every_stage_including_the_converted_teacher(quick_demo):
+def check_a_second_run_reuses_every_stage_including_the_converted_teacher(quick_demo: tuple) -> None:
     out, cache, _, first = quick_demo
     again = _run_quick(out, cache)
     assert again.stdout.count("... cached") == len(STAGES)
