@@ -1,7 +1,7 @@
 """Command line of the demo: ``python -m minillm.demo [--quick | --profile NAME | --assets tiny]``.
 
     python -m minillm.demo                   # full: ~15 min on 2 CPU cores, output in runs/demo
-    python -m minillm.demo --quick           # ~3 min, output in runs/demo-quick
+    python -m minillm.demo --quick           # 1.5-2.5 min, output in runs/demo-quick
     python -m minillm.demo --assets tiny     # the committed tiny test models, no GGUF (~30 s), runs/demo-tiny
 
 A second run reuses everything whose settings did not change (converted teacher, teacher answers, finished

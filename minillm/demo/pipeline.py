@@ -4,7 +4,7 @@ Every stage runs the library's own command-line tools in a subprocess (``minillm
 ``minillm-eval``), exactly as a user would, and is cached (see :mod:`minillm.demo.stages`).
 
     python -m minillm.demo                      # the full demo (~15 min on 2 CPU cores)
-    python -m minillm.demo --profile quick      # ~3 min
+    python -m minillm.demo --profile quick      # 1.5-2.5 min
     python -m minillm.demo --profile tiny       # the committed test assets, no GGUF model (~30 s)
 """
 

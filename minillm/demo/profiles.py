@@ -1,7 +1,7 @@
 """Demo profiles: how many prompts, tokens and steps each run uses.
 
 Sizes are chosen for a 2-core CPU (SmolLM2-135M generates about 20 tokens/s unbatched there, and its 49k-entry
-output layer dominates every forward): ``quick`` in about 1.5 minutes (idle machine), ``full`` in about 15 (measured
+output layer dominates every forward): ``quick`` in 1.5-2.5 minutes (idle machine), ``full`` in about 15 (measured
 2026-12-05 on an occasion when the previous full profile, 11 minutes on an earlier idle one, took 16.5),
 ``tiny`` (the committed test assets, no GGUF) in well under a minute. On a GPU the same settings just run faster.
 ``benchmarks/results/demo-frontier.json`` holds the variants the full profile was chosen from.
